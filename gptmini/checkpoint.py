@@ -1,0 +1,210 @@
+"""Self-contained checkpoints: find them, write them atomically, load them safely.
+
+A gptmini checkpoint is a Lightning checkpoint with one extra entry, ``checkpoint["gptmini"]``, holding
+everything generation needs besides the weights: the model config and the tokenizer (a trained BPE's ranks
+included). So ``generate.py`` needs only the file — no dataset, no Hydra run directory.
+
+Every value in the file is a tensor or a plain Python value, so it loads with
+``torch.load(weights_only=True)``: opening a checkpoint someone sent you never runs pickled code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptmini.errors import GptMiniError
+
+FORMAT_VERSION = 1
+GPTMINI_KEY = "gptmini"
+MODEL_PREFIX = "model."  # the LightningModule keeps the GPT as `self.model`
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finding a checkpoint: a .ckpt file, a run directory, or "latest".
+# ---------------------------------------------------------------------------------------------------------
+
+
+def resolve_checkpoint(spec: str | os.PathLike, search_root: str | os.PathLike | None = None) -> Path:
+    """Turn what a user typed into a checkpoint file.
+
+    Args:
+        spec: a ``.ckpt`` file; a run directory (its ``checkpoints/last.ckpt``); or ``latest``, the newest
+            ``last.ckpt`` under ``outputs/`` and ``multirun/`` of ``search_root``.
+        search_root: where ``latest`` looks (default: the current directory).
+    """
+    if str(spec) == "latest":
+        return _latest_checkpoint(Path(search_root or Path.cwd()))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise GptMiniError(
+            f"no checkpoint in run directory {path}: expected checkpoints/last.ckpt. "
+            "Pass a .ckpt file or the directory of a run that saved one."
+        )
+    if not path.is_file():
+        raise GptMiniError(f"checkpoint not found: {path}. Pass a .ckpt file, a run directory, or 'latest'.")
+    return path
+
+
+def _latest_checkpoint(root: Path) -> Path:
+    folders = (root / "outputs", root / "multirun")
+    found = [p for folder in folders for p in folder.glob("**/checkpoints/last.ckpt")]
+    if not found:
+        raise GptMiniError(
+            f"ckpt=latest found no run under {root / 'outputs'} or {root / 'multirun'}. "
+            "Train first (python train.py) or pass ckpt=PATH."
+        )
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing: always to a temporary file in the same directory, then an atomic rename.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a half-written file, and never destroys the previous good one.
+
+    The bytes go to a temporary file beside the target, are flushed to disk, and only then replace it
+    (``os.replace`` is atomic on POSIX and Windows). A crash mid-write leaves the old file intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def gptmini_entry(model_config: Any, tokenizer_spec: dict, **extra: Any) -> dict:
+    """The ``checkpoint["gptmini"]`` entry: plain values only (weights_only-safe)."""
+    is_dataclass = dataclasses.is_dataclass(model_config)
+    config = dataclasses.asdict(model_config) if is_dataclass else dict(model_config)
+    return {"format": FORMAT_VERSION, "model_config": config, "tokenizer": dict(tokenizer_spec), **extra}
+
+
+def save_model_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer_spec: dict) -> Path:
+    """Write a minimal checkpoint (weights, model config, tokenizer) outside of a training run.
+
+    Loads exactly like a training checkpoint; useful for exports, tests and benchmarks.
+    """
+    state = {MODEL_PREFIX + k: v.detach().cpu() for k, v in _uncompiled(model).state_dict().items()}
+    checkpoint = {"state_dict": state, GPTMINI_KEY: gptmini_entry(model.config, tokenizer_spec)}
+    atomic_torch_save(checkpoint, path)
+    return Path(path)
+
+
+def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module behind ``torch.compile(model)``, whose state_dict keys carry no ``_orig_mod.``."""
+    return getattr(model, "_orig_mod", model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading: safe unpickling, and an error that says which file and what is wrong with it.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` with a clear error for a missing, truncated or foreign file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GptMiniError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged files; all mean "unreadable"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GptMiniError(
+            f"cannot read checkpoint {path} ({size:,} bytes): {reason[:200]}. "
+            "The file is truncated, corrupt or not a gptmini checkpoint; use another one "
+            "(a run's checkpoints/ folder keeps last.ckpt and the best one)."
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise GptMiniError(f"{path} ({size:,} bytes) is not a gptmini checkpoint: it has no model weights.")
+    return checkpoint
+
+
+def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The GPT's own weights from a checkpoint (the ``model.`` prefix removed, ``_orig_mod.`` tolerated)."""
+    state = {}
+    for key, value in checkpoint["state_dict"].items():
+        if key.startswith(MODEL_PREFIX):
+            key = key[len(MODEL_PREFIX) :]
+            state[key.replace("_orig_mod.", "")] = value
+    return state
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for generation, with the tokenizer it was trained with."""
+
+    path: Path
+    model: torch.nn.Module
+    tokenizer: Any  # tiktoken.Encoding
+    info: dict  # the checkpoint's "gptmini" entry (model config, tokenizer spec, run details)
+    global_step: int | None
+
+
+def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load a self-contained checkpoint into an eval-mode GPT on ``device``, plus its tokenizer."""
+    from gptmini.model import GPT, GPTConfig
+    from gptmini.tokenizer import tokenizer_from_spec
+
+    path = resolve_checkpoint(spec)
+    checkpoint = read_checkpoint(path, map_location="cpu")
+    info = checkpoint.get(GPTMINI_KEY)
+    if not isinstance(info, dict) or "model_config" not in info:
+        raise GptMiniError(
+            f"{path} has no gptmini model config: it was not written by gptmini's train.py. "
+            "Retrain, or export with gptmini.checkpoint.save_model_checkpoint."
+        )
+    if not info.get("tokenizer"):
+        raise GptMiniError(
+            f"{path} has no tokenizer information, so its token ids cannot be turned into text. "
+            "Use a checkpoint written by gptmini's train.py."
+        )
+    tokenizer = tokenizer_from_spec(info["tokenizer"])
+    config = GPTConfig(**info["model_config"])
+    model = GPT(config)
+    load_weights(model, model_state_dict(checkpoint), source=path)
+    model.to(device).eval()
+    return LoadedCheckpoint(path, model, tokenizer, info, checkpoint.get("global_step"))
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """``load_state_dict`` with a message that lists every missing, unexpected or mis-shaped tensor."""
+    own = _uncompiled(model).state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if state[k].shape != own[k].shape
+    ]
+    found = {"shape mismatch in": mismatched, "missing": missing, "unexpected": unexpected}
+    problems = [f"{label} {_first_few(names)}" for label, names in found.items() if names]
+    if problems:
+        raise GptMiniError(
+            f"the weights in {source} do not fit this model: {' | '.join(problems)}. "
+            "Use a checkpoint of the same shape (model.n_layer, n_head, n_embd, block_size, vocabulary)."
+        )
+    _uncompiled(model).load_state_dict(state)
+
+
+def _first_few(names: list[str], limit: int = 8) -> str:
+    return "; ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
