@@ -1,0 +1,357 @@
+"""Self-attention, built up the way chapter 3 of "Build a Large Language Model (From Scratch)" does.
+
+The ladder, one small step at a time:
+
+1. ``simplified_self_attention``: no trainable weights; every token's context vector is a softmax-weighted
+   average of all the input vectors, weighted by dot-product similarity.
+2. ``SelfAttention``: trainable query/key/value projections and scaling by the square root of the key size.
+3. ``CausalAttention``: a token may only look at itself and earlier tokens (future positions are masked),
+   dropout on the attention weights, batched input.
+4. Multi-head attention two ways: ``MultiHeadAttentionWrapper`` runs independent causal heads one after the
+   other and concatenates them; ``MultiHeadAttention`` computes all heads at once from one projection.
+5. ``CausalSelfAttention``: the efficient version the model trains with. One fused QKV matmul and PyTorch's
+   ``scaled_dot_product_attention`` kernel, plus a key/value cache for fast generation.
+
+The three multi-head variants share ONE weight layout -- ``qkv`` (3·n_embd, n_embd) and ``proj``
+(n_embd, n_embd) -- and one constructor ``(n_embd, n_head, block_size, dropout, bias)``, so a state_dict saved
+from one loads into the others and the model can swap them by name (``ATTENTION_CLASSES``).
+
+Run ``python -m gptmini.attention`` to walk through the chapter's worked example.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptmini.errors import GptMiniError
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Simplified self-attention (no trainable weights)
+# ---------------------------------------------------------------------------------------------------------
+
+# The chapter's running example: "Your journey starts with one step", one 3-d embedding per word.
+EXAMPLE_WORDS = ["Your", "journey", "starts", "with", "one", "step"]
+EXAMPLE_INPUTS = [
+    [0.43, 0.15, 0.89],
+    [0.55, 0.87, 0.66],
+    [0.57, 0.85, 0.64],
+    [0.22, 0.58, 0.33],
+    [0.77, 0.25, 0.10],
+    [0.05, 0.80, 0.55],
+]
+
+
+def simplified_self_attention(inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention without trainable weights: similarity scores, softmax, weighted sum.
+
+    Args:
+        inputs: (T, d) one embedding per token.
+
+    Returns:
+        scores (T, T) dot products x_i·x_j, weights (T, T) row-wise softmax of the scores (each row sums to
+        1), and context (T, d) where row i is the weights-weighted sum of all inputs.
+    """
+    scores = inputs @ inputs.T  # (T, T): row i holds query i's similarity to every token
+    weights = torch.softmax(scores, dim=-1)  # normalise each row so the weights are positive and sum to 1
+    context = weights @ inputs  # (T, d): row i = sum_j weights[i, j] * inputs[j]
+    return scores, weights, context
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Self-attention with trainable weights
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SelfAttention(nn.Module):
+    """Scaled dot-product attention with trainable query, key and value projections (one head, no mask)."""
+
+    def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (..., T, d_in) to context vectors (..., T, d_out)."""
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)  # (..., T, d_out) each
+        scores = queries @ keys.transpose(-2, -1)  # (..., T, T)
+        # Dividing by sqrt(d_k) keeps the scores' spread independent of the key size, so the softmax does not
+        # saturate into near one-hot weights (whose gradients vanish) as d_out grows.
+        weights = torch.softmax(scores / math.sqrt(keys.size(-1)), dim=-1)
+        return weights @ values  # (..., T, d_out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Causal attention
+# ---------------------------------------------------------------------------------------------------------
+
+
+def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
+    """(size, size) bool mask, True above the diagonal: the future positions a query must not see."""
+    return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
+
+
+class CausalAttention(nn.Module):
+    """One causal attention head: each token attends only to itself and earlier tokens."""
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        # A buffer moves with .to(device) but is not trained; not persistent because it is rebuilt from
+        # context_length and need not bloat checkpoints.
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (B, T, d_in) to (B, T, d_out); T may be at most context_length."""
+        num_tokens = x.size(1)
+        queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)  # (B, T, d_out) each
+        scores = queries @ keys.transpose(1, 2)  # (B, T, T)
+        # -inf before the softmax (rather than zeroing after it) keeps every row a proper distribution over
+        # the visible tokens only.
+        scores = scores.masked_fill(self.mask[:num_tokens, :num_tokens], float("-inf"))
+        weights = torch.softmax(scores / math.sqrt(keys.size(-1)), dim=-1)
+        weights = self.dropout(weights)  # randomly drop attention links while training (regularisation)
+        return weights @ values  # (B, T, d_out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4 and 5. Multi-head attention: one weight layout, three ways to compute it
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _FusedMultiHead(nn.Module):
+    """The parameters every multi-head variant shares, so one state_dict loads into each of them.
+
+    ``qkv`` maps n_embd to [queries | keys | values] (3·n_embd outputs); within each third, head h owns
+    features h·hs to (h+1)·hs where hs = n_embd // n_head. ``proj`` mixes the concatenated heads.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        if n_embd % n_head != 0:
+            raise GptMiniError(
+                f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head that divides n_embd"
+            )
+        self.n_embd = n_embd
+        self.n_head = n_head
+        self.head_size = n_embd // n_head
+        self.block_size = block_size
+        self.dropout = dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def _heads_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Project (B, T, C) once and split into per-head queries, keys, values, each (B, nh, T, hs)."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        return q, k, v
+
+    def _merge_heads(self, y: Tensor) -> Tensor:
+        """(B, nh, T, hs) back to (B, T, C), then the output projection and residual dropout."""
+        B, _, T, _ = y.shape
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # (B, T, C): heads side by side
+        return self.resid_dropout(self.proj(y))
+
+    def _no_cache(self, kv_cache: "LayerKVCache | None") -> None:
+        if kv_cache is not None:
+            raise GptMiniError(
+                f"{type(self).__name__} has no key/value cache; use attention='sdpa' (CausalSelfAttention) "
+                "for cached generation"
+            )
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """Softmax attention weights (B, nh, T, T), computed explicitly and before dropout: attention maps."""
+        q, k, _ = self._heads_qkv(x)  # (B, nh, T, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, nh, T, T)
+        scores = scores.masked_fill(causal_mask(x.size(1), x.device), float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+
+class MultiHeadAttentionWrapper(_FusedMultiHead):
+    """Chapter 3's first multi-head attention: n_head independent causal heads, run one after another.
+
+    Each head is a ``CausalAttention`` computation with its own query/key/value weights. Those weights are
+    row slices of the shared fused ``qkv`` matrix (rather than separate Linear layers) so this variant has
+    exactly the same state_dict as the faster ones. Slow on purpose: n_head small matmuls instead of one.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__(n_embd, n_head, block_size, dropout, bias)
+        self.register_buffer("mask", causal_mask(block_size), persistent=False)
+
+    def _head(self, x: Tensor, h: int) -> Tensor:
+        """Head h on its own: (B, T, C) to (B, T, hs)."""
+        C, hs, T = self.n_embd, self.head_size, x.size(1)
+        # Head h's rows of qkv.weight for its queries, keys and values (thirds starting at 0, C and 2C).
+        rows = [slice(part * C + h * hs, part * C + (h + 1) * hs) for part in range(3)]
+        bias = self.qkv.bias
+        q, k, v = (F.linear(x, self.qkv.weight[r], None if bias is None else bias[r]) for r in rows)
+        scores = q @ k.transpose(1, 2)  # (B, T, T)
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        weights = self.attn_dropout(torch.softmax(scores / math.sqrt(hs), dim=-1))
+        return weights @ v  # (B, T, hs)
+
+    def forward(self, x: Tensor, kv_cache: "LayerKVCache | None" = None) -> Tensor:
+        """Map (B, T, C) to (B, T, C); no key/value cache."""
+        self._no_cache(kv_cache)
+        heads = [self._head(x, h) for h in range(self.n_head)]  # n_head tensors of (B, T, hs)
+        return self.resid_dropout(self.proj(torch.cat(heads, dim=-1)))  # (B, T, C)
+
+
+class MultiHeadAttention(_FusedMultiHead):
+    """Compact multi-head attention: one projection for all heads, split by reshaping, batched over heads."""
+
+    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
+        super().__init__(n_embd, n_head, block_size, dropout, bias)
+        self.register_buffer("mask", causal_mask(block_size), persistent=False)
+
+    def forward(self, x: Tensor, kv_cache: "LayerKVCache | None" = None) -> Tensor:
+        """Map (B, T, C) to (B, T, C); no key/value cache."""
+        self._no_cache(kv_cache)
+        T = x.size(1)
+        q, k, v = self._heads_qkv(x)  # (B, nh, T, hs)
+        scores = q @ k.transpose(-2, -1)  # (B, nh, T, T): all heads in one batched matmul
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        weights = self.attn_dropout(torch.softmax(scores / math.sqrt(self.head_size), dim=-1))
+        return self._merge_heads(weights @ v)  # (B, nh, T, hs) -> (B, T, C)
+
+
+@dataclass
+class LayerKVCache:
+    """One layer's view of a ``KVCache``: where new keys/values go and what the queries may attend to."""
+
+    keys: Tensor  # (B, nh, max_length, hs), preallocated
+    values: Tensor  # (B, nh, max_length, hs), preallocated
+    start: int  # positions already filled before this forward call
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nh, T, hs) at positions start..start+T; return all keys/values so far."""
+        end = self.start + k.size(2)
+        self.keys[:, :, self.start : end] = k
+        self.values[:, :, self.start : end] = v
+        # .to() is a no-op unless the cache was made in another dtype (e.g. fp32 cache under bf16 autocast).
+        return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)  # (B, nh, end, hs)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens processed so far, so generation does not recompute them.
+
+    Preallocated (B, nh, max_length, hs) tensors per layer; ``length`` counts the filled positions. The model
+    hands each layer ``layer(i)`` and advances ``length`` after a forward pass. Use under ``torch.no_grad()``.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_length: int,
+        head_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        shape = (batch_size, n_head, max_length, head_size)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.length = 0
+
+    def layer(self, i: int) -> LayerKVCache:
+        """The view that layer i reads and writes during the current forward pass."""
+        return LayerKVCache(self.keys[i], self.values[i], self.length)
+
+    def reset(self) -> None:
+        """Forget all cached tokens (the tensors are reused, not reallocated)."""
+        self.length = 0
+
+
+class CausalSelfAttention(_FusedMultiHead):
+    """Efficient causal multi-head attention: fused QKV projection + PyTorch's SDPA kernel + a KV cache.
+
+    ``scaled_dot_product_attention`` picks a fused kernel (FlashAttention / memory-efficient on GPUs) that
+    never materialises the (T, T) weight matrix; ``attention_weights`` is the explicit path for inspecting it.
+    """
+
+    def forward(self, x: Tensor, kv_cache: LayerKVCache | None = None) -> Tensor:
+        """Map (B, T, C) to (B, T, C).
+
+        With ``kv_cache`` the T new tokens sit at positions cache.start..cache.start+T: their keys/values are
+        appended and the queries attend to every cached position plus the new ones up to themselves.
+        """
+        q, k, v = self._heads_qkv(x)  # (B, nh, T, hs)
+        start = 0
+        if kv_cache is not None:
+            start = kv_cache.start
+            k, v = kv_cache.append(k, v)  # (B, nh, start+T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        T = q.size(2)
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif T == 1:
+            # One new token is the latest position: it may see everything, so no mask is needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        else:
+            # Several new tokens after a cached prefix: is_causal would align the triangle top-left (wrong
+            # here), so spell out that query i (absolute position start+i) sees keys 0..start+i.
+            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+        return self._merge_heads(y)  # (B, nh, T, hs) -> (B, T, C)
+
+
+# The names the model config uses to pick an attention implementation.
+ATTENTION_CLASSES: dict[str, type[_FusedMultiHead]] = {
+    "heads": MultiHeadAttentionWrapper,
+    "mha": MultiHeadAttention,
+    "sdpa": CausalSelfAttention,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# python -m gptmini.attention: the worked example, step by step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fmt(t: Tensor) -> str:
+    return "[" + ", ".join(f"{v:.4f}" for v in t.tolist()) + "]"
+
+
+def _walkthrough() -> None:
+    """Print the worked example for the query "journey" (x², row index 1), then each rung's shapes."""
+    inputs = torch.tensor(EXAMPLE_INPUTS)
+    scores, weights, context = simplified_self_attention(inputs)
+    print('Inputs: one 3-d embedding per word of "Your journey starts with one step"')
+    for word, row in zip(EXAMPLE_WORDS, inputs, strict=True):
+        print(f"  {word:<8} {_fmt(row)}")
+    print('\n1. Simplified self-attention, query x² = "journey"')
+    print(f"  scores  ω₂ = x²·xᵢ      {_fmt(scores[1])}")
+    print(f"  weights α₂ = softmax(ω₂) {_fmt(weights[1])}  (sum {weights[1].sum():.4f})")
+    print(f"  context z² = Σ α₂ᵢ·xᵢ    {_fmt(context[1])}")
+
+    torch.manual_seed(123)
+    batch = torch.stack([inputs, inputs])  # (2, 6, 3): two copies, to show batching
+    z2 = SelfAttention(3, 2)(inputs)[1]
+    print("\n2. SelfAttention(3, 2): trainable W_q, W_k, W_v; context z² =", _fmt(z2))
+    causal = CausalAttention(3, 2, context_length=6, dropout=0.0)
+    print("3. CausalAttention(3, 2, 6, 0.0) on a batch", tuple(batch.shape), "->", tuple(causal(batch).shape))
+    wide = torch.randn(2, 6, 8)  # multi-head needs n_embd divisible by n_head: use 8 dims and 2 heads
+    for name, cls in ATTENTION_CLASSES.items():
+        out = cls(8, 2, block_size=6, dropout=0.0)(wide)
+        rung = 5 if name == "sdpa" else 4
+        shapes = f"{tuple(wide.shape)} -> {tuple(out.shape)}"
+        print(f"{rung}. {cls.__name__:<26} attention={name!r:<7} on {shapes}")
+
+
+if __name__ == "__main__":
+    _walkthrough()

@@ -1,0 +1,276 @@
+"""The GPT model: config, feed-forward, transformer block, and the full language model.
+
+Pure torch (no Lightning or Hydra) so it can be used, tested and exported on its own. Read top to bottom:
+each module only uses the ones above it. Shapes: B batch, T sequence length, C = n_embd, nh heads,
+hs = C // nh head size, V vocabulary size.
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gptmini.attention import ATTENTION_CLASSES, KVCache, LayerKVCache
+from gptmini.errors import GptMiniError
+
+# Named model shapes. GPT-2's four published sizes, then small ones that train in minutes on a laptop CPU.
+PRESETS: dict[str, dict] = {
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768},  # 124M
+    "gpt2-medium": {"n_layer": 24, "n_head": 16, "n_embd": 1024},  # 350M
+    "gpt2-large": {"n_layer": 36, "n_head": 20, "n_embd": 1280},  # 774M
+    "gpt2-xl": {"n_layer": 48, "n_head": 25, "n_embd": 1600},  # 1558M
+    "tiny": {"n_layer": 2, "n_head": 2, "n_embd": 64},
+    "mini": {"n_layer": 4, "n_head": 4, "n_embd": 128},
+    "small-cpu": {"n_layer": 6, "n_head": 6, "n_embd": 192},
+}
+
+
+@dataclass
+class GPTConfig:
+    """Everything needed to build a ``GPT``; defaults are GPT-2 small (124M)."""
+
+    vocab_size: int = 50257
+    """Real vocabulary size: the tokenizer's ``n_vocab``. Logits are returned over exactly these tokens."""
+    block_size: int = 1024
+    """Context length: the most tokens the model sees at once (rows of the position embedding)."""
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Attention heads per block; must divide ``n_embd``."""
+    n_embd: int = 768
+    """Width of the residual stream (embedding size)."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention weights and residual branches; in [0, 1)."""
+    bias: bool = True
+    """Biases in Linear layers and LayerNorms (GPT-2 has them; without is slightly faster)."""
+    attention: str = "sdpa"
+    """Attention implementation: "heads" (stacked wrapper), "mha" (compact) or "sdpa" (efficient, default).
+    All three share one weight layout, so a checkpoint loads into any of them."""
+    pad_vocab_multiple: int = 64
+    """Embedding/LM-head rows are padded up to a multiple of this (faster matmuls on GPUs); 1 = no padding."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise GptMiniError(f"GPTConfig.{name}={value!r} must be a positive integer")
+        if self.n_embd % self.n_head != 0:
+            raise GptMiniError(
+                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}; "
+                "choose n_head that divides n_embd (each head gets n_embd // n_head dims)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise GptMiniError(f"GPTConfig.dropout={self.dropout!r} must be in [0, 1); use 0.0 to disable it")
+        if self.attention not in ATTENTION_CLASSES:
+            raise GptMiniError(
+                f"GPTConfig.attention={self.attention!r} is not known; valid: {', '.join(ATTENTION_CLASSES)}"
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """``vocab_size`` rounded up to a multiple of ``pad_vocab_multiple``."""
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A config with a preset's shape (n_layer, n_head, n_embd), then ``overrides`` for any field."""
+        if name not in PRESETS:
+            raise GptMiniError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - valid)
+        if unknown:
+            raise GptMiniError(f"unknown GPTConfig field(s) {unknown}; valid: {', '.join(sorted(valid))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: expand to 4·C, GELU, project back. Applied to each token independently."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 was trained with the tanh approximation of GELU; using it keeps converted weights exact.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C) to (B, T, C)."""
+        return self.dropout(self.proj(self.gelu(self.fc(x))))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attention(LN(x)), then x + feed_forward(LN(x)).
+
+    Normalising the input of each branch (not the sum) leaves the residual stream an identity path from
+    embeddings to output, which keeps deep stacks trainable without warm-up tricks.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        c = config
+        self.attn = ATTENTION_CLASSES[c.attention](c.n_embd, c.n_head, c.block_size, c.dropout, c.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = FeedForward(config)
+
+    def forward(self, x: Tensor, kv_cache: LayerKVCache | None = None) -> Tensor:
+        """(B, T, C) to (B, T, C); ``kv_cache`` is this layer's ``LayerKVCache`` view, if any."""
+        x = x + self.attn(self.ln_1(x), kv_cache)  # tokens exchange information
+        x = x + self.mlp(self.ln_2(x))  # each token processes what it gathered
+        return x
+
+
+class GPT(nn.Module):
+    """A GPT-2 style decoder-only language model."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        # Weight tying: the output layer scores tokens with the same vectors that embed them. It saves
+        # V·C parameters (38.6M of GPT-2 small's 124M) and matches GPT-2. One Parameter, two uses.
+        self.lm_head.weight = self.wte.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02) weights, zero biases, scaled residual projections."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        # Each block adds two branch outputs (attention, MLP) to the residual stream; scaling the layers that
+        # write into it by 1/sqrt(2·n_layer) keeps the stream's variance from growing with depth.
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    def _embed(self, idx: Tensor, start: int) -> Tensor:
+        """Token + position embeddings for tokens at positions start..start+T: (B, T) to (B, T, C)."""
+        pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
+        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) broadcasts over the batch
+
+    def _check_length(self, idx: Tensor, kv_cache: KVCache | None) -> int:
+        """Raise if the tokens do not fit the context; return the position of the first new token."""
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.block_size:
+            where = f"{start} cached + {T} new tokens" if kv_cache is not None else f"sequence length {T}"
+            raise GptMiniError(
+                f"{where} exceeds block_size={self.config.block_size}; crop the input to the last "
+                f"{self.config.block_size} tokens (or reset the KV cache)"
+            )
+        if kv_cache is not None and B != kv_cache.batch_size:
+            raise GptMiniError(
+                f"batch size {B} does not match the KV cache's {kv_cache.batch_size}; "
+                "make the cache with new_kv_cache(batch_size)"
+            )
+        return start
+
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Next-token logits, and the loss when targets are given.
+
+        Args:
+            idx: (B, T) int64 token ids.
+            targets: (B, T) int64 next-token ids; -1 marks positions to ignore.
+            kv_cache: from ``new_kv_cache``; the tokens continue the cached ones and are appended to it.
+
+        Returns:
+            logits (B, T, vocab_size) over the real vocabulary, and the mean cross-entropy (or None).
+        """
+        start = self._check_length(idx, kv_cache)
+        x = self._embed(idx, start)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if kv_cache is None else kv_cache.layer(i))  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.length += idx.size(1)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, padded V)
+        loss = None
+        if targets is not None:
+            # The loss uses the padded logits: padding rows are never targets, so they just learn to be
+            # unlikely, and no slice-copy is needed for the backward pass.
+            flat_logits = logits.view(-1, logits.size(-1))  # (B·T, padded V)
+            loss = F.cross_entropy(flat_logits, targets.view(-1), ignore_index=-1)
+        return logits[..., : self.config.vocab_size], loss  # a view: (B, T, V)
+
+    def new_kv_cache(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty key/value cache for ``batch_size`` sequences of up to block_size tokens.
+
+        Only ``attention="sdpa"`` supports caching; the ladder variants raise instead of silently
+        recomputing. device/dtype default to the model's parameters.
+        """
+        c = self.config
+        if c.attention != "sdpa":
+            raise GptMiniError(
+                f"attention={c.attention!r} has no KV cache; build the model with attention='sdpa' "
+                "(the same weights load into it) or generate without a cache"
+            )
+        weight = self.wte.weight
+        return KVCache(
+            c.n_layer,
+            batch_size,
+            c.n_head,
+            c.block_size,
+            c.n_embd // c.n_head,
+            device=weight.device if device is None else device,
+            dtype=weight.dtype if dtype is None else dtype,
+        )
+
+    @torch.no_grad()
+    def attention_maps(self, idx: Tensor) -> Tensor:
+        """Softmax attention weights of every layer and head: (n_layer, B, n_head, T, T).
+
+        Computed on the explicit (non-fused) path, before attention dropout; call ``eval()`` first so the
+        embedding and residual dropout do not perturb them.
+        """
+        self._check_length(idx, None)
+        x = self._embed(idx, 0)  # (B, T, C)
+        maps = []
+        for block in self.blocks:
+            maps.append(block.attn.attention_weights(block.ln_1(x)))  # (B, nh, T, T)
+            x = block(x)
+        return torch.stack(maps)  # (n_layer, B, nh, T, T)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Number of parameters, the tied embedding/LM-head matrix counted once (padding rows included).
+
+        ``non_embedding`` subtracts the position embeddings. The token embeddings stay in because, tied,
+        they are also the output layer's weights.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared Parameter once
+        if non_embedding:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
+
+        N is ALL parameters (``num_params()``); 6·N covers the weight matmuls, the second term the attention
+        score and weighted-sum matmuls. L layers, H heads, Q head size, T = seq_len (default block_size).
+        """
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay on matrices (≥2-D: Linear and embedding weights), none on biases and
+        LayerNorm gains, which only shift or scale and should not be pulled towards zero."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

@@ -1,0 +1,197 @@
+"""The GPT model: shapes, initial loss, causality, swappable attention, KV cache, tying, counts, config."""
+
+import math
+
+import pytest
+import torch
+
+from gptmini.attention import ATTENTION_CLASSES
+from gptmini.errors import GptMiniError
+from gptmini.model import GPT, PRESETS, GPTConfig
+
+KINDS = list(ATTENTION_CLASSES)
+
+
+def small_config(**overrides) -> GPTConfig:
+    values = {"vocab_size": 100, "block_size": 16, "n_layer": 2, "n_head": 4, "n_embd": 32, "dropout": 0.0}
+    return GPTConfig(**{**values, **overrides})
+
+
+def small_model(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(small_config(**overrides)).eval()
+
+
+def random_tokens(batch: int = 2, length: int = 16, vocab: int = 100, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_shapes_and_real_vocab():
+    model = small_model()
+    assert model.config.padded_vocab_size == 128
+    assert model.wte.weight.shape == (128, 32)
+    logits, loss = model(random_tokens())
+    assert logits.shape == (2, 16, 100)  # the real vocabulary, not the padded one
+    assert loss is None
+
+
+def test_loss_at_init_is_uniform_guess():
+    model = small_model(vocab_size=128, pad_vocab_multiple=1)
+    idx = random_tokens(4, 16, 128)
+    _, loss = model(idx, targets=random_tokens(4, 16, 128, seed=2))
+    assert abs(loss.item() - math.log(128)) < 0.15
+
+
+def test_targets_of_minus_one_are_ignored():
+    model = small_model(pad_vocab_multiple=1)  # no padding, so the loss can be recomputed from the logits
+    idx, targets = random_tokens(), random_tokens(seed=2)
+    targets[:, 8:] = -1
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, 100), targets[:, :8].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_is_causal(kind):
+    model = small_model(attention=kind)
+    idx = random_tokens()
+    changed = idx.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 100
+    with torch.no_grad():
+        before, _ = model(idx)
+        after, _ = model(changed)
+    torch.testing.assert_close(before[:, :7], after[:, :7])
+    assert not torch.allclose(before[:, 7:], after[:, 7:])
+
+
+def test_same_weights_same_logits_for_every_attention():
+    reference = small_model(attention="sdpa")
+    idx = random_tokens()
+    with torch.no_grad():
+        expected, _ = reference(idx)
+        for kind in ("heads", "mha"):
+            other = GPT(small_config(attention=kind)).eval()
+            other.load_state_dict(reference.state_dict())
+            got, _ = other(idx)
+            assert (got - expected).norm() / expected.norm() < 1e-5, kind
+
+
+def test_cached_decode_matches_full_forward():
+    model = small_model()
+    idx = random_tokens(2, 16)
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        expected, _ = model(idx)
+        steps = [model(idx[:, :6], kv_cache=cache)[0]]  # prefill the prompt
+        assert cache.length == 6
+        for t in range(6, 16):  # then one token at a time
+            steps.append(model(idx[:, t : t + 1], kv_cache=cache)[0])
+    assert cache.length == 16
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
+    cache.reset()
+    assert cache.length == 0
+
+
+def test_kv_cache_overflow_and_unsupported_kinds():
+    model = small_model()
+    cache = model.new_kv_cache(batch_size=1)
+    with torch.no_grad():
+        model(random_tokens(1, 12), kv_cache=cache)
+        with pytest.raises(GptMiniError, match="12 cached \\+ 5 new tokens exceeds block_size=16"):
+            model(random_tokens(1, 5), kv_cache=cache)
+        with pytest.raises(GptMiniError, match="sequence length 17 exceeds block_size=16"):
+            model(random_tokens(1, 17))
+    for kind in ("heads", "mha"):
+        with pytest.raises(GptMiniError, match="attention='sdpa'"):
+            small_model(attention=kind).new_kv_cache(1)
+
+
+def test_weight_tying_shares_storage():
+    model = small_model()
+    assert model.lm_head.weight is model.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.wte.weight.data_ptr()
+
+
+def test_init_statistics():
+    model = GPT(small_config(n_embd=256, n_head=4, n_layer=8))
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.proj.weight.std().item() - 0.02 / 4) < 0.001  # 1/sqrt(2·8) = 1/4
+    assert torch.all(model.blocks[0].attn.qkv.bias == 0)
+
+
+def test_gpt2_small_param_count():
+    config = GPTConfig(pad_vocab_multiple=1)  # the defaults are GPT-2 small
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = GPT(config)
+    assert model.num_params() == 124_439_808
+    assert model.num_params(non_embedding=True) == 124_439_808 - 1024 * 768
+
+
+def test_flops_per_token():
+    model = small_model()
+    n = model.num_params()
+    assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 16
+    assert model.flops_per_token(seq_len=4) == 6 * n + 12 * 2 * 4 * 8 * 4
+
+
+def test_optimizer_groups_cover_every_parameter_once():
+    model = small_model()
+    decay, no_decay = model.configure_optimizer_groups(weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    counted = sum(p.numel() for group in (decay, no_decay) for p in group["params"])
+    assert counted == model.num_params()
+
+
+def test_attention_maps():
+    model = small_model()
+    maps = model.attention_maps(random_tokens(2, 9))
+    assert maps.shape == (2, 2, 4, 9, 9)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 2, 4, 9))
+    assert torch.all(maps.triu(diagonal=1) == 0)
+    assert not maps.requires_grad
+
+
+def test_training_steps_reduce_loss():
+    model = small_model()
+    model.train()
+    idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=2)
+    optimizer = torch.optim.AdamW(model.configure_optimizer_groups(0.1), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        _, loss = model(idx, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_presets():
+    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "mini", "small-cpu"}
+    config = GPTConfig.from_preset("mini", vocab_size=65, block_size=64)
+    assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size) == (4, 4, 128, 65)
+    for name in PRESETS:
+        GPTConfig.from_preset(name)  # every preset is valid
+    with pytest.raises(GptMiniError, match="unknown model preset 'gpt3'; valid: gpt2, gpt2-medium"):
+        GPTConfig.from_preset("gpt3")
+    with pytest.raises(GptMiniError, match="unknown GPTConfig field"):
+        GPTConfig.from_preset("tiny", n_embed=64)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"n_embd": 30, "n_head": 4}, "n_embd=30 is not divisible by n_head=4"),
+        ({"n_layer": 0}, "n_layer=0 must be a positive integer"),
+        ({"vocab_size": -5}, "vocab_size=-5 must be a positive integer"),
+        ({"block_size": 0}, "block_size=0 must be a positive integer"),
+        ({"pad_vocab_multiple": 0}, "pad_vocab_multiple=0 must be a positive integer"),
+        ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
+        ({"dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
+        ({"attention": "flash"}, "attention='flash' is not known; valid: heads, mha, sdpa"),
+    ],
+)
+def test_bad_config_values(overrides, message):
+    with pytest.raises(GptMiniError, match=message):
+        small_config(**overrides)
