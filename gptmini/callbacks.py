@@ -1,0 +1,269 @@
+"""Lightning callbacks for what a language-model run needs beyond Lightning's own.
+
+- ``Throughput``: tokens/s and MFU, measured over windows of steps (one host sync per window, not per step).
+- ``LossHistory``: train/val loss against tokens seen, for the loss-curve PNG.
+- ``TextSamples``: a text sample at each validation, printed and written to ``samples.txt``.
+- ``GracefulInterrupt``: Ctrl-C / SIGTERM stop at the next step boundary; a second Ctrl-C exits at once.
+- ``QuietRichProgressBar``: refreshes its metrics every few steps, so the bar does not sync every step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import RichProgressBar
+
+from gptmini.perf import mfu, peak_flops
+
+
+class Throughput(L.Callback):
+    """Logs ``perf/tokens_per_s`` and ``perf/mfu`` every ``every_n_steps`` optimizer steps.
+
+    Args:
+        every_n_steps: window length; the device is synchronised once per window.
+        peak_flops: override the device's peak FLOP/s (e.g. 989e12 for an H100 in bf16).
+    """
+
+    def __init__(self, every_n_steps: int = 50, peak_flops: float | None = None) -> None:
+        self.every_n_steps = max(1, every_n_steps)
+        self.peak_override = peak_flops
+        self.train_seconds = 0.0  # training time only: validation and data preparation excluded
+        self.train_tokens = 0
+        self._window_start: float | None = None
+        self._window_tokens = 0
+        self.last_tokens_per_s: float | None = None
+        self.last_mfu: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._peak = peak_flops(pl_module.device, str(trainer.precision), self.peak_override)
+        self._flops_per_token = pl_module.model.flops_per_token()
+        self._start_window(pl_module)
+
+    def _start_window(self, pl_module) -> None:
+        _synchronize(pl_module.device)
+        self._window_start = time.perf_counter()
+        self._window_tokens = 0
+
+    def _close_window(self, pl_module) -> float:
+        _synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self._window_start
+        self.train_seconds += elapsed
+        self.train_tokens += self._window_tokens
+        return elapsed
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        x, _ = batch
+        self._window_tokens += x.numel() * trainer.world_size
+        if trainer.fit_loop._should_accumulate() or trainer.global_step % self.every_n_steps:
+            return
+        elapsed = self._close_window(pl_module)
+        if elapsed > 0 and self._window_tokens:
+            self.last_tokens_per_s = self._window_tokens / elapsed
+            self.last_mfu = mfu(
+                self._flops_per_token, self.last_tokens_per_s / trainer.world_size, self._peak
+            )
+            metrics = {"perf/tokens_per_s": self.last_tokens_per_s}
+            if self.last_mfu is not None:
+                metrics["perf/mfu"] = self.last_mfu
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._start_window(pl_module)
+
+    # Validation in the middle of training is not training time.
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training and self._window_start is not None:
+            self._close_window(pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.training and self._window_start is not None:
+            self._start_window(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._window_tokens:
+            self._close_window(pl_module)
+            self._window_tokens = 0
+
+    @property
+    def average_tokens_per_s(self) -> float | None:
+        return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class LossHistory(L.Callback):
+    """Keeps (tokens seen, loss) pairs of every logged training step and every validation."""
+
+    def __init__(self) -> None:
+        self.train: list[tuple[int, float]] = []
+        self.val: list[tuple[int, float]] = []
+        self.tokens_per_batch = 0
+
+    def tokens_seen(self, trainer) -> int:
+        """Tokens consumed so far by all ranks, derived from the step so it stays right after a resume."""
+        batches = trainer.global_step * trainer.accumulate_grad_batches
+        return batches * self.tokens_per_batch * trainer.world_size
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.tokens_per_batch = batch[0].numel()
+        every = max(1, trainer.log_every_n_steps)
+        if trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate():
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.train.append((self.tokens_seen(trainer), float(loss)))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if val_loss is not None and not trainer.sanity_checking:
+            self.val.append((self.tokens_seen(trainer), float(val_loss)))
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Write the loss curve (train and validation against tokens seen) as a PNG."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        if self.train:
+            ax.plot(*zip(*self.train, strict=True), label="train", linewidth=1, alpha=0.8)
+        if self.val:
+            ax.plot(*zip(*self.val, strict=True), "o-", label="validation", linewidth=2)
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats per token)")
+        ax.set_title("gptmini loss curve")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+class TextSamples(L.Callback):
+    """Prints a text sample after each validation and appends it to ``<run dir>/samples.txt``.
+
+    Args:
+        tokenizer: the run's tiktoken encoding.
+        out_dir: the run directory.
+        prompt: the text to continue ("" starts from <|endoftext|>).
+        max_new_tokens, temperature, top_k: sampling settings.
+        seed: sampling seed, so samples of different validations differ only by the model.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        out_dir: str | os.PathLike,
+        prompt: str = "",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 1234,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.path = Path(out_dir) / "samples.txt"
+        self.prompt = prompt
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.last_sample: str | None = None
+
+    def sample(self, model: torch.nn.Module, device: torch.device) -> str:
+        from gptmini.sampling import generate_tokens
+
+        eot = self.tokenizer.eot_token
+        prompt_ids = self.tokenizer.encode_ordinary(self.prompt) or [eot]
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        try:
+            tokens = generate_tokens(
+                model,
+                torch.tensor(prompt_ids, device=device),
+                self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                generator=generator,
+                eot_id=eot,
+            )
+            new_ids = [int(t) for t in tokens]
+        finally:
+            model.train(was_training)
+        return self.tokenizer.decode([i for i in new_ids if i != eot])
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens == 0:
+            return
+        text = self.sample(pl_module.model, pl_module.device)
+        self.last_sample = text
+        header = f"----- sample at step {trainer.global_step} -----"
+        print(f"\n{header}\n{self.prompt}{text}\n{'-' * len(header)}", file=sys.stderr, flush=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(f"{header}\n{self.prompt}{text}\n\n")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):  # TensorBoard
+            experiment.add_text("sample", self.prompt + text, trainer.global_step)
+
+
+class GracefulInterrupt(L.Callback):
+    """First Ctrl-C or SIGTERM: finish the current step, then stop so the run can save a checkpoint.
+
+    A second Ctrl-C exits at once (status 130). ``received`` names the signal, for the caller to act on.
+    """
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # Installed here, after Lightning's own handlers, which it restores when fit ends.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._make_handler(trainer))
+
+    def _make_handler(self, trainer):
+        def handle(signum, frame):
+            if self.received is not None:
+                print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
+                os._exit(130)
+            self.received = signal.Signals(signum).name
+            trainer.should_stop = True
+            print(
+                f"\n{self.received} received: stopping after this step and saving a checkpoint "
+                "(press Ctrl-C again to exit at once).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        return handle
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class QuietRichProgressBar(RichProgressBar):
+    """A Rich progress bar that reads metrics (a device sync) only every ``metrics_every`` batches."""
+
+    def __init__(self, metrics_every: int = 10, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.metrics_every = max(1, metrics_every)
+        self._cached: dict | None = None
+        self._calls = 0
+
+    def get_metrics(self, trainer, pl_module):
+        self._calls += 1
+        if self._cached is None or not trainer.training or self._calls % self.metrics_every == 0:
+            self._cached = super().get_metrics(trainer, pl_module)
+        return self._cached

@@ -1,0 +1,94 @@
+"""Structured-config schemas for ``configs/train.yaml``, registered with Hydra's ConfigStore.
+
+With a schema, Hydra checks every key and type when it composes the config: ``model.n_layr=4`` or
+``optim.lr=fast`` fails before anything runs, naming the key. Value checks (``n_embd % n_head``, ``lr > 0``)
+happen in each config's ``__post_init__`` when ``train()`` builds the real objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+from gptmini.data import DataConfig
+from gptmini.lit import OptimConfig
+from gptmini.model import GPTConfig
+from gptmini.tokenizer import TokenizerConfig
+
+
+@dataclass
+class ModelSchema(GPTConfig):
+    """``GPTConfig`` as it appears in YAML: the vocabulary size normally comes from the tokenizer."""
+
+    vocab_size: int | None = None
+    """None = the tokenizer's vocabulary size (the usual case)."""
+    preset: str | None = None
+    """A named size from gptmini.model.PRESETS (e.g. gpt2, mini); sets n_layer, n_head and n_embd."""
+
+    def __post_init__(self) -> None:
+        # Values are checked when train() builds the real GPTConfig; at compose time only types are.
+        pass
+
+
+@dataclass
+class TrainerSchema:
+    """Lightning ``Trainer`` arguments (see Lightning's docs for each); only these keys are accepted."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: Any = "auto"
+    max_steps: int = 1000
+    max_time: Any = None
+    max_epochs: int | None = -1
+    val_check_interval: Any = 250
+    check_val_every_n_epoch: int | None = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: int = 0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    enable_progress_bar: bool = True
+    enable_model_summary: bool = True
+    deterministic: Any = False
+    benchmark: bool | None = None
+    default_root_dir: str | None = None
+
+
+@dataclass
+class SampleConfig:
+    """The text sample printed at each validation."""
+
+    prompt: str = ""
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+
+
+@dataclass
+class TrainConfig:
+    """The whole training config (``configs/train.yaml``)."""
+
+    model: ModelSchema = field(default_factory=ModelSchema)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    logger: dict[str, Any] = field(default_factory=dict)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    seed: int = 1337
+    ckpt_path: str | None = None
+    init_from: str | None = None
+    compile: bool = False
+    peak_flops: float | None = None
+    throughput_every_n_steps: int = 50
+    name: str = "default"
+
+
+def register_configs() -> None:
+    """Make ``train_schema`` available to ``configs/train.yaml``'s defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

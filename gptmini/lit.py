@@ -1,0 +1,241 @@
+"""The LightningModule: a GPT plus its optimizer, learning-rate schedule and metrics.
+
+Built from plain values (dicts, numbers), never from Hydra objects, so ``LitGPT.load_from_checkpoint`` works
+anywhere. Lightning owns the loop, precision, devices, checkpoint files and logging; this module owns what is
+specific to language modelling: the loss, bits per byte, the AdamW parameter groups and the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+
+from gptmini.checkpoint import GPTMINI_KEY, gptmini_entry
+from gptmini.errors import GptMiniError
+from gptmini.model import GPT, GPTConfig
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule: linear warmup, then cosine decay to a floor, stepped per optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 1e-4
+    """Floor of the cosine decay (nanoGPT uses lr / 10)."""
+    warmup_steps: int = 100
+    """Optimizer steps of linear warmup from 0 to ``lr``."""
+    decay_steps: int | None = None
+    """Steps from the start to the end of the cosine decay; None = ``trainer.max_steps``."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied only to weights with 2 or more dimensions (not biases, not LayerNorms)."""
+    beta1: float = 0.9
+    """AdamW first-moment decay."""
+    beta2: float = 0.95
+    """AdamW second-moment decay (0.95 is steadier than 0.999 for language models)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise GptMiniError(f"optim.lr must be > 0, got {self.lr}; try optim.lr=1e-3.")
+        if not 0 <= self.min_lr <= self.lr:
+            raise GptMiniError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}.")
+        if self.warmup_steps < 0:
+            raise GptMiniError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.decay_steps is not None and self.decay_steps <= 0:
+            raise GptMiniError(f"optim.decay_steps must be > 0 or null, got {self.decay_steps}.")
+        if self.weight_decay < 0:
+            raise GptMiniError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise GptMiniError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}.")
+
+
+def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
+    """The learning rate after ``step`` optimizer steps: linear warmup, cosine decay, then the floor."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if step >= decay_steps:
+        return optim.min_lr
+    progress = (step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+class LitGPT(L.LightningModule):
+    """GPT language modelling under Lightning.
+
+    Args:
+        model_config: ``GPTConfig`` fields as a dict (vocab_size already set from the tokenizer).
+        optim: ``OptimConfig`` fields as a dict.
+        val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
+        compile: compile the GPT in place with ``torch.compile`` (checkpoint keys do not change).
+        tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
+        run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
+    """
+
+    def __init__(
+        self,
+        model_config: dict,
+        optim: dict | None = None,
+        val_bytes_per_token: float | None = None,
+        compile: bool = False,
+        tokenizer_spec: dict | None = None,
+        run_info: dict | None = None,
+    ) -> None:
+        super().__init__()
+        # The tokenizer can be large (a BPE's ranks): it goes in the checkpoint's gptmini entry, not in hparams.
+        self.save_hyperparameters(ignore=["tokenizer_spec", "run_info"])
+        self.model = GPT(GPTConfig(**model_config))
+        self.optim = OptimConfig(**(optim or {}))
+        self.val_bytes_per_token = val_bytes_per_token
+        self.tokenizer_spec = tokenizer_spec
+        self.run_info = run_info or {}
+        self._compile = compile
+        # Non-finite losses are detected on the device and checked only every few steps and before each
+        # checkpoint, so the training step never waits for the host (no .item() per step).
+        self.register_buffer("_first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+
+    # ----- setup --------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self._compile and not getattr(self.model, "_compiled_in_place", False):
+            # In place: parameters keep their names, so checkpoints carry no "_orig_mod." prefix.
+            self.model.compile()
+            self.model._compiled_in_place = True
+
+    def configure_optimizers(self):
+        groups = self.model.configure_optimizer_groups(self.optim.weight_decay)
+        fused = self.device.type == "cuda"  # one kernel for all parameters; only on CUDA
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=self.optim.lr,
+            betas=(self.optim.beta1, self.optim.beta2),
+            eps=self.optim.eps,
+            fused=fused,
+        )
+        decay_steps = self.optim.decay_steps or self._max_steps()
+        # LambdaLR multiplies the base lr, so express the schedule as a fraction of the peak.
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_at(step, self.optim, decay_steps) / self.optim.lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def _max_steps(self) -> int:
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            raise GptMiniError(
+                "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
+                "or optim.decay_steps."
+            )
+        return max_steps
+
+    # ----- steps --------------------------------------------------------------------------------------------
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        self._record_if_nonfinite(loss)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        _, loss = self.model(x, y)
+        # Weight each batch by its tokens, so the last, shorter window counts for what it holds.
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=y.numel(), prog_bar=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.trainer.callback_metrics.get("val/loss")
+        if val_loss is None:
+            return
+        self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
+        if self.val_bytes_per_token:
+            # nats per token -> bits per UTF-8 byte: comparable across char-level, BPE and GPT-2 tokenizers.
+            self.log("val/bpb", val_loss / math.log(2) / self.val_bytes_per_token, prog_bar=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # The gradient norm costs one reduction; compute it only on steps that get logged.
+        if self._is_log_step():
+            norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self._is_log_step():
+            self.raise_if_nonfinite()
+
+    def _is_log_step(self) -> bool:
+        every = max(1, self.trainer.log_every_n_steps)
+        return self.trainer.global_step % every == 0
+
+    # ----- numerical faults ---------------------------------------------------------------------------------
+
+    def _record_if_nonfinite(self, loss: torch.Tensor) -> None:
+        bad_now = ~torch.isfinite(loss.detach())
+        first_seen = (self._first_bad_step < 0) & bad_now
+        step = torch.tensor(self.trainer.global_step, device=loss.device)
+        self._first_bad_step = torch.where(first_seen, step, self._first_bad_step)
+
+    def raise_if_nonfinite(self) -> None:
+        """Stop with a message naming the step and learning rate where the loss first went non-finite."""
+        bad_step = int(self._first_bad_step)
+        if bad_step < 0:
+            return
+        decay_steps = self.optim.decay_steps or self._max_steps()
+        lr = lr_at(bad_step, self.optim, decay_steps)
+        raise GptMiniError(
+            f"the training loss became non-finite (NaN or inf) at step {bad_step} (learning rate {lr:.3g}). "
+            "Training stopped; the last good checkpoint was kept. Try a lower optim.lr, more "
+            "optim.warmup_steps, or trainer.gradient_clip_val=1.0."
+        )
+
+    # ----- checkpoints --------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Never write weights that came out of a NaN step over the last good checkpoint.
+        self.raise_if_nonfinite()
+        checkpoint[GPTMINI_KEY] = gptmini_entry(
+            self.model.config, self.tokenizer_spec or {}, rng=_rng_states(), **self.run_info
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        entry = checkpoint.get(GPTMINI_KEY, {})
+        if self.tokenizer_spec is None:
+            self.tokenizer_spec = entry.get("tokenizer")
+        self._rng_to_restore = entry.get("rng")
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's own seeding, so dropout continues exactly where the run stopped.
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            _restore_rng_states(states)
+            self._rng_to_restore = None
+
+
+def _rng_states() -> dict:
+    """Every random stream a training step can touch, as plain values and tensors (weights_only-safe)."""
+    numpy_state = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
