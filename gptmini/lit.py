@@ -33,7 +33,7 @@ class OptimConfig:
     decay_steps: int | None = None
     """Steps from the start to the end of the cosine decay; None = ``trainer.max_steps``."""
     weight_decay: float = 0.1
-    """Decoupled weight decay, applied only to weights with 2 or more dimensions (not biases, not LayerNorms)."""
+    """Decoupled weight decay, only on weights with 2 or more dimensions (not biases, not LayerNorms)."""
     beta1: float = 0.9
     """AdamW first-moment decay."""
     beta2: float = 0.95
@@ -89,7 +89,7 @@ class LitGPT(L.LightningModule):
         run_info: dict | None = None,
     ) -> None:
         super().__init__()
-        # The tokenizer can be large (a BPE's ranks): it goes in the checkpoint's gptmini entry, not in hparams.
+        # The tokenizer can be large (a BPE's ranks): it goes in the checkpoint's gptmini entry.
         self.save_hyperparameters(ignore=["tokenizer_spec", "run_info"])
         self.model = GPT(GPTConfig(**model_config))
         self.optim = OptimConfig(**(optim or {}))
