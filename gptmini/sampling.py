@@ -1,0 +1,188 @@
+"""Choosing the next token, and the decoding loop that feeds a GPT one token at a time.
+
+Pure computation: no files, no printing. ``generation.py`` does the I/O around it.
+
+The loop uses the model's KV cache: one forward pass over the prompt ("prefill"), then one single-token
+pass per new token. A GPT cannot see more than ``block_size`` positions, so when the context is full it
+*slides*: the cache is reset and the last ``block_size // 2`` tokens are prefilled again ("recompute").
+Keeping half a block (not ``block_size - 1`` tokens) means a re-prefill every ``block_size // 2`` steps
+instead of every step. ``use_cache=False`` runs the full window at every step with the same sliding rule,
+so both modes see the same context and greedy decoding gives identical tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from gptmini.errors import GptMiniError
+
+
+def validate_sampling_options(
+    *,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    repetition_penalty: float,
+    max_new_tokens: int = 0,
+    num_samples: int = 1,
+) -> None:
+    """Raise ``GptMiniError`` naming the first option that is out of range."""
+    if temperature < 0:
+        raise GptMiniError(f"temperature must be >= 0 (0 = greedy), got {temperature}. Try temperature=0.8.")
+    if top_k is not None and top_k < 1:
+        raise GptMiniError(f"top_k must be >= 1, got {top_k}. Use top_k=null to turn the filter off.")
+    if not 0 < top_p <= 1:
+        raise GptMiniError(f"top_p must be in (0, 1], got {top_p}. Use top_p=1.0 to turn the filter off.")
+    if repetition_penalty <= 0:
+        raise GptMiniError(
+            f"repetition_penalty must be > 0, got {repetition_penalty}. "
+            "1.0 turns it off; values above 1 discourage repeats."
+        )
+    if max_new_tokens < 0:
+        raise GptMiniError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    if num_samples < 1:
+        raise GptMiniError(f"num_samples must be >= 1, got {num_samples}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logit transforms: each takes (B, V) logits and returns new (B, V) logits.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """Make every token in ``previous_tokens`` (B, n) less likely (CTRL-style penalty).
+
+    A positive logit is divided by ``penalty`` and a negative one multiplied by it, so for ``penalty > 1``
+    a seen token always loses probability whatever the sign of its logit.
+    """
+    if penalty == 1.0 or previous_tokens.numel() == 0:
+        return logits
+    seen = logits.gather(1, previous_tokens)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, previous_tokens, seen)  # a token seen twice gets the same value twice
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row (and any tied with the k-th); the rest become -inf."""
+    k = min(k, logits.size(-1))
+    kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability adds up to at least ``p`` (nucleus)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    # A token is needed only while the more likely ones hold less than p; the first token always stays.
+    drop_sorted = mass_before >= p
+    drop = drop_sorted.scatter(1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    previous_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, V); returns (B, 1) token ids.
+
+    ``temperature == 0`` is greedy: the argmax after the repetition penalty (top-k/top-p cannot change it).
+    """
+    logits = logits.float()  # softmax and the filters in fp32, whatever dtype the model ran in
+    if previous_tokens is not None:
+        logits = apply_repetition_penalty(logits, previous_tokens, repetition_penalty)
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    logits = top_p_filter(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decoding loop.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+    eot_id: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each new token, (B, 1), as soon as it is chosen.
+
+    Args:
+        model: an eval-mode GPT; ``model.config.block_size`` bounds the context.
+        prompt_ids: (T,) or (B, T) token ids, at least one per row; only the last ``block_size`` are used.
+        max_new_tokens: how many tokens to produce at most.
+        temperature, top_k, top_p, repetition_penalty: see ``sample_next_token``.
+        use_cache: decode with the KV cache (fast) or recompute the whole window every step.
+        generator: the random source for sampling (seed it for reproducible text).
+        eot_id: stop once every row has produced this token; finished rows repeat it.
+
+    The caller may stop early (stop strings, Ctrl-C) by leaving the loop; no work is done ahead.
+    """
+    block_size = model.config.block_size
+    keep = max(1, block_size // 2)  # tokens kept when the context slides
+    ids = prompt_ids.view(1, -1) if prompt_ids.dim() == 1 else prompt_ids
+    if ids.size(1) == 0:
+        raise GptMiniError("the prompt has no tokens; start from <|endoftext|> for unconditional text.")
+    ids = ids[:, -block_size:]
+    batch, length = ids.shape
+    # Every token of the sequence, preallocated so a step appends without reallocating.
+    tokens = torch.empty(batch, length + max_new_tokens, dtype=torch.long, device=ids.device)
+    tokens[:, :length] = ids
+    start = 0  # the first position the model sees
+    finished = torch.zeros(batch, 1, dtype=torch.bool, device=ids.device)
+    cache = model.new_kv_cache(batch, device=ids.device) if use_cache else None
+    logits = _last_logits(model, tokens[:, start:length], cache)
+
+    for step in range(max_new_tokens):
+        token = sample_next_token(
+            logits, temperature, top_k, top_p, repetition_penalty, tokens[:, :length], generator
+        )
+        if eot_id is not None:
+            token = token.masked_fill(finished, eot_id)
+            finished |= token == eot_id
+        tokens[:, length] = token[:, 0]
+        length += 1
+        yield token
+        if step == max_new_tokens - 1 or (eot_id is not None and bool(finished.all())):
+            return
+        if length - start > block_size:
+            start = length - keep  # slide: the cache restarts from the kept tokens
+            if cache is not None:
+                cache.reset()
+                logits = _last_logits(model, tokens[:, start:length], cache)
+                continue
+        if cache is not None:
+            logits = _last_logits(model, token, cache)  # one position; the cache holds the rest
+        else:
+            logits = _last_logits(model, tokens[:, start:length], None)
+
+
+def _last_logits(model: torch.nn.Module, idx: torch.Tensor, cache) -> torch.Tensor:
+    """The logits (B, V) that predict the token after ``idx``."""
+    logits, _ = model(idx, kv_cache=cache) if cache is not None else model(idx)
+    return logits[:, -1, :]
