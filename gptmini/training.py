@@ -120,7 +120,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     """The callbacks of ``cfg.callbacks`` (each a ``_target_`` node; null entries are switched off)."""
     callbacks = []
     for name, node in (cfg.callbacks or {}).items():
-        if node is None:
+        if node is None or (name == "progress_bar" and not cfg.trainer.enable_progress_bar):
             continue
         overrides = {}
         if name == "model_checkpoint" and node.get("dirpath") is None:
@@ -160,10 +160,17 @@ def run_directory(out_dir: str | Path | None) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
-    """Train a GPT as ``cfg`` says; return the run summary (also written to ``summary.json``)."""
+def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: list | None = None) -> dict:
+    """Train a GPT as ``cfg`` says; return the run summary (also written to ``summary.json``).
+
+    Args:
+        cfg: the composed ``configs/train.yaml``.
+        out_dir: the run directory; default: Hydra's output directory.
+        extra_callbacks: more Lightning callbacks (tests and notebooks use this to look inside a run).
+    """
     run_dir = run_directory(out_dir)
     data_cfg, tok_cfg, optim_cfg = build_configs(cfg)
+    model_config_from(cfg, vocab_size=1)  # reject bad model values before spending time on data
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = TextDataModule(data_cfg, tok_cfg, block_size=cfg.model.block_size, seed=cfg.seed)
@@ -198,6 +205,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         interrupt,
         SaveOnInterrupt(interrupt, ckpt_dir / "last.ckpt"),
         StopAtMaxSteps(),
+        *(extra_callbacks or []),
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"])

@@ -1,0 +1,211 @@
+"""Training: composed configs, a real (tiny) run end to end, the schedule, config errors, DDP."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, compose_train
+from hydra.errors import ConfigCompositionException
+
+from gptmini.checkpoint import load_checkpoint
+from gptmini.errors import GptMiniError
+from gptmini.lit import OptimConfig, lr_at
+from gptmini.training import train
+
+EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
+
+
+def test_smoke_run_writes_checkpoint_summary_plot_and_metrics(tmp_path, tiny_train_overrides):
+    cfg = compose_train(tiny_train_overrides)
+    run_dir = tmp_path / "run"
+    summary = train(cfg, out_dir=run_dir)
+
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    for key in ("val_loss", "val_bpb", "train_tokens", "tokens_per_s", "n_params", "wall_s", "checkpoint"):
+        assert on_disk[key] is not None, key
+    assert on_disk == pytest.approx(summary)
+    assert summary["steps"] == 12
+    assert summary["train_tokens"] == 12 * 8 * 16
+    # bits per byte is the loss in bits spread over the bytes each token stands for
+    assert summary["val_bpb"] < summary["val_loss"] / math.log(2)
+    with open(run_dir / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert "step" in rows[0]
+    assert any(row.get("val/loss") for row in rows)
+    assert (run_dir / "samples.txt").read_text().count("sample at step") >= 1
+
+    loaded = load_checkpoint(run_dir)  # self-contained: no dataset, no Hydra needed
+    assert loaded.global_step == 12
+    assert loaded.tokenizer.n_vocab == 300
+
+
+def test_loss_falls(tmp_path, tiny_train_overrides):
+    cfg = compose_train(tiny_train_overrides + ["trainer.max_steps=60", "trainer.val_check_interval=30"])
+    summary = train(cfg, out_dir=tmp_path / "run")
+    assert summary["val_loss"] < math.log(300) - 1.0
+
+
+def test_run_shorter_than_validation_interval_still_validates(tmp_path, tiny_train_overrides):
+    cfg = compose_train(tiny_train_overrides + ["trainer.max_steps=3", "trainer.val_check_interval=1000"])
+    summary = train(cfg, out_dir=tmp_path / "run")
+    assert summary["val_loss"] is not None and summary["steps"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_init_from_loads_weights_only(tmp_path, tiny_train_overrides):
+    first = train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
+    cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'a'}", "trainer.max_steps=2"])
+    second = train(cfg, out_dir=tmp_path / "b")
+    assert second["steps"] == 2  # a fresh schedule, not a resume
+    assert second["val_loss"] < first["val_loss"] + 0.5
+
+
+def test_init_from_other_shape_lists_mismatched_tensors(tmp_path, tiny_train_overrides):
+    train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
+    cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'a'}", "model.n_embd=48"])
+    expected = (
+        r"do not fit this model: shape mismatch in .*qkv.weight: checkpoint \(96, 32\) vs model \(144, 48\)"
+    )
+    with pytest.raises(GptMiniError, match=expected):
+        train(cfg, out_dir=tmp_path / "b")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    assert cfg.model.n_layer > 0 and cfg.trainer.max_steps > 0
+
+
+def test_default_config_is_the_offline_cpu_recipe():
+    cfg = compose_train()
+    assert cfg.data.name == "pystdlib" and cfg.tokenizer.name == "bpe"
+    assert cfg.trainer.devices == 1
+
+
+@pytest.mark.parametrize(
+    "override, error",
+    [
+        ("model.n_layr=4", ConfigCompositionException),
+        ("optim.lr=fast", ConfigCompositionException),
+        ("trainer.max_stepz=10", ConfigCompositionException),
+        ("model=huge", ConfigCompositionException),
+    ],
+)
+def test_config_typos_fail_at_compose_time_naming_the_key(override, error):
+    with pytest.raises(error) as info:
+        compose_train([override])
+    text = str(info.value) + str(info.value.__cause__)
+    assert override.split("=")[0].split(".")[-1] in text or override.split("=")[1] in text
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_embd=33", "n_embd"),
+        ("model.block_size=0", "block_size"),
+        ("optim.lr=0", "optim.lr"),
+        ("optim.lr=-1", "optim.lr"),
+        ("data.batch_size=0", "batch_size"),
+        ("tokenizer.vocab_size=100", "vocab_size"),
+        ("model.attention=flash9", "attention"),
+    ],
+)
+def test_nonsensical_values_raise_clear_errors(tmp_path, tiny_train_overrides, override, message):
+    cfg = compose_train(tiny_train_overrides + [override])
+    with pytest.raises(GptMiniError, match=message):
+        train(cfg, out_dir=tmp_path / "run")
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert lr_at(0, optim, 100) == pytest.approx(1e-4)
+    assert lr_at(9, optim, 100) == pytest.approx(1e-3)
+    assert lr_at(10, optim, 100) == pytest.approx(1e-3)
+    assert lr_at(55, optim, 100) == pytest.approx(5.5e-4)
+    assert lr_at(100, optim, 100) == pytest.approx(1e-4)
+    assert lr_at(500, optim, 100) == pytest.approx(1e-4)
+    lrs = [lr_at(s, optim, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "model.n_embd=33",
+            f"hydra.run.dir={tmp_path}",
+            f"data.cache_dir={tmp_path}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "error:" in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, tiny_train_overrides):
+    """Two gloo processes: each rank sees its own windows; DDP keeps the weights identical."""
+    script = tmp_path / "ddp_check.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = tiny_train_overrides + [
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=1000",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run"), *overrides],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [torch.load(tmp_path / "run" / f"rank{r}.pt") for r in range(2)]
+    assert not torch.equal(seen[0]["first_batch"], seen[1]["first_batch"])
+    for name, tensor in seen[0]["weights"].items():
+        assert torch.equal(tensor, seen[1]["weights"][name]), name
+
+
+DDP_SCRIPT = """
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, "tests")
+from conftest import compose_train
+from gptmini.training import train
+
+
+class Record(L.Callback):
+    def __init__(self, out):
+        self.out, self.first = out, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first is None:
+            self.first = batch[0].clone()
+
+    def on_train_end(self, trainer, pl_module):
+        weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        record = {"first_batch": self.first, "weights": weights}
+        torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
+
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+cfg = compose_train(sys.argv[2:])
+train(cfg, out_dir=out, extra_callbacks=[Record(out)])
+"""
