@@ -674,6 +674,13 @@ class TextDataModule(L.LightningDataModule):
                 f"the training split has {self.meta['train_tokens']} tokens, fewer than one window of "
                 f"block_size + 1 = {need} tokens; use a smaller model.block_size or more text."
             )
+        per_batch = self.data_config.batch_size * self.block_size
+        if per_batch > self.meta["train_tokens"]:
+            raise GptMiniError(
+                f"one batch (data.batch_size={self.data_config.batch_size} × block_size={self.block_size} = "
+                f"{per_batch} tokens) is larger than the whole training split ({self.meta['train_tokens']} "
+                "tokens); use a smaller data.batch_size or model.block_size, or more text."
+            )
 
     @property
     def vocab_size(self) -> int:

@@ -203,9 +203,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         history,
         samples,
         interrupt,
-        SaveOnInterrupt(interrupt, ckpt_dir / "last.ckpt"),
         StopAtMaxSteps(),
         *(extra_callbacks or []),
+        SaveOnInterrupt(interrupt, ckpt_dir / "last.ckpt"),  # last: every other callback has seen the step
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"])

@@ -1,0 +1,237 @@
+"""Reliability: exact resume, interrupts, checkpoint safety, numerical faults, concurrent runs."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO_ROOT, compose_train
+
+from gptmini.callbacks import GracefulInterrupt
+from gptmini.checkpoint import atomic_torch_save, read_checkpoint
+from gptmini.errors import GptMiniError
+from gptmini.training import train
+
+
+class RecordLosses(L.Callback):
+    """The training loss of every step, keyed by the step it produced."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a real signal while step ``step`` runs, as a user pressing Ctrl-C would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
+class PoisonAtStep(L.Callback):
+    """Turn one weight into NaN just before step ``step`` (0-based), so that step's loss is NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.model.wte.weight.fill_(float("nan"))
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(
+    tmp_path, tiny_train_overrides, signum
+):
+    # Dropout on, so the RNG streams matter; validation in the middle, so resume crosses it.
+    overrides = tiny_train_overrides + [
+        "model.dropout=0.1",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=4",
+    ]
+    straight = RecordLosses()
+    train(compose_train(overrides), out_dir=tmp_path / "straight", extra_callbacks=[straight])
+
+    first = RecordLosses()
+    with pytest.raises(SystemExit) as stop:
+        train(
+            compose_train(overrides),
+            out_dir=tmp_path / "first",
+            extra_callbacks=[first, SignalAtStep(6, signum)],
+        )
+    assert stop.value.code == 130
+    assert read_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt")["global_step"] == 6
+
+    second = RecordLosses()
+    resume = compose_train(overrides + [f"ckpt_path={tmp_path / 'first'}"])
+    train(resume, out_dir=tmp_path / "second", extra_callbacks=[second])
+
+    assert sorted(first.losses) == list(range(1, 7))
+    assert sorted(second.losses) == list(range(7, 13))
+    # Bitwise: the same data windows, learning rates, optimizer moments and dropout masks.
+    assert {**first.losses, **second.losses} == straight.losses
+    expected, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "second")
+    for name, tensor in expected.items():
+        assert torch.equal(tensor, resumed[name]), name
+
+
+def test_second_interrupt_exits_at_once(monkeypatch):
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+
+    class FakeTrainer:
+        should_stop = False
+
+    interrupt, trainer = GracefulInterrupt(), FakeTrainer()
+    handler = interrupt._make_handler(trainer)
+    handler(signal.SIGINT, None)
+    assert interrupt.received == "SIGINT" and trainer.should_stop and not exits
+    handler(signal.SIGINT, None)
+    assert exits == [130]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
+    tmp_path, tiny_train_overrides
+):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_train_overrides if not o.startswith("trainer.max_steps")]
+    command = [sys.executable, "train.py", *overrides, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # wait until training has started, then let it run a moment
+        lines.append(line)
+        if line.startswith("model:"):
+            break
+    time.sleep(4)
+    process.send_signal(signal.SIGINT)
+    lines += process.stderr.readlines()
+    assert process.wait(timeout=120) == 130
+    text = "".join(lines)
+    assert "Traceback" not in text
+    resume_line = next(line for line in lines if line.startswith("resume with: "))
+    assert f"ckpt_path={run_dir}" in resume_line
+    saved_step = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"]
+    assert saved_step > 0
+
+    # Resume with the printed command, asking for two more steps.
+    resume = resume_line.removeprefix("resume with: python train.py ").split()
+    resume = [o for o in resume if not o.startswith(("trainer.max_steps", "hydra.run.dir"))]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *resume,
+            f"trainer.max_steps={saved_step + 2}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == saved_step + 2
+    )
+
+
+def test_nan_loss_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_path, tiny_train_overrides):
+    overrides = tiny_train_overrides + ["trainer.max_steps=20", "trainer.val_check_interval=4"]
+    with pytest.raises(GptMiniError, match=r"non-finite .* at step 5 \(learning rate [0-9.e-]+\)"):
+        train(compose_train(overrides), out_dir=tmp_path / "run", extra_callbacks=[PoisonAtStep(5)])
+    checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+@pytest.mark.parametrize("option", ["ckpt_path", "init_from"])
+def test_truncated_checkpoint_is_reported_with_file_and_size(tmp_path, tiny_train_overrides, option):
+    train(compose_train(tiny_train_overrides), out_dir=tmp_path / "good")
+    good = (tmp_path / "good" / "checkpoints" / "last.ckpt").read_bytes()
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(good[: len(good) // 2])
+    cfg = compose_train(tiny_train_overrides + [f"{option}={broken}"])
+    with pytest.raises(GptMiniError, match=rf"cannot read checkpoint {broken} \({len(good) // 2:,} bytes\)"):
+        train(cfg, out_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("option", ["ckpt_path", "init_from"])
+def test_missing_checkpoint_is_reported(tmp_path, tiny_train_overrides, option):
+    cfg = compose_train(tiny_train_overrides + [f"{option}={tmp_path / 'nope.ckpt'}"])
+    with pytest.raises(GptMiniError, match="checkpoint not found: .*nope.ckpt"):
+        train(cfg, out_dir=tmp_path / "run")
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": GracefulInterrupt()}, path)  # an arbitrary object
+    with pytest.raises(GptMiniError, match="cannot read checkpoint"):
+        read_checkpoint(path)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1}, path)
+
+    def crash(obj, handle):
+        handle.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_torch_save({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path, tiny_train_overrides):
+    cfg = compose_train(tiny_train_overrides + ["data.batch_size=5000"])
+    with pytest.raises(GptMiniError, match=r"data.batch_size=5000 .* larger than the whole training split"):
+        train(cfg, out_dir=tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides):
+    overrides = [o for o in tiny_train_overrides if not o.startswith("data.cache_dir")]
+    cache = tmp_path / "shared-cache"
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "train.py",
+                *overrides,
+                f"data.cache_dir={cache}",
+                "trainer.max_steps=3",
+                f"hydra.run.dir={tmp_path / f'run{i}'}",
+            ],
+            cwd=REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+    meta_files = list(cache.glob("**/meta.json"))
+    assert len(meta_files) == 1, meta_files
+    assert not list(cache.glob("**/*.tmp*"))
