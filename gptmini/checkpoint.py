@@ -188,6 +188,12 @@ def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu")
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """``load_state_dict`` with a message that lists every missing, unexpected or mis-shaped tensor."""
+    check_weights_fit(model, state, source)
+    _uncompiled(model).load_state_dict(state)
+
+
+def check_weights_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Raise a clear error unless ``state`` has exactly the model's tensor names and shapes."""
     own = _uncompiled(model).state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -203,7 +209,6 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
             f"the weights in {source} do not fit this model: {' | '.join(problems)}. "
             "Use a checkpoint of the same shape (model.n_layer, n_head, n_embd, block_size, vocabulary)."
         )
-    _uncompiled(model).load_state_dict(state)
 
 
 def _first_few(names: list[str], limit: int = 8) -> str:

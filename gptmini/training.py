@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.callbacks import GracefulInterrupt, LossHistory, TextSamples, Throughput
 from gptmini.checkpoint import (
     atomic_torch_save,
+    check_weights_fit,
     load_weights,
     model_state_dict,
     read_checkpoint,
@@ -243,7 +244,7 @@ def _check_resumable(ckpt_path: str, model_config: GPTConfig) -> None:
     checkpoint = read_checkpoint(ckpt_path)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(model_config)
-    load_weights(model, model_state_dict(checkpoint), source=ckpt_path)
+    check_weights_fit(model, model_state_dict(checkpoint), source=ckpt_path)
 
 
 def _summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: float, datamodule) -> dict:
