@@ -128,7 +128,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for damaged files; all mean "unreadable"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's own messages run long; the first sentence says what failed.
+        reason = str(exc).strip().split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise GptMiniError(
             f"cannot read checkpoint {path} ({size:,} bytes): {reason[:200]}. "
             "The file is truncated, corrupt or not a gptmini checkpoint; use another one "

@@ -513,7 +513,9 @@ def prepare_cache(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
     tokenizer = _as_config(tokenizer, TokenizerConfig, "tokenizer")
     corpus = resolve_corpus(data)
     if sum(path.stat().st_size for path in corpus.files) == 0:
-        raise GptMiniError(f"{corpus.description} is empty; give files that contain text.")
+        raise GptMiniError(
+            f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files that contain text."
+        )
     source_fingerprint = fingerprint(corpus.files)
     parent = cache_root(data) / corpus.name / tokenizer_id(tokenizer)
     folder = parent / _cache_key(corpus, source_fingerprint, tokenizer, data.val_fraction)

@@ -235,3 +235,12 @@ def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides
     meta_files = list(cache.glob("**/meta.json"))
     assert len(meta_files) == 1, meta_files
     assert not list(cache.glob("**/*.tmp*"))
+
+
+def test_run_directory_without_a_checkpoint_is_reported(tmp_path, tiny_train_overrides):
+    (tmp_path / "empty_run").mkdir()
+    cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'empty_run'}"])
+    with pytest.raises(
+        GptMiniError, match="no checkpoint in run directory .*empty_run: expected checkpoints/last.ckpt"
+    ):
+        train(cfg, out_dir=tmp_path / "run")
