@@ -514,7 +514,7 @@ def prepare_cache(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
     corpus = resolve_corpus(data)
     if sum(path.stat().st_size for path in corpus.files) == 0:
         raise GptMiniError(
-            f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files that contain text."
+            f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
     source_fingerprint = fingerprint(corpus.files)
     parent = cache_root(data) / corpus.name / tokenizer_id(tokenizer)
