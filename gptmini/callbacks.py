@@ -72,6 +72,7 @@ class Throughput(L.Callback):
             if self.last_mfu is not None:
                 metrics["perf/mfu"] = self.last_mfu
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+            pl_module.log("tok/s", self.last_tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
         self._start_window(pl_module)
 
     # Validation in the middle of training is not training time.
@@ -186,16 +187,18 @@ class TextSamples(L.Callback):
         was_training = model.training
         model.eval()
         try:
-            tokens = generate_tokens(
-                model,
-                torch.tensor(prompt_ids, device=device),
-                self.max_new_tokens,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                generator=generator,
-                eot_id=eot,
-            )
-            new_ids = [int(t) for t in tokens]
+            # A compiled model would recompile for every cache length; a short sample runs fine eagerly.
+            with torch.compiler.set_stance("force_eager"):
+                tokens = generate_tokens(
+                    model,
+                    torch.tensor(prompt_ids, device=device),
+                    self.max_new_tokens,
+                    temperature=self.temperature,
+                    top_k=self.top_k,
+                    generator=generator,
+                    eot_id=eot,
+                )
+                new_ids = [int(t) for t in tokens]
         finally:
             model.train(was_training)
         return self.tokenizer.decode([i for i in new_ids if i != eot])
@@ -261,6 +264,10 @@ class QuietRichProgressBar(RichProgressBar):
         self.metrics_every = max(1, metrics_every)
         self._cached: dict | None = None
         self._calls = 0
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Training is step-based on an endless stream of windows: epochs mean nothing here.
+        return "train"
 
     def get_metrics(self, trainer, pl_module):
         self._calls += 1

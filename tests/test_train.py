@@ -11,7 +11,7 @@ import torch
 from conftest import REPO_ROOT, compose_train
 from hydra.errors import ConfigCompositionException
 
-from gptmini.checkpoint import load_checkpoint
+from gptmini.checkpoint import load_checkpoint, read_checkpoint
 from gptmini.errors import GptMiniError
 from gptmini.lit import OptimConfig, lr_at
 from gptmini.training import train
@@ -209,3 +209,16 @@ out.mkdir(parents=True, exist_ok=True)
 cfg = compose_train(sys.argv[2:])
 train(cfg, out_dir=out, extra_callbacks=[Record(out)])
 """
+
+
+@pytest.mark.slow
+def test_compiled_training_saves_plain_keys_that_load_uncompiled(tmp_path, tiny_train_overrides):
+    cfg = compose_train(
+        tiny_train_overrides + ["compile=true", "trainer.max_steps=2", "sample.max_new_tokens=4"]
+    )
+    train(cfg, out_dir=tmp_path / "run")
+    state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not [key for key in state if "_orig_mod" in key]
+    loaded = load_checkpoint(tmp_path / "run")  # a plain, uncompiled GPT
+    logits, _ = loaded.model(torch.zeros(1, 4, dtype=torch.long))
+    assert torch.isfinite(logits).all()
