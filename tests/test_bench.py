@@ -1,0 +1,158 @@
+"""Benchmarks: each script runs in its smallest mode and ends with one JSON line; no timing assertions.
+
+Also the loss-only path the training benchmark measures (``GPT.loss``, a chunked LM head + cross-entropy):
+it must give the same loss and gradients as ``forward``.
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptmini.model import GPT, GPTConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*command: str, env: dict | None = None, timeout: int = 600) -> dict:
+    """Run a bench command from the repository root; return its last stdout line, parsed as JSON."""
+    proc = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+# ----- the chunked loss ------------------------------------------------------------------------------------
+
+
+def tiny_gpt(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, **overrides))
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 48, 1024])  # uneven chunks, exact, one chunk
+def test_chunked_loss_matches_forward_loss_and_gradients(chunk_rows):
+    model = tiny_gpt()
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 300, (3, 16), generator=gen)
+    targets = torch.randint(0, 300, (3, 16), generator=gen)
+    targets[0, :5] = -1  # ignored positions must not count, in the loss or in its mean
+
+    _, expected = model(idx, targets)
+    expected.backward()
+    loss = twin.loss(idx, targets, chunk_rows=chunk_rows)
+    loss.backward()
+
+    torch.testing.assert_close(loss, expected)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_chunked_loss_without_grad_and_under_bf16_autocast():
+    model = tiny_gpt()
+    idx = torch.randint(0, 300, (2, 16))
+    targets = torch.randint(0, 300, (2, 16))
+    _, expected = model(idx, targets)
+    with torch.no_grad():
+        torch.testing.assert_close(model.loss(idx, targets), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, expected_bf16 = model(idx, targets)
+        loss = model.loss(idx, targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected_bf16.float(), atol=2e-2, rtol=1e-2)
+    loss.backward()
+    assert model.wte.weight.grad.dtype == torch.float32
+
+
+# ----- the bench scripts ------------------------------------------------------------------------------------
+
+TRAIN_LOOP_KEYS = {
+    "ms_per_step_median",
+    "ms_per_step_mean",
+    "tokens_per_s",
+    "mfu",
+    "peak_mem_mb",
+    "first_step_s",
+}
+
+
+def check_train_summary(summary: dict, loops: tuple[str, ...] = ("plain", "lightning")) -> None:
+    assert summary["bench"] == "train"
+    assert {"mode", "steps", "warmup", "machine", "results"} <= set(summary)
+    for row in summary["results"]:
+        for loop in loops:
+            assert TRAIN_LOOP_KEYS <= set(row[loop]), row[loop]
+            assert row[loop]["tokens_per_s"] > 0
+        if set(loops) == {"plain", "lightning"}:
+            assert row["lightning_over_plain"] > 0
+
+
+@pytest.mark.slow
+def test_train_bench_smoke():
+    summary = run_script(sys.executable, "bench/train.py", "--smoke", "--threads", "1")
+    assert summary["mode"] == "smoke"
+    check_train_summary(summary)
+    assert summary["results"][0]["plain"]["mfu"] is None  # a CPU has no known peak: "n/a", never a guess
+
+
+@pytest.mark.slow
+def test_train_bench_chunked_loss_and_forced_sdpa_backend():
+    summary = run_script(
+        sys.executable, "bench/train.py", "--smoke", "--threads", "1", "--loss", "chunked",
+        "--sdpa-backend", "math",
+    )  # fmt: skip
+    assert summary["loss"] == "chunked" and summary["sdpa_backend"] == "math"
+    check_train_summary(summary)
+
+
+def test_attention_bench_smallest():
+    summary = run_script(
+        sys.executable, "bench/attention.py", "--small", "--device", "cpu", "--batch", "1", "--seq", "16",
+        "--embd", "32", "--heads", "2", "--warmup", "1", "--repeats", "1",
+    )  # fmt: skip
+    assert {"device", "dtype", "results"} <= set(summary)
+    assert all({"forward_ms", "forward_backward_ms"} <= set(r) for r in summary["results"].values())
+
+
+def test_generate_bench_smallest():
+    summary = run_script(
+        sys.executable, "bench/generate.py", "--device", "cpu", "--skip-gpt2", "--default-shape", "2", "2",
+        "32", "32", "128", "--new-tokens", "4", "--prompt-tokens", "2",
+    )  # fmt: skip
+    assert {"device", "new_tokens", "results"} <= set(summary)
+    assert {"cache_tok_s", "no_cache_tok_s", "speedup"} <= set(summary["results"][0])
+
+
+@pytest.mark.slow
+def test_gpu_script_small_mode(tmp_path):
+    """bench/gpu.sh --small: every bench it runs ends well, and the last line gathers their JSON."""
+    summary = run_script("bash", "bench/gpu.sh", "--small", env={"OUT": str(tmp_path)}, timeout=900)
+    assert summary["bench"] == "gpu" and summary["small"] is True
+    results = summary["results"]
+    assert {"attention", "train_gpt2", "train_sdpa_math", "train_chunked_loss", "generate"} <= set(results)
+    failed = {name: r for name, r in results.items() if "error" in r or "skipped" in r}
+    assert not failed, failed
+    check_train_summary(results["train_gpt2"])
+    check_train_summary(results["train_sdpa_math"], loops=("plain",))
+    assert json.loads((tmp_path / "summary.json").read_text())["results"].keys() == results.keys()
+
+
+@pytest.mark.slow
+def test_data_bench_smallest():
+    summary = run_script(sys.executable, "bench/data.py", "--big-mb", "0", "--skip-gpt2", "--repeats", "1")
+    assert summary["bench"] == "data"
+    assert summary["results"]
