@@ -84,6 +84,8 @@ class TrainConfig:
     ckpt_path: str | None = None
     init_from: str | None = None
     compile: bool = False
+    compile_mode: str | None = None
+    threads: int | None = None
     peak_flops: float | None = None
     throughput_every_n_steps: int = 50
     name: str = "default"

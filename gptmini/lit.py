@@ -75,6 +75,7 @@ class LitGPT(L.LightningModule):
         optim: ``OptimConfig`` fields as a dict.
         val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
         compile: compile the GPT in place with ``torch.compile`` (checkpoint keys do not change).
+        compile_mode: ``torch.compile`` mode (None = default, "max-autotune", "reduce-overhead").
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
         run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
     """
@@ -85,6 +86,7 @@ class LitGPT(L.LightningModule):
         optim: dict | None = None,
         val_bytes_per_token: float | None = None,
         compile: bool = False,
+        compile_mode: str | None = None,
         tokenizer_spec: dict | None = None,
         run_info: dict | None = None,
     ) -> None:
@@ -97,16 +99,19 @@ class LitGPT(L.LightningModule):
         self.tokenizer_spec = tokenizer_spec
         self.run_info = run_info or {}
         self._compile = compile
-        # Non-finite losses are detected on the device and checked only every few steps and before each
-        # checkpoint, so the training step never waits for the host (no .item() per step).
-        self.register_buffer("_first_bad_step", torch.tensor(-1, dtype=torch.long), persistent=False)
+        self._compile_mode = compile_mode
+        # Non-finite losses are detected on the device and checked only on logging steps and before each
+        # checkpoint, so the training step never waits for the host (no .item() per step). Both counters
+        # count micro-batches, so gradient accumulation needs no special case.
+        self.register_buffer("_batches_seen", torch.tensor(0, dtype=torch.long), persistent=False)
+        self.register_buffer("_first_bad_batch", torch.tensor(-1, dtype=torch.long), persistent=False)
 
     # ----- setup --------------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
         if self._compile and not getattr(self.model, "_compiled_in_place", False):
             # In place: parameters keep their names, so checkpoints carry no "_orig_mod." prefix.
-            self.model.compile()
+            self.model.compile(mode=self._compile_mode)
             self.model._compiled_in_place = True
 
     def configure_optimizers(self):
@@ -139,9 +144,11 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        _, loss = self.model(x, y)
+        loss = self.model.loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
         self._record_if_nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if self._is_log_step() or self.trainer.global_step + 1 >= self.trainer.max_steps:
+            # self.log costs a little on every call; Lightning only writes it out on logging steps anyway.
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -168,26 +175,36 @@ class LitGPT(L.LightningModule):
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        if self._is_log_step():
+        every = max(1, self.trainer.log_every_n_steps)
+        if self.trainer.global_step % every == 0:  # the step that was just logged
             self.raise_if_nonfinite()
 
     def _is_log_step(self) -> bool:
+        """Whether Lightning writes out the step now running (its rule: (global_step + 1) % n == 0)."""
         every = max(1, self.trainer.log_every_n_steps)
-        return self.trainer.global_step % every == 0
+        return (self.trainer.global_step + 1) % every == 0
 
     # ----- numerical faults ---------------------------------------------------------------------------------
 
+    def on_train_start(self) -> None:
+        self._batches_seen.fill_(self.trainer.global_step * self.trainer.accumulate_grad_batches)
+        # Restored here, after Lightning's own seeding, so dropout continues exactly where the run stopped.
+        states = getattr(self, "_rng_to_restore", None)
+        if states:
+            _restore_rng_states(states)
+            self._rng_to_restore = None
+
     def _record_if_nonfinite(self, loss: torch.Tensor) -> None:
-        bad_now = ~torch.isfinite(loss.detach())
-        first_seen = (self._first_bad_step < 0) & bad_now
-        step = torch.tensor(self.trainer.global_step, device=loss.device)
-        self._first_bad_step = torch.where(first_seen, step, self._first_bad_step)
+        first_bad_now = (self._first_bad_batch < 0) & ~torch.isfinite(loss.detach())
+        self._first_bad_batch.copy_(torch.where(first_bad_now, self._batches_seen, self._first_bad_batch))
+        self._batches_seen.add_(1)
 
     def raise_if_nonfinite(self) -> None:
         """Stop with a message naming the step and learning rate where the loss first went non-finite."""
-        bad_step = int(self._first_bad_step)
-        if bad_step < 0:
+        bad_batch = int(self._first_bad_batch)
+        if bad_batch < 0:
             return
+        bad_step = bad_batch // self.trainer.accumulate_grad_batches
         decay_steps = self.optim.decay_steps or self._max_steps()
         lr = lr_at(bad_step, self.optim, decay_steps)
         raise GptMiniError(
@@ -210,13 +227,6 @@ class LitGPT(L.LightningModule):
         if self.tokenizer_spec is None:
             self.tokenizer_spec = entry.get("tokenizer")
         self._rng_to_restore = entry.get("rng")
-
-    def on_train_start(self) -> None:
-        # Restored here, after Lightning's own seeding, so dropout continues exactly where the run stopped.
-        states = getattr(self, "_rng_to_restore", None)
-        if states:
-            _restore_rng_states(states)
-            self._rng_to_restore = None
 
 
 def _rng_states() -> dict:

@@ -171,6 +171,10 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     """
     run_dir = run_directory(out_dir)
     data_cfg, tok_cfg, optim_cfg = build_configs(cfg)
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise GptMiniError(f"threads={cfg.threads} must be >= 1 (or null for torch's default).")
+        torch.set_num_threads(cfg.threads)
     model_config_from(cfg, vocab_size=1)  # reject bad model values before spending time on data
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -184,6 +188,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         optim=asdict(optim_cfg),
         val_bytes_per_token=datamodule.bytes_per_token("val"),
         compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
         tokenizer_spec=datamodule.tokenizer_spec,
         run_info={"data": data_cfg.name, "tokenizer_name": tok_cfg.name, "name": cfg.name},
     )
