@@ -3,7 +3,8 @@
 - ``Throughput``: tokens/s and MFU, measured over windows of steps (one host sync per window, not per step).
 - ``LossHistory``: train/val loss against tokens seen, for the loss-curve PNG.
 - ``TextSamples``: a text sample at each validation, printed and written to ``samples.txt``.
-- ``GracefulInterrupt``: Ctrl-C / SIGTERM stop at the next step boundary; a second Ctrl-C exits at once.
+- ``GracefulInterrupt``: Ctrl-C / SIGTERM save a checkpoint at the next step boundary and stop; a second
+  Ctrl-C exits at once.
 - ``QuietRichProgressBar``: refreshes its metrics every few steps, so the bar does not sync every step.
 """
 
@@ -106,6 +107,7 @@ class LossHistory(L.Callback):
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         self.tokens_per_batch = 0
+        self.last_val_step: int | None = None
 
     def tokens_seen(self, trainer) -> int:
         """Tokens consumed so far by all ranks, derived from the step so it stays right after a resume."""
@@ -123,6 +125,7 @@ class LossHistory(L.Callback):
         val_loss = trainer.callback_metrics.get("val/loss")
         if val_loss is not None and not trainer.sanity_checking:
             self.val.append((self.tokens_seen(trainer), float(val_loss)))
+            self.last_val_step = trainer.global_step
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Write the loss curve (train and validation against tokens seen) as a PNG."""
@@ -218,39 +221,58 @@ class TextSamples(L.Callback):
             experiment.add_text("sample", self.prompt + text, trainer.global_step)
 
 
-class GracefulInterrupt(L.Callback):
-    """First Ctrl-C or SIGTERM: finish the current step, then stop so the run can save a checkpoint.
+class TrainingInterrupted(Exception):
+    """Raised at a step boundary after Ctrl-C or SIGTERM, once the checkpoint is safely written."""
 
-    A second Ctrl-C exits at once (status 130). ``received`` names the signal, for the caller to act on.
+
+class GracefulInterrupt(L.Callback):
+    """Ctrl-C or SIGTERM: finish the current step, write a resumable checkpoint, then leave the loop.
+
+    The signal only sets a flag; the checkpoint is written at the end of the next training step, so it
+    always holds a whole step (a signal during validation waits for it to end). ``TrainingInterrupted`` then
+    carries the signal's name to the caller. A second Ctrl-C exits at once (status 130). Put this callback
+    last, so every other callback has seen the step before the loop is left.
+
+    Args:
+        ckpt_file: where the checkpoint goes (the run's ``checkpoints/last.ckpt``, so resuming finds it).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ckpt_file: str | os.PathLike) -> None:
+        self.ckpt_file = Path(ckpt_file)
         self.received: str | None = None
         self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # Installed here, after Lightning's own handlers, which it restores when fit ends.
+        # Installed here, after Lightning's own handlers (which Lightning restores when fit ends).
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._make_handler(trainer))
+            signal.signal(sig, self.handle)
 
-    def _make_handler(self, trainer):
-        def handle(signum, frame):
-            if self.received is not None:
-                print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
-                os._exit(130)
-            self.received = signal.Signals(signum).name
-            trainer.should_stop = True
-            print(
-                f"\n{self.received} received: stopping after this step and saving a checkpoint "
-                "(press Ctrl-C again to exit at once).",
-                file=sys.stderr,
-                flush=True,
-            )
+    def handle(self, signum, frame) -> None:
+        if self.received is not None:
+            print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
+            os._exit(130)
+        self.received = signal.Signals(signum).name
+        print(
+            f"\n{self.received} received: stopping after this step and saving a checkpoint "
+            "(press Ctrl-C again to exit at once).",
+            file=sys.stderr,
+            flush=True,
+        )
 
-        return handle
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.received is None or trainer.fit_loop._should_accumulate():
+            return
+        trainer.save_checkpoint(self.ckpt_file)
+        raise TrainingInterrupted(self.received)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

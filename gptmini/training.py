@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.callbacks import GracefulInterrupt, LossHistory, TextSamples, Throughput
+from gptmini.callbacks import GracefulInterrupt, LossHistory, TextSamples, Throughput, TrainingInterrupted
 from gptmini.checkpoint import (
     atomic_torch_save,
     check_weights_fit,
@@ -36,10 +36,6 @@ from gptmini.errors import GptMiniError
 from gptmini.lit import LitGPT, OptimConfig
 from gptmini.model import GPT, PRESETS, GPTConfig
 from gptmini.tokenizer import TokenizerConfig
-
-
-class TrainingInterrupted(Exception):
-    """Raised at a step boundary after Ctrl-C or SIGTERM, once the checkpoint is safely written."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -63,18 +59,14 @@ class StopAtMaxSteps(L.Callback):
             trainer.should_stop = True
 
 
-class SaveOnInterrupt(L.Callback):
-    """After Ctrl-C/SIGTERM: write last.ckpt at the end of the current step, then leave the loop."""
+class LastSavedStep(L.Callback):
+    """Remembers the step of the newest checkpoint written, so train() can tell whether one is missing."""
 
-    def __init__(self, interrupt: GracefulInterrupt, ckpt_file: Path) -> None:
-        self.interrupt = interrupt
-        self.ckpt_file = ckpt_file
+    def __init__(self) -> None:
+        self.step: int | None = None
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.interrupt.received is None or trainer.fit_loop._should_accumulate():
-            return
-        trainer.save_checkpoint(self.ckpt_file)
-        raise TrainingInterrupted(self.interrupt.received)
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.step = trainer.global_step
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,17 +193,17 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         _check_resumable(ckpt_path, model_config)
 
     ckpt_dir = run_dir / "checkpoints"
-    interrupt, history = GracefulInterrupt(), LossHistory()
+    interrupt, history, saved = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory(), LastSavedStep()
     throughput = Throughput(cfg.throughput_every_n_steps, cfg.peak_flops)
     samples = TextSamples(datamodule.tokenizer, run_dir, seed=cfg.seed, **cfg.sample)
     callbacks = build_callbacks(cfg, run_dir) + [
         throughput,
         history,
         samples,
-        interrupt,
         StopAtMaxSteps(),
+        saved,
         *(extra_callbacks or []),
-        SaveOnInterrupt(interrupt, ckpt_dir / "last.ckpt"),  # last: every other callback has seen the step
+        interrupt,  # last: every other callback has seen the step before it saves and leaves the loop
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["precision"] = resolve_precision(trainer_args["precision"])
@@ -235,6 +227,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         _print_resume_hint(run_dir, trainer.global_step, str(stop))
         raise SystemExit(130) from None
     wall_s = time.perf_counter() - started
+    _finish(trainer, lit, datamodule, history, saved, ckpt_dir / "last.ckpt")
 
     summary = _summary(trainer, lit, throughput, history, ckpt_dir, wall_s, datamodule)
     if trainer.is_global_zero:
@@ -242,6 +235,18 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_closing_lines(summary, samples.last_sample)
     return summary
+
+
+def _finish(trainer, lit, datamodule, history, saved: LastSavedStep, last_ckpt: Path) -> None:
+    """Make sure the run ends with a checkpoint and a validation of its final weights.
+
+    StopAtMaxSteps asks Lightning for both on the last step, but Lightning skips that validation in some
+    resumed runs (when the resumed checkpoint was written just before a due validation), so check.
+    """
+    if saved.step != trainer.global_step:
+        trainer.save_checkpoint(last_ckpt)
+    if history.last_val_step != trainer.global_step:
+        trainer.validate(lit, datamodule=datamodule, verbose=False)
 
 
 def _check_resumable(ckpt_path: str, model_config: GPTConfig) -> None:

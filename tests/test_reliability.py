@@ -91,19 +91,32 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(
         assert torch.equal(tensor, resumed[name]), name
 
 
-def test_second_interrupt_exits_at_once(monkeypatch):
+def test_second_interrupt_exits_at_once(monkeypatch, tmp_path):
     exits = []
     monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
-
-    class FakeTrainer:
-        should_stop = False
-
-    interrupt, trainer = GracefulInterrupt(), FakeTrainer()
-    handler = interrupt._make_handler(trainer)
-    handler(signal.SIGINT, None)
-    assert interrupt.received == "SIGINT" and trainer.should_stop and not exits
-    handler(signal.SIGINT, None)
+    interrupt = GracefulInterrupt(tmp_path / "last.ckpt")
+    interrupt.handle(signal.SIGINT, None)
+    assert interrupt.received == "SIGINT" and not exits
+    interrupt.handle(signal.SIGINT, None)
     assert exits == [130]
+
+
+def test_signal_during_validation_stops_after_the_next_step(tmp_path, tiny_train_overrides):
+    """A signal that lands while validation runs is not lost: the next training step saves and stops."""
+
+    class SignalDuringValidation(L.Callback):
+        sent = False
+
+        def on_validation_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == 6 and not self.sent:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+
+    overrides = tiny_train_overrides + ["trainer.max_steps=20", "trainer.val_check_interval=6"]
+    with pytest.raises(SystemExit) as stop:
+        train(compose_train(overrides), out_dir=tmp_path / "run", extra_callbacks=[SignalDuringValidation()])
+    assert stop.value.code == 130
+    assert read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == 7
 
 
 @pytest.mark.slow
@@ -147,9 +160,8 @@ def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (
-        read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == saved_step + 2
-    )
+    resumed_step = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"]
+    assert resumed_step == saved_step + 2, result.stderr[-3000:]
 
 
 def test_nan_loss_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_path, tiny_train_overrides):
@@ -181,7 +193,7 @@ def test_missing_checkpoint_is_reported(tmp_path, tiny_train_overrides, option):
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "payload": GracefulInterrupt()}, path)  # an arbitrary object
+    torch.save({"state_dict": {}, "payload": RecordLosses()}, path)  # an arbitrary pickled object
     with pytest.raises(GptMiniError, match="cannot read checkpoint"):
         read_checkpoint(path)
 
@@ -244,3 +256,21 @@ def test_run_directory_without_a_checkpoint_is_reported(tmp_path, tiny_train_ove
         GptMiniError, match="no checkpoint in run directory .*empty_run: expected checkpoints/last.ckpt"
     ):
         train(cfg, out_dir=tmp_path / "run")
+
+
+def test_resumed_run_ends_with_a_final_checkpoint_and_validation(tmp_path, tiny_train_overrides):
+    """Saved right before a due validation, then resumed: Lightning skips that validation; we must not."""
+    overrides = tiny_train_overrides + ["trainer.val_check_interval=6", "sample.max_new_tokens=0"]
+    with pytest.raises(SystemExit):
+        train(
+            compose_train(overrides + ["trainer.max_steps=100"]),
+            out_dir=tmp_path / "a",
+            extra_callbacks=[SignalAtStep(5)],
+        )
+    for extra in (1, 2, 3):
+        cfg = compose_train(overrides + [f"trainer.max_steps={6 + extra}", f"ckpt_path={tmp_path / 'a'}"])
+        history = RecordLosses()
+        summary = train(cfg, out_dir=tmp_path / f"b{extra}", extra_callbacks=[history])
+        last = read_checkpoint(tmp_path / f"b{extra}" / "checkpoints" / "last.ckpt")
+        assert last["global_step"] == summary["steps"] == 6 + extra
+        assert summary["val_loss"] is not None
