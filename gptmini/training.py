@@ -11,6 +11,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     ckpt_path = str(resolve_checkpoint(cfg.ckpt_path)) if cfg.ckpt_path else None
     if ckpt_path:
         _check_resumable(ckpt_path, model_config)
+        # A resumed run writes into its own new run directory by design; Lightning warns about that.
+        warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
     ckpt_dir = run_dir / "checkpoints"
     interrupt, history, saved = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory(), LastSavedStep()
