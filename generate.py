@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptmini.errors import GptMiniError
-from gptmini.generation import generate, register_config
+from gptmini.generation import generate, quote_prompt_argument, register_config
 
 register_config()  # before @hydra.main composes: the schema checks every key
 
@@ -28,4 +28,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = quote_prompt_argument(sys.argv)  # prompt="def main(" works as typed in the shell
     main()

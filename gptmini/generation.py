@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,27 @@ def resolve_device(name: str) -> torch.device:
     if not available[name]:
         raise GptMiniError(f"device={name} is not available on this machine; use device=auto or device=cpu.")
     return torch.device(name)
+
+
+def quote_prompt_argument(argv: list[str]) -> list[str]:
+    """Quote a raw ``prompt=...`` command-line argument for Hydra's override grammar.
+
+    Hydra rejects unquoted values with brackets, commas, colons and such (``prompt=def main(`` is a
+    parse error), and OmegaConf would resolve ``${...}`` in a prompt. A prompt value that is not already
+    quoted is wrapped in single quotes with the few escapes the two grammars need, so it arrives as typed.
+    """
+    return [_quote_prompt(arg) for arg in argv]
+
+
+def _quote_prompt(arg: str) -> str:
+    key, sep, value = arg.partition("=")
+    if key != "prompt" or not sep or not value or value[0] in "'\"":
+        return arg
+    # OmegaConf: "\${" is a literal "${" (backslashes before it are doubled to stay literal too).
+    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    # Hydra quoted strings: backslashes are escapes only before a quote or at the end.
+    value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+    return f"prompt='{value}'"
 
 
 def read_prompt(prompt: str) -> str:

@@ -321,3 +321,32 @@ def test_cli_bad_option_exits_2_without_traceback(ckpt, tmp_path):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
     assert result.stderr.startswith("error: temperature")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "def main(",
+        "it's a, b: [c] {d}",
+        "a\\b",
+        "end\\",
+        "a\\'b",
+        "${oc.env:HOME}",
+        "\\${x}",
+        "k=v",
+        "日本 😀",
+    ],
+)
+def test_prompt_argument_arrives_exactly_as_typed(prompt):
+    """The shell's prompt="def main(" must not trip Hydra's override grammar or OmegaConf's interpolation."""
+    from gptmini.generation import quote_prompt_argument, register_config
+
+    register_config()
+    (override,) = quote_prompt_argument([f"prompt={prompt}"])
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=[override])
+    assert cfg.prompt == prompt
+    assert quote_prompt_argument(["prompt='already quoted'", "ckpt=x"]) == [
+        "prompt='already quoted'",
+        "ckpt=x",
+    ]
