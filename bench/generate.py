@@ -2,7 +2,7 @@
 
     python bench/generate.py                      # default shape and GPT-2 small, on the best device
     python bench/generate.py --device cpu --skip-gpt2
-    python bench/generate.py --default-shape 4 4 256 256 4096   # n_layer n_head n_embd block_size vocab
+    python bench/generate.py --default-shape 4 4 128 128 4096   # n_layer n_head n_embd block_size vocab
 
 Prints a table, then one JSON line with every figure. Targets at 256 new tokens: the cache at least 5x
 faster for GPT-2 small and 3x for the default shape.
@@ -35,9 +35,9 @@ def parse_args() -> argparse.Namespace:
         "--default-shape",
         nargs=5,
         type=int,
-        default=[4, 4, 256, 256, 4096],
+        default=[4, 4, 128, 128, 4096],  # configs/model/tiny.yaml with the 4096-token BPE
         metavar=("N_LAYER", "N_HEAD", "N_EMBD", "BLOCK", "VOCAB"),
-        help="the default model's shape (default: 4 4 256 256 4096)",
+        help="the default model's shape (default: 4 4 128 128 4096)",
     )
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length")
