@@ -100,6 +100,7 @@ class LitGPT(L.LightningModule):
         self.run_info = run_info or {}
         self._compile = compile
         self._compile_mode = compile_mode
+        self._train_loss = self.model.loss  # the chunked LM-head loss; compiled in configure_model
         # Non-finite losses are detected on the device and checked only on logging steps and before each
         # checkpoint, so the training step never waits for the host (no .item() per step). Both counters
         # count micro-batches, so gradient accumulation needs no special case.
@@ -111,7 +112,9 @@ class LitGPT(L.LightningModule):
     def configure_model(self) -> None:
         if self._compile and not getattr(self.model, "_compiled_in_place", False):
             # In place: parameters keep their names, so checkpoints carry no "_orig_mod." prefix.
+            # Module.compile covers forward (validation); the training step's loss is its own method.
             self.model.compile(mode=self._compile_mode)
+            self._train_loss = torch.compile(self.model.loss, mode=self._compile_mode)
             self.model._compiled_in_place = True
 
     def configure_optimizers(self):
@@ -144,7 +147,7 @@ class LitGPT(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self.model.loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
+        loss = self._train_loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
         self._record_if_nonfinite(loss)
         if self._is_log_step() or self.trainer.global_step + 1 >= self.trainer.max_steps:
             # self.log costs a little on every call; Lightning only writes it out on logging steps anyway.

@@ -216,7 +216,20 @@ def test_compiled_training_saves_plain_keys_that_load_uncompiled(tmp_path, tiny_
     cfg = compose_train(
         tiny_train_overrides + ["compile=true", "trainer.max_steps=2", "sample.max_new_tokens=4"]
     )
-    train(cfg, out_dir=tmp_path / "run")
+    import lightning as L
+    from torch._dynamo.utils import counters
+
+    class GraphsAfterFirstStep(L.Callback):
+        graphs = None
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if self.graphs is None:  # before any validation: only the training step can have compiled
+                self.graphs = counters["stats"]["unique_graphs"]
+
+    counters.clear()
+    probe = GraphsAfterFirstStep()
+    train(cfg, out_dir=tmp_path / "run", extra_callbacks=[probe])
+    assert probe.graphs >= 1, "the training step ran uncompiled"
     state = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
     assert not [key for key in state if "_orig_mod" in key]
     loaded = load_checkpoint(tmp_path / "run")  # a plain, uncompiled GPT
