@@ -119,7 +119,8 @@ class LossHistory(L.Callback):
         every = max(1, trainer.log_every_n_steps)
         if trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate():
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.train.append((self.tokens_seen(trainer), float(loss)))
+            # Lightning hands back the loss divided by the accumulation factor (what backward saw).
+            self.train.append((self.tokens_seen(trainer), float(loss) * trainer.accumulate_grad_batches))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         val_loss = trainer.callback_metrics.get("val/loss")

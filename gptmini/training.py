@@ -36,6 +36,7 @@ from gptmini.data import DataConfig, TextDataModule
 from gptmini.errors import GptMiniError
 from gptmini.lit import LitGPT, OptimConfig
 from gptmini.model import GPT, PRESETS, GPTConfig
+from gptmini.sampling import validate_sampling_options
 from gptmini.tokenizer import TokenizerConfig
 
 
@@ -101,11 +102,26 @@ def model_config_from(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     return GPTConfig(**values)
 
 
-def resolve_precision(precision: Any) -> Any:
+def check_sample_options(sample: DictConfig) -> None:
+    """The validation-time samples use generate.py's sampler: the same limits, checked before training."""
+    try:
+        validate_sampling_options(
+            temperature=sample.temperature,
+            top_k=sample.top_k,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            max_new_tokens=sample.max_new_tokens,
+        )
+    except GptMiniError as error:
+        raise GptMiniError(f"sample.{error}") from None
+
+
+def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
     """``auto`` = bf16-mixed on a GPU that supports bf16, else full fp32. Decided here, not at import."""
     if precision != "auto":
         return precision
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    if on_cuda and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
 
@@ -169,6 +185,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
             raise GptMiniError(f"threads={cfg.threads} must be >= 1 (or null for torch's default).")
         torch.set_num_threads(cfg.threads)
     model_config_from(cfg, vocab_size=1)  # reject bad model values before spending time on data
+    check_sample_options(cfg.sample)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = TextDataModule(data_cfg, tok_cfg, block_size=cfg.model.block_size, seed=cfg.seed)
@@ -209,7 +226,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         interrupt,  # last: every other callback has seen the step before it saves and leaves the loop
     ]
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args["precision"] = resolve_precision(trainer_args["precision"])
+    trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
     trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
     trainer = L.Trainer(
         **trainer_args,

@@ -114,12 +114,34 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error):
         ("data.batch_size=0", "batch_size"),
         ("tokenizer.vocab_size=100", "vocab_size"),
         ("model.attention=flash9", "attention"),
+        ("sample.top_k=0", "sample.top_k must be >= 1"),
+        ("sample.temperature=-1", "sample.temperature must be >= 0"),
+        ("sample.max_new_tokens=-3", "sample.max_new_tokens must be >= 0"),
+        ("threads=0", "threads=0 must be >= 1"),
     ],
 )
 def test_nonsensical_values_raise_clear_errors(tmp_path, tiny_train_overrides, override, message):
     cfg = compose_train(tiny_train_overrides + [override])
     with pytest.raises(GptMiniError, match=message):
         train(cfg, out_dir=tmp_path / "run")
+
+
+def test_precision_auto_is_full_precision_on_the_cpu():
+    from gptmini.training import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice is kept
+
+
+def test_loss_curve_shows_the_real_loss_under_gradient_accumulation(tmp_path, tiny_train_overrides):
+    from gptmini.callbacks import LossHistory
+
+    history = LossHistory()
+    overrides = tiny_train_overrides + ["trainer.accumulate_grad_batches=4", "trainer.max_steps=4"]
+    summary = train(compose_train(overrides), out_dir=tmp_path / "run", extra_callbacks=[history])
+    last_logged = history.train[-1][1]
+    assert last_logged == pytest.approx(summary["train_loss"], rel=1e-5)
+    assert last_logged > 3.0  # not divided by the accumulation factor
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
