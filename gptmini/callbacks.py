@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.perf import mfu, peak_flops
 
@@ -210,6 +211,8 @@ class TextSamples(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens == 0:
             return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            return  # rank 0 holds only a shard of each weight: no sample without gathering them all
         text = self.sample(pl_module.model, pl_module.device)
         self.last_sample = text
         header = f"----- sample at step {trainer.global_step} -----"
@@ -262,10 +265,18 @@ class GracefulInterrupt(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.received is None or trainer.fit_loop._should_accumulate():
+        if trainer.fit_loop._should_accumulate():
             return
-        trainer.save_checkpoint(self.ckpt_file)
-        raise TrainingInterrupted(self.received)
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            # Ranks may get the signal a step apart; all must stop at the same step (saving is collective).
+            # Agreeing costs a collective, so ranks compare notes only on logging steps.
+            if trainer.global_step % max(1, trainer.log_every_n_steps):
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            trainer.save_checkpoint(self.ckpt_file)
+            raise TrainingInterrupted(self.received or "signal on another rank")
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

@@ -119,14 +119,19 @@ def _uncompiled(model: torch.nn.Module) -> torch.nn.Module:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """``torch.load(weights_only=True)`` with a clear error for a missing, truncated or foreign file."""
+def read_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict:
+    """``torch.load(weights_only=True)`` with a clear error for a missing, truncated or foreign file.
+
+    ``mmap=True`` maps the tensors instead of reading them: for a look at a large file's contents.
+    """
     path = Path(path)
     if not path.is_file():
         raise GptMiniError(f"checkpoint not found: {path}")
     size = path.stat().st_size
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for damaged files; all mean "unreadable"
         # torch's own messages run long; the first sentence says what failed.
         reason = str(exc).strip().split(". ")[0] if str(exc).strip() else type(exc).__name__

@@ -660,13 +660,15 @@ class TextDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize once (Lightning calls this on one process per node)."""
-        prepare_cache(self.data_config, self.tokenizer_config)
+        # Checking an existing cache hashes the whole corpus: once per process is enough.
+        if self.cache_dir is None:
+            self.cache_dir = prepare_cache(self.data_config, self.tokenizer_config)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cache (preparing it if this process has not): cheap when it exists."""
         if self.meta is not None:
             return
-        self.cache_dir = prepare_cache(self.data_config, self.tokenizer_config)
+        self.prepare_data()
         self.meta = read_meta(self.cache_dir)
         self.tokenizer = load_cached_tokenizer(self.cache_dir, self.meta)
         self.tokenizer_spec = tokenizer_to_spec(self.tokenizer)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.checkpoint import GPTMINI_KEY, gptmini_entry
 from gptmini.errors import GptMiniError
@@ -172,7 +173,8 @@ class LitGPT(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm costs one reduction; compute it only on steps that get logged.
-        if self._is_log_step():
+        # Under FSDP each rank holds a shard of every gradient: a local norm would be wrong, so none.
+        if self._is_log_step() and not isinstance(self.trainer.strategy, FSDPStrategy):
             norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
@@ -204,7 +206,11 @@ class LitGPT(L.LightningModule):
 
     def raise_if_nonfinite(self) -> None:
         """Stop with a message naming the step and learning rate where the loss first went non-finite."""
-        bad_batch = int(self._first_bad_batch)
+        first_bad = self._first_bad_batch
+        if self.trainer.world_size > 1:
+            # Every rank must decide alike, or the ones that carry on wait forever for the others.
+            first_bad = self.trainer.strategy.reduce(first_bad.clone(), reduce_op="max")
+        bad_batch = int(first_bad)
         if bad_batch < 0:
             return
         bad_step = bad_batch // self.trainer.accumulate_grad_batches

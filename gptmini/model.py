@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from gptmini.attention import ATTENTION_CLASSES, KVCache, LayerKVCache
 from gptmini.errors import GptMiniError
+from gptmini.loss import ChunkedLMHeadLoss
 
 # Named model shapes. GPT-2's four published sizes, then small ones that train in minutes on a laptop CPU.
 PRESETS: dict[str, dict] = {
@@ -124,55 +125,6 @@ class TransformerBlock(nn.Module):
         return x
 
 
-class ChunkedLMHeadLoss(torch.autograd.Function):
-    """Mean cross-entropy of ``x @ weight.T`` without ever holding the full (N, V) logits.
-
-    With GPT-2's 50k vocabulary the logits of a 32 x 1024 batch take 6.6 GB in fp32, and the standard path
-    keeps several such tensors alive (logits, their fp32 copy, log-softmax for backward). Here the rows go
-    through in chunks: each chunk's logits are made, reduced to its loss, turned into their gradient
-    (softmax - one_hot) and multiplied back into the gradients of ``x`` and ``weight`` right away, in the
-    forward pass. Backward then only scales the two stored gradients. Same FLOPs as the standard path.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int) -> Tensor:
-        """x (N, C), weight (V, C), targets (N,) with -1 = ignore; returns the mean loss over kept rows."""
-        device = x.device.type
-        # Under autocast do the matmuls in its dtype (as nn.Linear would) and the softmax in fp32.
-        autocast = torch.is_autocast_enabled(device)
-        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        with torch.autocast(device, enabled=False):
-            xs, w = x.to(dtype), weight.to(dtype)
-            keep = targets != -1  # (N,)
-            safe_targets = targets.clamp(min=0)  # -1 would be an invalid index; those rows are masked
-            total = torch.zeros((), device=x.device, dtype=torch.float32)
-            grad_x = torch.empty_like(xs) if need_grad else None  # (N, C)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None  # (V, C)
-            for start in range(0, x.size(0), chunk_rows):
-                rows = slice(start, start + chunk_rows)
-                x_c, t_c, keep_c = xs[rows], safe_targets[rows, None], keep[rows, None]  # (n, C), (n, 1)
-                logits = (x_c @ w.t()).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-                total += ((lse - logits.gather(1, t_c)) * keep_c).sum()
-                if need_grad:
-                    grad = logits.sub_(lse).exp_()  # softmax, in place: (n, V)
-                    grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0))  # softmax - one_hot
-                    grad = grad.mul_(keep_c).to(dtype)
-                    grad_x[rows] = grad @ w  # (n, C)
-                    grad_w.add_(grad.t() @ x_c)  # (V, C), accumulated in fp32
-            count = keep.sum().clamp(min=1)  # a tensor: no host sync
-        ctx.save_for_backward(grad_x, grad_w, count)
-        ctx.x_dtype = x.dtype
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        grad_x, grad_w, count = ctx.saved_tensors
-        scale = grad_out / count  # the gradients above are of the summed loss
-        return (grad_x * scale).to(ctx.x_dtype), grad_w * scale, None, None
-
-
 class GPT(nn.Module):
     """A GPT-2 style decoder-only language model."""
 
@@ -259,6 +211,15 @@ class GPT(nn.Module):
             loss = F.cross_entropy(flat_logits, targets.view(-1), ignore_index=-1)
         return logits[..., : self.config.vocab_size], loss  # a view: (B, T, V)
 
+    def next_token_logits(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """Logits for the token after the last position only: (B, T) to (B, vocab_size).
+
+        What generation needs: the LM head runs on one position instead of T (a 1024-token GPT-2 prompt
+        would otherwise make a 1024 x 50k logits tensor to keep one row of it).
+        """
+        x = self._hidden(idx, kv_cache)[:, -1, :]  # (B, C)
+        return self.lm_head(x)[:, : self.config.vocab_size]  # (B, V)
+
     def loss(self, idx: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
         """The training loss alone, as ``forward(idx, targets)[1]``, without materialising the logits.
 
@@ -267,7 +228,9 @@ class GPT(nn.Module):
         """
         x = self._hidden(idx, None)  # (B, T, C)
         flat = x.view(-1, x.size(-1))  # (B·T, C)
-        return ChunkedLMHeadLoss.apply(flat, self.lm_head.weight, targets.reshape(-1), chunk_rows)
+        # Inside an autograd.Function grad mode is always off, so whether gradients are wanted is passed in.
+        grads = torch.is_grad_enabled()
+        return ChunkedLMHeadLoss.apply(flat, self.lm_head.weight, targets.reshape(-1), chunk_rows, grads)
 
     def new_kv_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

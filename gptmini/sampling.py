@@ -184,5 +184,4 @@ def generate_tokens(
 
 def _last_logits(model: torch.nn.Module, idx: torch.Tensor, cache) -> torch.Tensor:
     """The logits (B, V) that predict the token after ``idx``."""
-    logits, _ = model(idx, kv_cache=cache) if cache is not None else model(idx)
-    return logits[:, -1, :]
+    return model.next_token_logits(idx, kv_cache=cache)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptmini.callbacks import GracefulInterrupt, LossHistory, TextSamples, Throughput, TrainingInterrupted
 from gptmini.checkpoint import (
+    GPTMINI_KEY,
     atomic_torch_save,
     check_weights_fit,
     load_weights,
@@ -208,7 +209,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
 
     ckpt_path = str(resolve_checkpoint(cfg.ckpt_path)) if cfg.ckpt_path else None
     if ckpt_path:
-        _check_resumable(ckpt_path, model_config)
+        _check_resumable(ckpt_path, model_config, datamodule.tokenizer_spec)
         # A resumed run writes into its own new run directory by design; Lightning warns about that.
         warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
@@ -269,12 +270,20 @@ def _finish(trainer, lit, datamodule, history, saved: LastSavedStep, last_ckpt: 
         trainer.validate(lit, datamodule=datamodule, verbose=False)
 
 
-def _check_resumable(ckpt_path: str, model_config: GPTConfig) -> None:
-    """Fail before training starts if the checkpoint cannot be read or is of another model shape."""
-    checkpoint = read_checkpoint(ckpt_path)
+def _check_resumable(ckpt_path: str, model_config: GPTConfig, tokenizer_spec: dict) -> None:
+    """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer."""
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(model_config)
     check_weights_fit(model, model_state_dict(checkpoint), source=ckpt_path)
+    saved_spec = checkpoint.get(GPTMINI_KEY, {}).get("tokenizer")
+    if saved_spec and saved_spec != tokenizer_spec:
+        raise GptMiniError(
+            f"{ckpt_path} was trained with another tokenizer than this run's "
+            f"({saved_spec.get('name')!r} vs {tokenizer_spec.get('name')!r}, or the same kind trained on "
+            "other text): its token ids would mean other things. Resume with the run's data and tokenizer "
+            "settings."
+        )
 
 
 def _summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: float, datamodule) -> dict:

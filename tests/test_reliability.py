@@ -274,3 +274,14 @@ def test_resumed_run_ends_with_a_final_checkpoint_and_validation(tmp_path, tiny_
         last = read_checkpoint(tmp_path / f"b{extra}" / "checkpoints" / "last.ckpt")
         assert last["global_step"] == summary["steps"] == 6 + extra
         assert summary["val_loss"] is not None
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_train_overrides):
+    """Same vocabulary size, other text: the shapes fit, but the token ids would mean other things."""
+    train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
+    other_corpus = tmp_path / "other.txt"
+    other_corpus.write_text("".join(f"line {i}: zebra quokka {i * 7919 % 1000}\n" for i in range(4000)))
+    overrides = [o for o in tiny_train_overrides if not o.startswith("data.path")]
+    cfg = compose_train(overrides + [f"data.path={other_corpus}", f"ckpt_path={tmp_path / 'a'}"])
+    with pytest.raises(GptMiniError, match="trained with another tokenizer"):
+        train(cfg, out_dir=tmp_path / "b")
