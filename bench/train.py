@@ -192,8 +192,13 @@ def run_plain(cfg, model_config, optim_cfg, precision: str, device: torch.device
     from gptmini.model import GPT
 
     model = GPT(model_config).to(device)
+    # The same loss path as LitGPT's training step (chunked), or forward()'s full logits for comparison.
+    loss_fn = model.loss if args.loss == "chunked" else (lambda x, y: model(x, y)[1])
     if cfg.compile:
-        model.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
+        mode = None if args.compile_mode == "default" else args.compile_mode
+        model.compile(mode=mode)  # forward
+        if args.loss == "chunked":
+            loss_fn = torch.compile(model.loss, mode=mode)  # as LitGPT.configure_model does
     optimizer = torch.optim.AdamW(
         model.configure_optimizer_groups(optim_cfg.weight_decay),
         lr=optim_cfg.lr,
@@ -223,7 +228,7 @@ def run_plain(cfg, model_config, optim_cfg, precision: str, device: torch.device
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
-            loss = model.loss(x, y) if args.loss == "chunked" else model(x, y)[1]
+            loss = loss_fn(x, y)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -240,13 +245,11 @@ def run_lightning(cfg, model_config, optim_cfg, precision: str, device: torch.de
     """LitGPT under a Trainer built as gptmini.training.train builds it (validation off, random batches)."""
     from gptmini.lit import LitGPT
 
-    lit_class = LitGPT
-    if args.loss == "chunked":
-        lit_class = ChunkedLossLitGPT
-    lit = lit_class(model_config=asdict(model_config), optim=asdict(optim_cfg), compile=cfg.compile)
-    if cfg.compile and args.compile_mode != "default":
-        lit.model.compile(mode=args.compile_mode)  # LitGPT.configure_model then leaves it as it is
-        lit.model._compiled_in_place = True
+    lit_class = LitGPT if args.loss == "chunked" else StandardLossLitGPT
+    mode = None if args.compile_mode == "default" else args.compile_mode
+    lit = lit_class(
+        model_config=asdict(model_config), optim=asdict(optim_cfg), compile=cfg.compile, compile_mode=mode
+    )
 
     clock = StepClock(device)
     with tempfile.TemporaryDirectory(prefix="gptmini-bench-") as tmp:
@@ -287,15 +290,12 @@ def _lit_classes():
 
     from gptmini.lit import LitGPT
 
-    class ChunkedLoss(LitGPT):
-        """LitGPT with the loss-only path (``GPT.loss``): the change proposed for lit.py, to measure it."""
+    class StandardLoss(LitGPT):
+        """LitGPT with forward()'s loss (full logits) instead of its chunked one, to compare the two."""
 
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            loss = self.model.loss(x, y)
-            self._record_if_nonfinite(loss)
-            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-            return loss
+        def configure_model(self) -> None:
+            super().configure_model()  # compiles forward when asked; forward is what this loss calls
+            self._train_loss = lambda x, y: self.model(x, y)[1]
 
     class Clock(L.Callback):
         def __init__(self, clock: StepClock) -> None:
@@ -307,10 +307,10 @@ def _lit_classes():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.clock.stamp()
 
-    return ChunkedLoss, Clock
+    return StandardLoss, Clock
 
 
-def ChunkedLossLitGPT(**kwargs):  # noqa: N802 - stands for the class
+def StandardLossLitGPT(**kwargs):  # noqa: N802 - stands for the class
     return _lit_classes()[0](**kwargs)
 
 
@@ -493,9 +493,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--loss",
-        default="standard",
+        default="chunked",
         choices=["standard", "chunked"],
-        help="chunked: GPT.loss (chunked LM head + cross-entropy) instead of forward()",
+        help="chunked: GPT.loss, as train.py's step (default); standard: forward()'s full logits",
     )
     parser.add_argument("--loops", default="plain,lightning", help="which loops to run (comma-separated)")
     parser.add_argument("--progress-bar", action="store_true", help="keep the Rich progress bar (Lightning)")

@@ -110,12 +110,12 @@ def test_train_bench_smoke():
 
 
 @pytest.mark.slow
-def test_train_bench_chunked_loss_and_forced_sdpa_backend():
+def test_train_bench_standard_loss_and_forced_sdpa_backend():
     summary = run_script(
-        sys.executable, "bench/train.py", "--smoke", "--threads", "1", "--loss", "chunked",
+        sys.executable, "bench/train.py", "--smoke", "--threads", "1", "--loss", "standard",
         "--sdpa-backend", "math",
     )  # fmt: skip
-    assert summary["loss"] == "chunked" and summary["sdpa_backend"] == "math"
+    assert summary["loss"] == "standard" and summary["sdpa_backend"] == "math"
     check_train_summary(summary)
 
 
@@ -143,7 +143,7 @@ def test_gpu_script_small_mode(tmp_path):
     summary = run_script("bash", "bench/gpu.sh", "--small", env={"OUT": str(tmp_path)}, timeout=900)
     assert summary["bench"] == "gpu" and summary["small"] is True
     results = summary["results"]
-    assert {"attention", "train_gpt2", "train_sdpa_math", "train_chunked_loss", "generate"} <= set(results)
+    assert {"attention", "train_gpt2", "train_sdpa_math", "train_standard_loss", "generate"} <= set(results)
     failed = {name: r for name, r in results.items() if "error" in r or "skipped" in r}
     assert not failed, failed
     check_train_summary(results["train_gpt2"])
