@@ -57,7 +57,7 @@ def setting(name: str, overrides: list[str], **extra) -> dict:
 
 def cpu_default_settings() -> list[dict]:
     # configs/model/tiny.yaml and configs/data/pystdlib.yaml as they are; the BPE's 4096 tokens.
-    return [setting("default tiny, B=32 T=128", ["model.vocab_size=4096"])]
+    return [setting("default tiny, B=40 T=128 (train.yaml)", ["model.vocab_size=4096"])]
 
 
 def nanogpt_cpu_settings() -> list[dict]:
