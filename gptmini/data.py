@@ -535,8 +535,22 @@ def prepare_cache(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
 
 
 def read_meta(folder: Path) -> dict:
-    """The meta.json of a prepared cache folder."""
-    return json.loads((Path(folder) / "meta.json").read_text(encoding="utf-8"))
+    """The meta.json of a prepared cache folder, after checking the token files match it."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        for split in ("train", "val"):
+            size = (folder / f"{split}.bin").stat().st_size
+            if size != meta[f"{split}_tokens"] * itemsize:
+                raise ValueError(
+                    f"{split}.bin has {size} bytes, meta.json says {meta[f'{split}_tokens']} tokens"
+                )
+    except (OSError, ValueError, KeyError) as exc:
+        raise GptMiniError(
+            f"the token cache {folder} is damaged ({exc}); delete that folder and run again to rebuild it."
+        ) from None
+    return meta
 
 
 def load_cached_tokenizer(folder: Path, meta: dict | None = None) -> tiktoken.Encoding:

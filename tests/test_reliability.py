@@ -285,3 +285,11 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_train_overrides
     cfg = compose_train(overrides + [f"data.path={other_corpus}", f"ckpt_path={tmp_path / 'a'}"])
     with pytest.raises(GptMiniError, match="trained with another tokenizer"):
         train(cfg, out_dir=tmp_path / "b")
+
+
+def test_damaged_token_cache_is_reported_with_the_fix(tmp_path, tiny_train_overrides):
+    train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
+    (train_bin,) = (tmp_path / "cache").glob("**/train.bin")
+    train_bin.write_bytes(train_bin.read_bytes()[:100])  # a truncated token file
+    with pytest.raises(GptMiniError, match=r"token cache .* is damaged .* delete that folder"):
+        train(compose_train(tiny_train_overrides), out_dir=tmp_path / "b")
