@@ -86,7 +86,7 @@ class TokenizerConfig:
 def tokenizer_id(cfg: TokenizerConfig) -> str:
     """A short folder name for caches that changes whenever the tokenizer settings do."""
     if cfg.name == "bpe":
-        return f"bpe-{cfg.vocab_size}-{cfg.pattern}"
+        return _bpe_name(cfg.vocab_size, cfg.pattern)
     return cfg.name
 
 
@@ -241,12 +241,3 @@ def tokenizer_from_spec(spec: dict) -> tiktoken.Encoding:
     if EOT not in enc.special_tokens_set:
         raise GptMiniError(f"invalid tokenizer spec: special_tokens has no {EOT}")
     return enc
-
-
-def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[str] | None = None) -> tiktoken.Encoding:
-    """The encoding ``cfg`` names; a BPE is trained on ``texts`` (required for name="bpe")."""
-    if cfg.name != "bpe":
-        return load_encoding(cfg.name)
-    if texts is None:
-        raise GptMiniError("a bpe tokenizer must be trained on text; pass the training texts")
-    return train_bpe(texts, cfg.vocab_size, cfg.pattern)
