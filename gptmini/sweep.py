@@ -13,9 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 COLUMNS = ["job", "overrides", "val_loss", "val_bpb", "tokens_per_s", "n_params", "wall_s", "status"]
 
@@ -25,7 +24,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     rows, job_overrides = [], []
     job_dirs = [p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra" / "overrides.yaml").is_file()]
     for job_dir in sorted(job_dirs, key=lambda p: (len(p.name), p.name)):
-        overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        overrides = list(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml") or [])
         summary_file = job_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
         row = {"job": job_dir.name, "status": "ok" if summary else "failed"}

@@ -26,14 +26,6 @@ def shakespeare_path() -> Path:
 
 
 @pytest.fixture
-def verdict_path() -> Path:
-    path = SHARED / "data" / "the-verdict.txt"
-    if not path.is_file():
-        pytest.skip(f"reference corpus not found at {path}")
-    return path
-
-
-@pytest.fixture
 def gpt2_available() -> None:
     """Skip unless tiktoken's GPT-2 files can be loaded without a network."""
     import tiktoken
