@@ -8,8 +8,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gptmini.errors import GptMiniError
-from gptmini.generation import generate, quote_prompt_argument, register_config
+from gptmini.common import GptMiniError
+from gptmini.generation.text import generate, quote_prompt_argument, register_config
 
 register_config()  # before @hydra.main composes: the schema checks every key
 

@@ -8,9 +8,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gptmini.config import register_configs
-from gptmini.errors import GptMiniError
-from gptmini.training import train
+from gptmini.common import GptMiniError
+from gptmini.training.config import register_configs
+from gptmini.training.run import train
 
 register_configs()
 

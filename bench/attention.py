@@ -24,7 +24,7 @@ from torch import nn
 # Run as a script from a clone (no install needed): make the repo root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gptmini.attention import ATTENTION_CLASSES  # noqa: E402
+from gptmini.model.attention import ATTENTION_CLASSES  # noqa: E402
 
 
 class BareSDPA(nn.Module):

@@ -87,7 +87,7 @@ def measure(
 ) -> dict:
     """Everything for one corpus, in this (child) process; throughputs are the best of ``repeats`` runs."""
     import gptmini.data as data
-    from gptmini.tokenizer import TokenizerConfig, load_encoding, train_bpe
+    from gptmini.data.tokenizer import TokenizerConfig, load_encoding, train_bpe
 
     rss_after_import = peak_rss_mb()
     cfg = data.DataConfig(name=corpus, path=path, cache_dir=cache_dir)

@@ -20,8 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from gptmini.model import GPT, GPTConfig  # noqa: E402
-from gptmini.sampling import generate_tokens  # noqa: E402
+from gptmini import GPT, GPTConfig  # noqa: E402
+from gptmini.generation.sampling import generate_tokens  # noqa: E402
 
 TARGETS = {"default": 3.0, "gpt2-small": 5.0}  # required speed-up of the cache
 

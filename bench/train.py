@@ -1,6 +1,6 @@
 """Training-step throughput: gptmini's Lightning path against a plain PyTorch loop on the same model.
 
-The Lightning side is built as ``gptmini.training.train`` builds it: the composed Hydra config, ``LitGPT``,
+The Lightning side is built as ``gptmini.training.train`` builds it: the composed Hydra config, ``GPTTrainingModule``,
 ``resolve_precision``, the config's callbacks (minus checkpointing) plus ``Throughput``, ``LossHistory`` and
 ``StopAtMaxSteps``, the CSV logger and the trainer arguments of ``configs/trainer``. Validation is off and the
 batches are random tokens of the same (B, T) served by a DataLoader like ``TextDataModule``'s (pinned on
@@ -101,7 +101,7 @@ def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from gptmini.config import register_configs
+    from gptmini.training.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
@@ -188,17 +188,17 @@ def sdpa_context(backend: str):
 
 def run_plain(cfg, model_config, optim_cfg, precision: str, device: torch.device, args) -> tuple:
     """The floor: the same model, optimizer, schedule, clipping, autocast and batches, no framework."""
-    from gptmini.lit import lr_at
-    from gptmini.model import GPT
+    from gptmini.model.gpt import GPT
+    from gptmini.training.optim import lr_at
 
     model = GPT(model_config).to(device)
-    # The same loss path as LitGPT's training step (chunked), or forward()'s full logits for comparison.
+    # The same loss path as GPTTrainingModule's training step (chunked), or forward()'s full logits for comparison.
     loss_fn = model.loss if args.loss == "chunked" else (lambda x, y: model(x, y)[1])
     if cfg.compile:
         mode = None if args.compile_mode == "default" else args.compile_mode
         model.compile(mode=mode)  # forward
         if args.loss == "chunked":
-            loss_fn = torch.compile(model.loss, mode=mode)  # as LitGPT.configure_model does
+            loss_fn = torch.compile(model.loss, mode=mode)  # as GPTTrainingModule.configure_model does
     optimizer = torch.optim.AdamW(
         model.configure_optimizer_groups(optim_cfg.weight_decay),
         lr=optim_cfg.lr,
@@ -242,10 +242,10 @@ def run_plain(cfg, model_config, optim_cfg, precision: str, device: torch.device
 
 
 def run_lightning(cfg, model_config, optim_cfg, precision: str, device: torch.device, args) -> tuple:
-    """LitGPT under a Trainer built as gptmini.training.train builds it (validation off, random batches)."""
-    from gptmini.lit import LitGPT
+    """GPTTrainingModule under a Trainer built as gptmini.training.train builds it (validation off, random batches)."""
+    from gptmini.training.module import GPTTrainingModule
 
-    lit_class = LitGPT if args.loss == "chunked" else StandardLossLitGPT
+    lit_class = GPTTrainingModule if args.loss == "chunked" else StandardLossGPTTrainingModule
     mode = None if args.compile_mode == "default" else args.compile_mode
     lit = lit_class(
         model_config=asdict(model_config), optim=asdict(optim_cfg), compile=cfg.compile, compile_mode=mode
@@ -261,8 +261,8 @@ def fit(lit, cfg, run_dir: Path, clock: StepClock, precision: str, device: torch
     import lightning as L
     from omegaconf import OmegaConf
 
-    from gptmini.callbacks import LossHistory, Throughput
-    from gptmini.training import StopAtMaxSteps, build_callbacks, build_loggers
+    from gptmini.training.callbacks import LossHistory, Throughput
+    from gptmini.training.run import StopAtMaxSteps, build_callbacks, build_loggers
 
     callbacks = build_callbacks(cfg, run_dir) + [
         Throughput(cfg.throughput_every_n_steps, cfg.peak_flops),
@@ -285,13 +285,13 @@ def fit(lit, cfg, run_dir: Path, clock: StepClock, precision: str, device: torch
 
 
 def _lit_classes():
-    """LitGPT variants defined lazily so that importing this file does not import Lightning."""
+    """GPTTrainingModule variants defined lazily so that importing this file does not import Lightning."""
     import lightning as L
 
-    from gptmini.lit import LitGPT
+    from gptmini.training.module import GPTTrainingModule
 
-    class StandardLoss(LitGPT):
-        """LitGPT with forward()'s loss (full logits) instead of its chunked one, to compare the two."""
+    class StandardLoss(GPTTrainingModule):
+        """GPTTrainingModule with forward()'s loss (full logits) instead of its chunked one, to compare the two."""
 
         def configure_model(self) -> None:
             super().configure_model()  # compiles forward when asked; forward is what this loss calls
@@ -310,7 +310,7 @@ def _lit_classes():
     return StandardLoss, Clock
 
 
-def StandardLossLitGPT(**kwargs):  # noqa: N802 - stands for the class
+def StandardLossGPTTrainingModule(**kwargs):  # noqa: N802 - stands for the class
     return _lit_classes()[0](**kwargs)
 
 
@@ -326,9 +326,9 @@ def pick_device(name: str) -> torch.device:
 
 def run_one(spec: dict) -> dict:
     """One (setting, loop) run in this process; returns its figures."""
-    from gptmini.lit import OptimConfig
-    from gptmini.perf import mfu, peak_flops
-    from gptmini.training import model_config_from, resolve_precision
+    from gptmini.training.optim import OptimConfig
+    from gptmini.training.perf import mfu, peak_flops
+    from gptmini.training.run import model_config_from, resolve_precision
 
     args = argparse.Namespace(**spec["args"])
     device = pick_device(args.device)

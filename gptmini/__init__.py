@@ -1,3 +1,33 @@
-"""gptmini: a mini GPT training framework built around chapter 3's multi-head causal attention."""
+"""gptmini: a mini GPT training framework built around chapter 3's multi-head causal attention.
 
-__version__ = "0.1.0"
+The package follows the one-way flow of a run, one sub-package per stage:
+
+    data/        text → tokenizer → token cache → batches (the LightningDataModule)
+    model/       the attention ladder, GPTConfig and named sizes, the GPT (pure PyTorch)
+    training/    train(cfg): the LightningModule, optimizer and schedule, callbacks, configs, sweeps
+    checkpoint   self-contained checkpoints between training and generation
+    generation/  the sampling loop and the text generation behind generate.py
+    common       the user-facing error, atomic writes, the device picker
+
+The short imports below load lazily, so ``import gptmini.common`` stays cheap.
+"""
+
+__version__ = "0.2.0"
+
+_PUBLIC = {
+    "GPT": "gptmini.model.gpt",
+    "GPTConfig": "gptmini.model.config",
+    "MODEL_SIZES": "gptmini.model.config",
+    "GptMiniError": "gptmini.common",
+    "train": "gptmini.training.run",
+    "load_checkpoint": "gptmini.checkpoint",
+}
+__all__ = [*_PUBLIC, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'gptmini' has no attribute {name!r}")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gptmini.errors import GptMiniError
+from gptmini.common import GptMiniError, atomic_file
 
 FORMAT_VERSION = 1
 GPTMINI_KEY = "gptmini"
@@ -72,23 +71,9 @@ def _latest_checkpoint(root: Path) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` that never leaves a half-written file, and never destroys the previous good one.
-
-    The bytes go to a temporary file beside the target, are flushed to disk, and only then replace it
-    (``os.replace`` is atomic on POSIX and Windows). A crash mid-write leaves the old file intact.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """``torch.save`` that never leaves a half-written file and never destroys the previous good one."""
+    with atomic_file(path, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def gptmini_entry(model_config: Any, tokenizer_spec: dict, **extra: Any) -> dict:
@@ -168,8 +153,8 @@ class LoadedCheckpoint:
 
 def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a self-contained checkpoint into an eval-mode GPT on ``device``, plus its tokenizer."""
-    from gptmini.model import GPT, GPTConfig
-    from gptmini.tokenizer import tokenizer_from_spec
+    from gptmini import GPT, GPTConfig
+    from gptmini.data.tokenizer import tokenizer_from_spec
 
     path = resolve_checkpoint(spec)
     checkpoint = read_checkpoint(path, map_location="cpu")

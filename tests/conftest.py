@@ -43,7 +43,7 @@ def compose_train(overrides: list[str] | None = None):
     """Compose configs/train.yaml exactly as train.py does, with extra overrides."""
     from hydra import compose, initialize_config_dir
 
-    from gptmini.config import register_configs
+    from gptmini.training.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptmini.attention import (
+from gptmini.common import GptMiniError
+from gptmini.model.attention import (
     ATTENTION_CLASSES,
     EXAMPLE_INPUTS,
     CausalAttention,
@@ -16,7 +17,6 @@ from gptmini.attention import (
     SelfAttention,
     simplified_self_attention,
 )
-from gptmini.errors import GptMiniError
 
 KINDS = list(ATTENTION_CLASSES)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptmini.model import GPT, GPTConfig
+from gptmini import GPT, GPTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

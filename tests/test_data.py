@@ -12,20 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import gptmini.data as data_mod
-from gptmini.data import (
-    DataConfig,
-    TextDataModule,
-    TrainBatches,
-    ValWindows,
-    load_cached_tokenizer,
-    open_tokens,
-    prepare_cache,
-    read_meta,
-    resolve_corpus,
-)
-from gptmini.errors import GptMiniError
-from gptmini.tokenizer import EOT, TokenizerConfig
+import gptmini.data.corpus as corpus_mod
+import gptmini.data.token_cache as cache_mod
+from gptmini.common import GptMiniError
+from gptmini.data.corpus import DataConfig, resolve_corpus
+from gptmini.data.datamodule import TextDataModule, TrainBatches, ValWindows
+from gptmini.data.token_cache import load_cached_tokenizer, open_tokens, prepare_cache, read_meta
+from gptmini.data.tokenizer import EOT, TokenizerConfig
 
 TOK = TokenizerConfig(name="bpe", vocab_size=300)
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
@@ -170,8 +163,8 @@ def test_split_is_last_fraction_by_bytes_at_a_character_boundary(tmp_path):
 
 def test_long_documents_encode_as_if_whole(tmp_path, monkeypatch):
     # Tiny blocks and pieces force many cuts; the tokens must equal encoding the whole text at once.
-    monkeypatch.setattr(data_mod, "READ_BLOCK_BYTES", 97)
-    monkeypatch.setattr(data_mod, "PIECE_CHARS", 256)
+    monkeypatch.setattr(corpus_mod, "READ_BLOCK_BYTES", 97)
+    monkeypatch.setattr(corpus_mod, "PIECE_CHARS", 256)
     text = "".join(f"    indented {i}\n\n\nword{i} x = [{i}]\n  \n" for i in range(200))
     (tmp_path / "long.txt").write_text(text)
     folder = prepare_cache(text_config(tmp_path, tmp_path / "long.txt", val_fraction=0.0), TOK)
@@ -226,13 +219,13 @@ def test_pystdlib_default_cache(tmp_path):
 
 
 def test_default_cache_dir_is_the_repository_data_folder():
-    assert data_mod.DEFAULT_CACHE_DIR == Path(data_mod.__file__).resolve().parents[1] / "data"
+    assert corpus_mod.DEFAULT_CACHE_DIR == Path(corpus_mod.__file__).resolve().parents[2] / "data"
 
 
 def test_token_dtype():
-    assert data_mod._token_dtype(50257) is np.uint16
-    assert data_mod._token_dtype(65535) is np.uint16
-    assert data_mod._token_dtype(100277) is np.uint32
+    assert cache_mod._token_dtype(50257) is np.uint16
+    assert cache_mod._token_dtype(65535) is np.uint16
+    assert cache_mod._token_dtype(100277) is np.uint32
 
 
 # --- shakespeare ---
@@ -268,15 +261,15 @@ def test_shakespeare_download_verified_and_atomic(tmp_path, monkeypatch, shakesp
         calls.append((url, timeout))
         return Response(content)
 
-    monkeypatch.setattr(data_mod.urllib.request, "urlopen", fake_urlopen)
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", fake_urlopen)
     corpus = resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path)))
     assert corpus.files == [tmp_path / "shakespeare" / "input.txt"]
     assert corpus.files[0].read_bytes() == content
-    assert calls[0][0] == data_mod.SHAKESPEARE_URL and calls[0][1] <= 30
+    assert calls[0][0] == corpus_mod.SHAKESPEARE_URL and calls[0][1] <= 30
     resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path)))
     assert len(calls) == 1  # downloaded once
 
-    monkeypatch.setattr(data_mod.urllib.request, "urlopen", lambda url, timeout: Response(b"corrupt"))
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", lambda url, timeout: Response(b"corrupt"))
     with pytest.raises(GptMiniError, match="sha256"):
         resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path / "other")))
     assert not (tmp_path / "other" / "shakespeare" / "input.txt").exists()
@@ -286,7 +279,7 @@ def test_shakespeare_offline_gives_both_remedies(tmp_path, monkeypatch):
     def offline(url, timeout):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(data_mod.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", offline)
     with pytest.raises(GptMiniError, match="data.path") as info:
         resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path)))
     assert "internet" in str(info.value)

@@ -13,10 +13,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gptmini.attention_plot import plot_attention
+from gptmini import GPT, GPTConfig
 from gptmini.checkpoint import save_model_checkpoint
-from gptmini.errors import GptMiniError
-from gptmini.generation import (
+from gptmini.common import GptMiniError
+from gptmini.data.tokenizer import EOT, tokenizer_to_spec
+from gptmini.generation.attention_plot import plot_attention
+from gptmini.generation.text import (
     GenerateConfig,
     StopFilter,
     StreamDecoder,
@@ -24,8 +26,6 @@ from gptmini.generation import (
     generate,
     register_config,
 )
-from gptmini.model import GPT, GPTConfig
-from gptmini.tokenizer import EOT, tokenizer_to_spec
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -269,7 +269,7 @@ def test_interactive_quits_on_eof(ckpt, monkeypatch, capsys):
 
 
 def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys):
-    import gptmini.generation as generation
+    import gptmini.generation.text as generation
 
     real_push, calls = generation.StreamDecoder.push, []
 
@@ -339,7 +339,7 @@ def test_cli_bad_option_exits_2_without_traceback(ckpt, tmp_path):
 )
 def test_prompt_argument_arrives_exactly_as_typed(prompt):
     """The shell's prompt="def main(" must not trip Hydra's override grammar or OmegaConf's interpolation."""
-    from gptmini.generation import quote_prompt_argument, register_config
+    from gptmini.generation.text import quote_prompt_argument, register_config
 
     register_config()
     (override,) = quote_prompt_argument([f"prompt={prompt}"])

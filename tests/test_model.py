@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from gptmini.attention import ATTENTION_CLASSES
-from gptmini.errors import GptMiniError
-from gptmini.model import GPT, PRESETS, GPTConfig
+from gptmini.common import GptMiniError
+from gptmini.model.attention import ATTENTION_CLASSES
+from gptmini.model.config import MODEL_SIZES, GPTConfig
+from gptmini.model.gpt import GPT
 
 KINDS = list(ATTENTION_CLASSES)
 
@@ -167,16 +168,17 @@ def test_training_steps_reduce_loss():
     assert losses[-1] < losses[0] - 0.5
 
 
-def test_presets():
-    assert set(PRESETS) >= {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "tiny", "mini", "small-cpu"}
-    config = GPTConfig.from_preset("mini", vocab_size=65, block_size=64)
-    assert (config.n_layer, config.n_head, config.n_embd, config.vocab_size) == (4, 4, 128, 65)
-    for name in PRESETS:
-        GPTConfig.from_preset(name)  # every preset is valid
-    with pytest.raises(GptMiniError, match="unknown model preset 'gpt3'; valid: gpt2, gpt2-medium"):
-        GPTConfig.from_preset("gpt3")
+def test_named_sizes_are_one_table_and_explicit_fields_win():
+    assert list(MODEL_SIZES) == ["tiny", "mini", "small-cpu", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+    config = GPTConfig.from_name("mini", vocab_size=65)
+    assert (config.n_layer, config.n_head, config.n_embd, config.block_size) == (4, 4, 128, 64)
+    assert GPTConfig.from_name("tiny", n_layer=6).n_layer == 6  # an explicit field beats the size
+    for name in MODEL_SIZES:
+        GPTConfig.from_name(name)  # every size is valid
+    with pytest.raises(GptMiniError, match="unknown model size 'gpt3'; valid: tiny, mini, small-cpu, gpt2"):
+        GPTConfig.from_name("gpt3")
     with pytest.raises(GptMiniError, match="unknown GPTConfig field"):
-        GPTConfig.from_preset("tiny", n_embed=64)
+        GPTConfig.from_name("tiny", n_embed=64)
 
 
 @pytest.mark.parametrize(

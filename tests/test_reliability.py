@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import REPO_ROOT, compose_train
 
-from gptmini.callbacks import GracefulInterrupt
 from gptmini.checkpoint import atomic_torch_save, read_checkpoint
-from gptmini.errors import GptMiniError
-from gptmini.training import train
+from gptmini.common import GptMiniError
+from gptmini.training.callbacks import GracefulInterrupt
+from gptmini.training.run import train
 
 
 class RecordLosses(L.Callback):

@@ -1,13 +1,13 @@
-"""The next-token choice and the KV-cache decoding loop (gptmini.sampling)."""
+"""The next-token choice and the KV-cache decoding loop (gptmini.generation.sampling)."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptmini.errors import GptMiniError
-from gptmini.model import GPT, GPTConfig
-from gptmini.sampling import (
+from gptmini import GPT, GPTConfig
+from gptmini.common import GptMiniError
+from gptmini.generation.sampling import (
     apply_repetition_penalty,
     generate_tokens,
     sample_next_token,

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO_ROOT
 
-from gptmini.sweep import collect, write_tables
+from gptmini.training.sweep import collect, write_tables
 
 
 def _fake_job(sweep_dir, number, overrides, summary):

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptmini.errors import GptMiniError
-from gptmini.tokenizer import (
+from gptmini.common import GptMiniError
+from gptmini.data.tokenizer import (
     EOT,
     TokenizerConfig,
     load_bpe,

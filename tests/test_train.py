@@ -12,9 +12,9 @@ from conftest import REPO_ROOT, compose_train
 from hydra.errors import ConfigCompositionException
 
 from gptmini.checkpoint import load_checkpoint, read_checkpoint
-from gptmini.errors import GptMiniError
-from gptmini.lit import OptimConfig, lr_at
-from gptmini.training import train
+from gptmini.common import GptMiniError
+from gptmini.training.optim import OptimConfig, lr_at
+from gptmini.training.run import model_config_from, train
 
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
 
@@ -79,7 +79,7 @@ def test_init_from_other_shape_lists_mismatched_tensors(tmp_path, tiny_train_ove
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment):
     cfg = compose_train([f"experiment={experiment}"])
-    assert cfg.model.n_layer > 0 and cfg.trainer.max_steps > 0
+    assert model_config_from(cfg, tokenizer_vocab=None).n_layer > 0 and cfg.trainer.max_steps > 0
 
 
 def test_default_config_is_the_offline_cpu_recipe():
@@ -94,7 +94,7 @@ def test_default_config_is_the_offline_cpu_recipe():
         ("model.n_layr=4", ConfigCompositionException),
         ("optim.lr=fast", ConfigCompositionException),
         ("trainer.max_stepz=10", ConfigCompositionException),
-        ("model=huge", ConfigCompositionException),
+        ("model.sise=tiny", ConfigCompositionException),
     ],
 )
 def test_config_typos_fail_at_compose_time_naming_the_key(override, error):
@@ -114,6 +114,7 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error):
         ("data.batch_size=0", "batch_size"),
         ("tokenizer.vocab_size=100", "vocab_size"),
         ("model.attention=flash9", "attention"),
+        ("model.size=huge", "unknown model size 'huge'; valid: tiny"),
         ("sample.top_k=0", "sample.top_k must be >= 1"),
         ("sample.temperature=-1", "sample.temperature must be >= 0"),
         ("sample.max_new_tokens=-3", "sample.max_new_tokens must be >= 0"),
@@ -127,14 +128,14 @@ def test_nonsensical_values_raise_clear_errors(tmp_path, tiny_train_overrides, o
 
 
 def test_precision_auto_is_full_precision_on_the_cpu():
-    from gptmini.training import resolve_precision
+    from gptmini.training.run import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "32-true"
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice is kept
 
 
 def test_loss_curve_shows_the_real_loss_under_gradient_accumulation(tmp_path, tiny_train_overrides):
-    from gptmini.callbacks import LossHistory
+    from gptmini.training.callbacks import LossHistory
 
     history = LossHistory()
     overrides = tiny_train_overrides + ["trainer.accumulate_grad_batches=4", "trainer.max_steps=4"]
@@ -209,7 +210,7 @@ import torch
 
 sys.path.insert(0, "tests")
 from conftest import compose_train
-from gptmini.training import train
+from gptmini.training.run import train
 
 
 class Record(L.Callback):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from gptmini.errors import GptMiniError
+from gptmini.common import GptMiniError
 
 
 def validate_sampling_options(

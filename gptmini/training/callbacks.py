@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptmini.perf import mfu, peak_flops
+from gptmini.training.perf import mfu, peak_flops
 
 
 class Throughput(L.Callback):
@@ -184,7 +184,7 @@ class TextSamples(L.Callback):
         self.last_sample: str | None = None
 
     def sample(self, model: torch.nn.Module, device: torch.device) -> str:
-        from gptmini.sampling import generate_tokens
+        from gptmini.generation.sampling import generate_tokens
 
         eot = self.tokenizer.eot_token
         prompt_ids = self.tokenizer.encode_ordinary(self.prompt) or [eot]

@@ -1,7 +1,7 @@
 """Text generation from a checkpoint: the ``generate(cfg)`` behind ``python generate.py``.
 
 stdout carries only the generated text, so it can be piped; everything else (what was loaded, warnings,
-speed) goes to stderr. The token loop itself lives in ``gptmini.sampling``.
+speed) goes to stderr. The token loop itself lives in ``gptmini.generation.sampling``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Optional
 import torch
 
 from gptmini.checkpoint import load_checkpoint
-from gptmini.errors import GptMiniError
-from gptmini.sampling import generate_tokens, validate_sampling_options
-from gptmini.tokenizer import EOT  # the document separator; generation always stops on it
+from gptmini.common import GptMiniError, pick_device
+from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
+from gptmini.generation.sampling import generate_tokens, validate_sampling_options
 
 SCHEMA_NAME = "generate_schema"
 
@@ -76,19 +76,6 @@ def register_config() -> None:
 def info(message: str) -> None:
     """Everything that is not generated text goes to stderr."""
     print(message, file=sys.stderr, flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks the fastest available device; an unavailable one is a clear error."""
-    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}
-    if name not in available:
-        raise GptMiniError(f"device={name!r} is not known; use auto, cpu, cuda or mps.")
-    if not available[name]:
-        raise GptMiniError(f"device={name} is not available on this machine; use device=auto or device=cpu.")
-    return torch.device(name)
 
 
 def quote_prompt_argument(argv: list[str]) -> list[str]:
@@ -223,7 +210,7 @@ def generate(cfg) -> list[str]:
         max_new_tokens=cfg.max_new_tokens,
         num_samples=cfg.num_samples,
     )
-    device = resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     prompt = None if cfg.interactive else read_prompt(cfg.prompt)  # a bad prompt file fails before loading
     loaded = load_checkpoint(cfg.ckpt, device=device)
     model = _cacheable(loaded.model) if cfg.use_cache else loaded.model
@@ -344,7 +331,7 @@ class _Session:
             sys.stdout.flush()
 
     def _plot_attention(self, ids: list[int]) -> None:
-        from gptmini.attention_plot import plot_attention
+        from gptmini.generation.attention_plot import plot_attention
 
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         maps = self.model.attention_maps(idx)[:, 0]  # (n_layer, n_head, T, T)

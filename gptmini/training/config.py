@@ -12,24 +12,31 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from gptmini.data import DataConfig
-from gptmini.lit import OptimConfig
-from gptmini.model import GPTConfig
-from gptmini.tokenizer import TokenizerConfig
+from gptmini.data.corpus import DataConfig
+from gptmini.data.tokenizer import TokenizerConfig
+from gptmini.training.optim import OptimConfig
 
 
 @dataclass
-class ModelSchema(GPTConfig):
-    """``GPTConfig`` as it appears in YAML: the vocabulary size normally comes from the tokenizer."""
+class ModelSchema:
+    """The ``model`` node: a named size, and any ``GPTConfig`` field that should differ from it.
 
+    A field left null comes from the size's row of ``gptmini.model.config.MODEL_SIZES`` (or GPTConfig's
+    default); a field that is set always wins. ``GPTConfig``'s field docstrings describe each one.
+    """
+
+    size: str = "tiny"
+    """A row of MODEL_SIZES: tiny, mini, small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
     vocab_size: int | None = None
-    """None = the tokenizer's vocabulary size (the usual case)."""
-    preset: str | None = None
-    """A named size from gptmini.model.PRESETS (e.g. gpt2, mini); sets n_layer, n_head and n_embd."""
-
-    def __post_init__(self) -> None:
-        # Values are checked when train() builds the real GPTConfig; at compose time only types are.
-        pass
+    """null = the tokenizer's vocabulary (the usual case); the embedding is padded by pad_vocab_multiple."""
+    block_size: int | None = None
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    dropout: float | None = None
+    bias: bool | None = None
+    attention: str | None = None
+    pad_vocab_multiple: int | None = None
 
 
 @dataclass

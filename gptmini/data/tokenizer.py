@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tiktoken
 
-from gptmini.errors import GptMiniError
+from gptmini.common import GptMiniError
 
 EOT = "<|endoftext|>"
 

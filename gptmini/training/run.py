@@ -1,7 +1,8 @@
 """``train(cfg) -> metrics``: the whole training run, importable, so tests call exactly what train.py calls.
 
-The data flows one way: text → tokenizer → token cache → DataModule → LitGPT → checkpoint. Everything the
-run writes goes into its run directory: checkpoints/, metrics.csv, samples.txt, loss_curve.png, summary.json.
+The data flows one way: text → tokenizer → token cache → DataModule → GPTTrainingModule → checkpoint.
+Everything the run writes goes into its run directory: checkpoints/, metrics.csv, samples.txt,
+loss_curve.png, summary.json.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.callbacks import GracefulInterrupt, LossHistory, TextSamples, Throughput, TrainingInterrupted
 from gptmini.checkpoint import (
     GPTMINI_KEY,
     atomic_torch_save,
@@ -33,12 +33,22 @@ from gptmini.checkpoint import (
     read_checkpoint,
     resolve_checkpoint,
 )
-from gptmini.data import DataConfig, TextDataModule
-from gptmini.errors import GptMiniError
-from gptmini.lit import LitGPT, OptimConfig
-from gptmini.model import GPT, PRESETS, GPTConfig
-from gptmini.sampling import validate_sampling_options
-from gptmini.tokenizer import TokenizerConfig
+from gptmini.common import GptMiniError
+from gptmini.data.corpus import DataConfig
+from gptmini.data.datamodule import TextDataModule
+from gptmini.data.tokenizer import TokenizerConfig
+from gptmini.generation.sampling import validate_sampling_options
+from gptmini.model.config import GPTConfig
+from gptmini.model.gpt import GPT
+from gptmini.training.callbacks import (
+    GracefulInterrupt,
+    LossHistory,
+    TextSamples,
+    Throughput,
+    TrainingInterrupted,
+)
+from gptmini.training.module import GPTTrainingModule
+from gptmini.training.optim import OptimConfig
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -85,22 +95,22 @@ def build_configs(cfg: DictConfig) -> tuple[DataConfig, TokenizerConfig, OptimCo
     return data, tokenizer, optim
 
 
-def model_config_from(cfg: DictConfig, vocab_size: int) -> GPTConfig:
-    """The GPTConfig for this run: the YAML values, a preset's shape if named, the tokenizer's vocabulary."""
-    values: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)
-    preset = values.pop("preset", None)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise GptMiniError(f"unknown model.preset {preset!r}; valid: {', '.join(PRESETS)}")
-        values.update(PRESETS[preset])
-    if values.get("vocab_size") is None:
-        values["vocab_size"] = vocab_size
-    elif values["vocab_size"] < vocab_size:
+def model_config_from(cfg: DictConfig, tokenizer_vocab: int | None) -> GPTConfig:
+    """The GPTConfig for this run: the named ``model.size``, every ``model.<field>`` that is set, and the
+    tokenizer's vocabulary. ``tokenizer_vocab=None`` checks the values before the tokenizer exists."""
+    values = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if v is not None}
+    size = values.pop("size")
+    requested = values.pop("vocab_size", None)
+    if requested is not None and tokenizer_vocab is not None and requested != tokenizer_vocab:
+        multiple = values.get("pad_vocab_multiple", 64)
+        padded = GPTConfig(vocab_size=tokenizer_vocab, pad_vocab_multiple=multiple).padded_vocab_size
         raise GptMiniError(
-            f"model.vocab_size={values['vocab_size']} is smaller than the tokenizer's {vocab_size} tokens; "
-            "leave model.vocab_size=null to take the tokenizer's size."
+            f"model.vocab_size={requested} differs from the tokenizer's {tokenizer_vocab} tokens, so the "
+            "model would predict ids the tokenizer cannot decode (or miss ids it produces). Leave "
+            "model.vocab_size=null: the embedding is already padded for fast matmuls "
+            f"({tokenizer_vocab} → {padded} rows, model.pad_vocab_multiple)."
         )
-    return GPTConfig(**values)
+    return GPTConfig.from_name(size, vocab_size=tokenizer_vocab or requested or 1, **values)
 
 
 def check_sample_options(sample: DictConfig) -> None:
@@ -185,16 +195,17 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         if cfg.threads < 1:
             raise GptMiniError(f"threads={cfg.threads} must be >= 1 (or null for torch's default).")
         torch.set_num_threads(cfg.threads)
-    model_config_from(cfg, vocab_size=1)  # reject bad model values before spending time on data
+    # Reject bad model values before spending time on data.
+    shape = model_config_from(cfg, tokenizer_vocab=None)
     check_sample_options(cfg.sample)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    datamodule = TextDataModule(data_cfg, tok_cfg, block_size=cfg.model.block_size, seed=cfg.seed)
+    datamodule = TextDataModule(data_cfg, tok_cfg, block_size=shape.block_size, seed=cfg.seed)
     datamodule.prepare_data()  # tokenize now (once), so the model knows its vocabulary
     datamodule.setup("fit")
 
     model_config = model_config_from(cfg, datamodule.vocab_size)
-    lit = LitGPT(
+    lit = GPTTrainingModule(
         model_config=asdict(model_config),
         optim=asdict(optim_cfg),
         val_bytes_per_token=datamodule.bytes_per_token("val"),

@@ -1,15 +1,15 @@
 """The LightningModule: a GPT plus its optimizer, learning-rate schedule and metrics.
 
-Built from plain values (dicts, numbers), never from Hydra objects, so ``LitGPT.load_from_checkpoint`` works
-anywhere. Lightning owns the loop, precision, devices, checkpoint files and logging; this module owns what is
-specific to language modelling: the loss, bits per byte, the AdamW parameter groups and the schedule.
+Built from plain values (dicts, numbers), never from Hydra objects, so
+``GPTTrainingModule.load_from_checkpoint`` works anywhere. Lightning owns the loop, precision, devices,
+checkpoint files and logging; this module owns what is specific to language modelling: the loss, bits per
+byte, and non-finite-loss detection. The optimizer and schedule are built in ``gptmini.training.optim``.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -17,58 +17,13 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.checkpoint import GPTMINI_KEY, gptmini_entry
-from gptmini.errors import GptMiniError
-from gptmini.model import GPT, GPTConfig
+from gptmini.common import GptMiniError
+from gptmini.model.config import GPTConfig
+from gptmini.model.gpt import GPT
+from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
 
 
-@dataclass
-class OptimConfig:
-    """AdamW and its schedule: linear warmup, then cosine decay to a floor, stepped per optimizer step."""
-
-    lr: float = 1e-3
-    """Peak learning rate, reached at the end of warmup."""
-    min_lr: float = 1e-4
-    """Floor of the cosine decay (nanoGPT uses lr / 10)."""
-    warmup_steps: int = 100
-    """Optimizer steps of linear warmup from 0 to ``lr``."""
-    decay_steps: int | None = None
-    """Steps from the start to the end of the cosine decay; None = ``trainer.max_steps``."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay, only on weights with 2 or more dimensions (not biases, not LayerNorms)."""
-    beta1: float = 0.9
-    """AdamW first-moment decay."""
-    beta2: float = 0.95
-    """AdamW second-moment decay (0.95 is steadier than 0.999 for language models)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-
-    def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise GptMiniError(f"optim.lr must be > 0, got {self.lr}; try optim.lr=1e-3.")
-        if not 0 <= self.min_lr <= self.lr:
-            raise GptMiniError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}.")
-        if self.warmup_steps < 0:
-            raise GptMiniError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.decay_steps is not None and self.decay_steps <= 0:
-            raise GptMiniError(f"optim.decay_steps must be > 0 or null, got {self.decay_steps}.")
-        if self.weight_decay < 0:
-            raise GptMiniError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise GptMiniError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}.")
-
-
-def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
-    """The learning rate after ``step`` optimizer steps: linear warmup, cosine decay, then the floor."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if step >= decay_steps:
-        return optim.min_lr
-    progress = (step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps)
-    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
-
-
-class LitGPT(L.LightningModule):
+class GPTTrainingModule(L.LightningModule):
     """GPT language modelling under Lightning.
 
     Args:
@@ -119,20 +74,8 @@ class LitGPT(L.LightningModule):
             self.model._compiled_in_place = True
 
     def configure_optimizers(self):
-        groups = self.model.configure_optimizer_groups(self.optim.weight_decay)
-        fused = self.device.type == "cuda"  # one kernel for all parameters; only on CUDA
-        optimizer = torch.optim.AdamW(
-            groups,
-            lr=self.optim.lr,
-            betas=(self.optim.beta1, self.optim.beta2),
-            eps=self.optim.eps,
-            fused=fused,
-        )
-        decay_steps = self.optim.decay_steps or self._max_steps()
-        # LambdaLR multiplies the base lr, so express the schedule as a fraction of the peak.
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_at(step, self.optim, decay_steps) / self.optim.lr
-        )
+        optimizer = build_optimizer(self.model, self.optim, self.device)
+        schedule = build_lr_schedule(optimizer, self.optim, self.optim.decay_steps or self._max_steps())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _max_steps(self) -> int:

@@ -16,7 +16,7 @@ The three multi-head variants share ONE weight layout -- ``qkv`` (3·n_embd, n_e
 (n_embd, n_embd) -- and one constructor ``(n_embd, n_head, block_size, dropout, bias)``, so a state_dict saved
 from one loads into the others and the model can swap them by name (``ATTENTION_CLASSES``).
 
-Run ``python -m gptmini.attention`` to walk through the chapter's worked example.
+Run ``python -m gptmini.model.attention`` to walk through the chapter's worked example.
 """
 
 import math
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptmini.errors import GptMiniError
+from gptmini.common import GptMiniError
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Simplified self-attention (no trainable weights)
@@ -319,7 +319,7 @@ ATTENTION_CLASSES: dict[str, type[_FusedMultiHead]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------
-# python -m gptmini.attention: the worked example, step by step
+# python -m gptmini.model.attention: the worked example, step by step
 # ---------------------------------------------------------------------------------------------------------
 
 

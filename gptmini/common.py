@@ -1,0 +1,135 @@
+"""Helpers every stage shares: the user-facing error, config coercion, atomic writes and the device picker.
+
+Anything a user can get wrong (a config value, a path, a checkpoint, a prompt) raises ``GptMiniError`` with a
+short message that names the value and the fix. ``train.py`` and ``generate.py`` print it without a traceback
+and exit with status 2; every other exception is a bug and keeps its traceback.
+
+Imports nothing from gptmini, so every module may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import IO
+
+# Every temporary file an atomic write makes is named ``.<target>.<random>.tmp`` beside its target.
+TEMP_SUFFIX = ".tmp"
+
+
+class GptMiniError(Exception):
+    """A user-facing error: the message says what was wrong and how to fix it."""
+
+
+def as_config(value: object, cls: type, group: str):
+    """Accept a config dataclass or a mapping (e.g. Hydra's DictConfig) with the same keys."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        kind = type(value).__name__
+        raise GptMiniError(f"{group} config must be a {cls.__name__} or a mapping, not {kind}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise GptMiniError(f"unknown {group} keys {unknown}; valid keys: {', '.join(sorted(known))}")
+    return cls(**{key: value[key] for key in value})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes: one guarantee everywhere. The bytes go to a temporary file beside the target, are fsynced,
+# and only then renamed over it (atomic on POSIX and Windows). A crash, a full disk or Ctrl-C mid-write
+# leaves the previous file intact and no partial file under the target's name.
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open a temporary file for writing; on a clean exit it is fsynced and renamed to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path, "wb") as handle:
+        handle.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically (see ``atomic_file``)."""
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of atomic writes that were killed (``kill -9``) before their rename.
+
+    Only files older than a minute go, so a write in progress in another process is left alone.
+    """
+    import time
+
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(f".*{TEMP_SUFFIX}"):
+        try:
+            if path.is_file() and time.time() - path.stat().st_mtime > 60:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            pass  # another process removed it first, or it is not ours to remove
+    return removed
+
+
+def describe_os_error(error: OSError, what: str) -> str:
+    """One line for an OSError while writing ``what``: a full disk, no permission, or the OS's own words."""
+    if error.errno == errno.ENOSPC:
+        reason = "the disk is full"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        reason = "no permission to write there (read-only or owned by another user)"
+    else:
+        reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot write {what}{where}: {reason}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def pick_device(name: str = "auto"):
+    """The torch device for ``name``: ``auto`` = cuda, then mps, then cpu. An unavailable one is an error.
+
+    Decided when called, never at import, so a CPU run never probes CUDA before it must.
+    """
+    import torch
+
+    has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}
+    if name == "auto":
+        return torch.device("cuda" if available["cuda"] else "mps" if has_mps else "cpu")
+    kind = str(name).split(":")[0]
+    if kind not in available:
+        raise GptMiniError(f"device={name!r} is not known; use one of: {', '.join(DEVICES)}.")
+    if not available[kind]:
+        raise GptMiniError(f"device={name} is not available on this machine; use device=auto or device=cpu.")
+    return torch.device(name)
