@@ -1,20 +1,29 @@
-"""Shared test fixtures.
+"""Shared fixtures: test-made corpora, the real configs composed and shrunk, and the CLI in a subprocess.
 
 Most tests build their own tiny data. The few that read ../shared (the reference corpora, tiktoken's GPT-2
 files) skip with the reason when it is absent, so the suite also passes on a fresh clone.
 """
 
 import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
+CONFIG_DIR = str(REPO_ROOT / "configs")
 
 # tiktoken downloads the GPT-2 files on first use; offline, use the copy in ../shared when there is one.
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
 
 
 @pytest.fixture
@@ -36,11 +45,7 @@ def gpt2_available() -> None:
         pytest.skip(f"tiktoken's gpt2 files are not available offline ({type(exc).__name__})")
 
 
-CONFIG_DIR = str(REPO_ROOT / "configs")
-
-
-def compose_train(overrides: list[str] | None = None):
-    """Compose configs/train.yaml exactly as train.py does, with extra overrides."""
+def _compose_train(overrides: list[str] | None = None):
     from hydra import compose, initialize_config_dir
 
     from gptmini.training.config import register_configs
@@ -50,44 +55,49 @@ def compose_train(overrides: list[str] | None = None):
         return compose(config_name="train", overrides=overrides or [])
 
 
-def write_corpus(folder: Path, n_bytes: int = 60_000, seed: int = 0) -> Path:
-    """A small synthetic corpus with real structure (so a model can learn it), written by the test."""
-    import random
+@pytest.fixture
+def compose_train():
+    """``compose_train(overrides)``: configs/train.yaml composed exactly as train.py composes it."""
+    return _compose_train
 
+
+def _write_corpus(folder: Path, n_bytes: int = 60_000, seed: int = 0) -> Path:
     rng = random.Random(seed)
     words = ["alpha", "beta", "gamma", "delta", "the", "cat", "sat", "on", "mat", "ünïcode", "data", "model"]
-    lines = []
-    size = 0
+    lines, size = [], 0
     while size < n_bytes:
         line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + ".\n"
         lines.append(line)
         size += len(line.encode())
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "corpus.txt"
     path.write_text("".join(lines), encoding="utf-8")
     return path
 
 
 @pytest.fixture
+def write_corpus():
+    """``write_corpus(folder, n_bytes=60_000, seed=0)``: a small synthetic corpus a model can learn."""
+    return _write_corpus
+
+
+@pytest.fixture
 def tiny_train_overrides(tmp_path) -> list[str]:
-    """Overrides that shrink the default config to a seconds-long CPU run on a test-made corpus."""
-    corpus = write_corpus(tmp_path)
-    return [
-        "data=text",
-        f"data.path={corpus}",
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "data.batch_size=8",
-        "tokenizer.vocab_size=300",
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=32",
-        "model.block_size=16",
-        "trainer.max_steps=12",
-        "trainer.val_check_interval=6",
-        "trainer.log_every_n_steps=2",
-        "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
-        "trainer.accelerator=cpu",
-        "optim.warmup_steps=2",
-        "sample.max_new_tokens=8",
-        "throughput_every_n_steps=4",
-    ]
+    """The ``debug`` config (a seconds-long CPU run) on a test-made corpus, its cache inside tmp_path."""
+    corpus = _write_corpus(tmp_path)
+    return ["debug=smoke", "data=text", f"data.path={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.fixture
+def run_cli():
+    """``run_cli(script, *args, cwd=REPO_ROOT, timeout=300, env=None)``: run train.py or generate.py (or
+    any repository script) in a fresh interpreter; returns the CompletedProcess with text stdout/stderr."""
+
+    def run(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
+        command = [sys.executable, str(REPO_ROOT / script), *args]
+        full_env = {**os.environ, **(env or {})}
+        return subprocess.run(
+            command, cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+        )
+
+    return run

@@ -13,37 +13,51 @@ so both modes see the same context and greedy decoding gives identical tokens.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from gptmini.common import GptMiniError
 
 
-def validate_sampling_options(
-    *,
-    temperature: float,
-    top_k: int | None,
-    top_p: float,
-    repetition_penalty: float,
-    max_new_tokens: int = 0,
-    num_samples: int = 1,
-) -> None:
-    """Raise ``GptMiniError`` naming the first option that is out of range."""
-    if temperature < 0:
-        raise GptMiniError(f"temperature must be >= 0 (0 = greedy), got {temperature}. Try temperature=0.8.")
-    if top_k is not None and top_k < 1:
-        raise GptMiniError(f"top_k must be >= 1, got {top_k}. Use top_k=null to turn the filter off.")
-    if not 0 < top_p <= 1:
-        raise GptMiniError(f"top_p must be in (0, 1], got {top_p}. Use top_p=1.0 to turn the filter off.")
-    if repetition_penalty <= 0:
-        raise GptMiniError(
-            f"repetition_penalty must be > 0, got {repetition_penalty}. "
-            "1.0 turns it off; values above 1 discourage repeats."
-        )
-    if max_new_tokens < 0:
-        raise GptMiniError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    if num_samples < 1:
-        raise GptMiniError(f"num_samples must be >= 1, got {num_samples}.")
+@dataclass
+class SamplingOptions:
+    """How the next token is chosen; one type for generate.py, the samples during training and the loop.
+
+    Validated on construction, so a bad value fails before any model is loaded or any step is trained.
+    """
+
+    max_new_tokens: int = 200
+    """Most tokens to generate per sample; 0 generates nothing."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 = greedy (always the most likely token)."""
+    top_k: int | None = None
+    """Sample only among the k most likely tokens; null = no limit."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens holding this much probability; 1.0 = off."""
+    repetition_penalty: float = 1.0
+    """Above 1 makes tokens already in the context less likely; 1.0 = off."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise GptMiniError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise GptMiniError(
+                f"temperature must be >= 0 (0 = greedy), got {self.temperature}. Try temperature=0.8."
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise GptMiniError(
+                f"top_k must be >= 1, got {self.top_k}. Use top_k=null to turn the filter off."
+            )
+        if not 0 < self.top_p <= 1:
+            raise GptMiniError(
+                f"top_p must be in (0, 1], got {self.top_p}. Use top_p=1.0 to turn the filter off."
+            )
+        if self.repetition_penalty <= 0:
+            raise GptMiniError(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}. "
+                "1.0 turns it off; values above 1 discourage repeats."
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------

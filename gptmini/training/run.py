@@ -137,6 +137,14 @@ def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
     return "32-true"
 
 
+def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
+    """``cfg.trainer`` as ``L.Trainer`` keyword arguments: precision resolved, root dir = the run dir."""
+    args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    args["precision"] = resolve_precision(args["precision"], args["accelerator"])
+    args["default_root_dir"] = args["default_root_dir"] or str(run_dir)
+    return args
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     """The callbacks of ``cfg.callbacks`` (each a ``_target_`` node; null entries are switched off)."""
     callbacks = []
@@ -237,11 +245,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         *(extra_callbacks or []),
         interrupt,  # last: every other callback has seen the step before it saves and leaves the loop
     ]
-    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
-    trainer_args["precision"] = resolve_precision(trainer_args["precision"], trainer_args["accelerator"])
-    trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
     trainer = L.Trainer(
-        **trainer_args,
+        **trainer_arguments(cfg, run_dir),
         callbacks=callbacks,
         logger=build_loggers(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],
