@@ -159,32 +159,20 @@ class TextSamples(L.Callback):
     Args:
         tokenizer: the run's tiktoken encoding.
         out_dir: the run directory.
-        prompt: the text to continue ("" starts from <|endoftext|>).
-        max_new_tokens, temperature, top_k: sampling settings.
+        options: the sampling options; ``options.prompt`` is the text to continue ("" = a new document).
         seed: sampling seed, so samples of different validations differ only by the model.
     """
 
-    def __init__(
-        self,
-        tokenizer,
-        out_dir: str | os.PathLike,
-        prompt: str = "",
-        max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        seed: int = 1234,
-    ) -> None:
+    def __init__(self, tokenizer, out_dir: str | os.PathLike, options, seed: int = 1234) -> None:
         self.tokenizer = tokenizer
         self.path = Path(out_dir) / "samples.txt"
-        self.prompt = prompt
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_k = top_k
+        self.options = options
+        self.prompt = getattr(options, "prompt", "")
         self.seed = seed
         self.last_sample: str | None = None
 
     def sample(self, model: torch.nn.Module, device: torch.device) -> str:
-        from gptmini.generation.sampling import generate_tokens
+        from gptmini.generation.sampling import sample_tokens
 
         eot = self.tokenizer.eot_token
         prompt_ids = self.tokenizer.encode_ordinary(self.prompt) or [eot]
@@ -194,14 +182,13 @@ class TextSamples(L.Callback):
         try:
             # A compiled model would recompile for every cache length; a short sample runs fine eagerly.
             with torch.compiler.set_stance("force_eager"):
-                tokens = generate_tokens(
+                tokens = sample_tokens(
                     model,
                     torch.tensor(prompt_ids, device=device),
-                    self.max_new_tokens,
-                    temperature=self.temperature,
-                    top_k=self.top_k,
+                    self.options,
                     generator=generator,
                     eot_id=eot,
+                    vocab_limit=self.tokenizer.n_vocab,  # never an id the tokenizer cannot decode
                 )
                 new_ids = [int(t) for t in tokens]
         finally:
@@ -209,7 +196,7 @@ class TextSamples(L.Callback):
         return self.tokenizer.decode([i for i in new_ids if i != eot])
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or self.max_new_tokens == 0:
+        if trainer.sanity_checking or not trainer.is_global_zero or self.options.max_new_tokens == 0:
             return
         if isinstance(trainer.strategy, FSDPStrategy):
             return  # rank 0 holds only a shard of each weight: no sample without gathering them all

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
+from gptmini.generation.sampling import SamplingOptions
 from gptmini.training.optim import OptimConfig
 
 
@@ -66,13 +67,13 @@ class TrainerSchema:
 
 
 @dataclass
-class SampleConfig:
-    """The text sample printed at each validation."""
+class SampleConfig(SamplingOptions):
+    """The text sample printed at each validation: generate.py's sampling options plus a prompt."""
 
-    prompt: str = ""
-    max_new_tokens: int = 200
-    temperature: float = 0.8
     top_k: int | None = 50
+    """Sample only among the k most likely tokens; null = no limit."""
+    prompt: str = ""
+    """The text to continue; "" starts a new document (from <|endoftext|>)."""
 
 
 @dataclass

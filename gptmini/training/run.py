@@ -37,7 +37,6 @@ from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.tokenizer import TokenizerConfig
-from gptmini.generation.sampling import validate_sampling_options
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.training.callbacks import (
@@ -47,6 +46,7 @@ from gptmini.training.callbacks import (
     Throughput,
     TrainingInterrupted,
 )
+from gptmini.training.config import SampleConfig
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig
 
@@ -113,16 +113,10 @@ def model_config_from(cfg: DictConfig, tokenizer_vocab: int | None) -> GPTConfig
     return GPTConfig.from_name(size, vocab_size=tokenizer_vocab or requested or 1, **values)
 
 
-def check_sample_options(sample: DictConfig) -> None:
-    """The validation-time samples use generate.py's sampler: the same limits, checked before training."""
+def sample_config_from(cfg: DictConfig) -> SampleConfig:
+    """The validation-time sample settings: generate.py's sampling options, checked before training."""
     try:
-        validate_sampling_options(
-            temperature=sample.temperature,
-            top_k=sample.top_k,
-            top_p=1.0,
-            repetition_penalty=1.0,
-            max_new_tokens=sample.max_new_tokens,
-        )
+        return SampleConfig(**OmegaConf.to_container(cfg.sample, resolve=True))
     except GptMiniError as error:
         raise GptMiniError(f"sample.{error}") from None
 
@@ -205,7 +199,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         torch.set_num_threads(cfg.threads)
     # Reject bad model values before spending time on data.
     shape = model_config_from(cfg, tokenizer_vocab=None)
-    check_sample_options(cfg.sample)
+    sample = sample_config_from(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = TextDataModule(data_cfg, tok_cfg, block_size=shape.block_size, seed=cfg.seed)
@@ -235,7 +229,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     ckpt_dir = run_dir / "checkpoints"
     interrupt, history, saved = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory(), LastSavedStep()
     throughput = Throughput(cfg.throughput_every_n_steps, cfg.peak_flops)
-    samples = TextSamples(datamodule.tokenizer, run_dir, seed=cfg.seed, **cfg.sample)
+    samples = TextSamples(datamodule.tokenizer, run_dir, sample, seed=cfg.seed)
     callbacks = build_callbacks(cfg, run_dir) + [
         throughput,
         history,
