@@ -1,6 +1,10 @@
 """Train a GPT: ``python train.py [overrides]``, e.g. ``python train.py experiment=shakespeare``.
 
-A thin Hydra wrapper around ``gptmini.training.train``; see configs/train.yaml for every option.
+A thin Hydra wrapper around ``gptmini.training.run.train``; see configs/train.yaml for every option.
+Mistakes and faults of the machine end in one line on stderr, never a traceback: exit 2 for a bad setting,
+a full disk or a permission problem; exit 130 for Ctrl-C (a resumable checkpoint is saved when training
+had started). In a ``-m`` sweep a failed job is recorded (``error.txt`` in its directory, "failed" in the
+sweep summary) and the other jobs still run.
 """
 
 import sys
@@ -8,9 +12,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, describe_os_error, is_environment_fault
 from gptmini.training.config import register_configs
 from gptmini.training.run import train
+from gptmini.training.sweep import in_multirun, record_failed_job
 
 register_configs()
 
@@ -19,8 +24,20 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
-    except GptMiniError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:  # before training started (e.g. while tokenizing): nothing to resume
+        print(
+            "\ninterrupted: nothing was trained; no cache or checkpoint was left half-written.",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except (GptMiniError, OSError) as error:
+        if isinstance(error, OSError) and not is_environment_fault(error):
+            raise  # any other OSError is a bug: keep its traceback
+        message = str(error) if isinstance(error, GptMiniError) else describe_os_error(error, "a file")
+        print(f"error: {message}", file=sys.stderr)
+        if in_multirun():
+            record_failed_job(message)  # the sweep goes on; its summary lists this job as failed
+            return None
         sys.exit(2)
     return summary.get("val_loss")  # what a Hydra sweeper would optimise
 

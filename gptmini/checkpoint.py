@@ -77,10 +77,63 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def gptmini_entry(model_config: Any, tokenizer_spec: dict, **extra: Any) -> dict:
-    """The ``checkpoint["gptmini"]`` entry: plain values only (weights_only-safe)."""
+    """The ``checkpoint["gptmini"]`` entry: plain values only (weights_only-safe).
+
+    It records the gptmini version that wrote it, so a reader that meets a setting it does not know can say
+    which version would read it.
+    """
+    from gptmini import __version__
+
     is_dataclass = dataclasses.is_dataclass(model_config)
     config = dataclasses.asdict(model_config) if is_dataclass else dict(model_config)
-    return {"format": FORMAT_VERSION, "model_config": config, "tokenizer": dict(tokenizer_spec), **extra}
+    entry = {"format": FORMAT_VERSION, "version": __version__, "model_config": config}
+    return {**entry, "tokenizer": dict(tokenizer_spec), **extra}
+
+
+def gptmini_info(checkpoint: dict, path: Path | str) -> dict:
+    """The checkpoint's ``gptmini`` entry, checked: a mapping, of a format this gptmini reads."""
+    from gptmini import __version__
+
+    info = checkpoint.get(GPTMINI_KEY)
+    if info is None:
+        raise GptMiniError(
+            f"{path} has no gptmini entry: it was not written by gptmini's train.py. "
+            "Retrain, or save one with gptmini.checkpoint.save_model_checkpoint."
+        )
+    if not isinstance(info, dict):
+        raise GptMiniError(
+            f"{path}: its gptmini entry is a {type(info).__name__}, not a mapping; the file is damaged or "
+            "was not written by gptmini. Use another checkpoint."
+        )
+    written_by = info.get("version", "0.1.0")
+    if not isinstance(info.get("format"), int) or info["format"] > FORMAT_VERSION:
+        raise GptMiniError(
+            f"{path} has checkpoint format {info.get('format')!r}, newer than this gptmini ({__version__}) "
+            f"reads (format {FORMAT_VERSION}); it was written by gptmini {written_by}: upgrade gptmini."
+        )
+    return info
+
+
+def model_config_of(info: dict, path: Path | str):
+    """The ``GPTConfig`` a checkpoint's gptmini entry describes; an unknown setting is named, not a crash."""
+    from gptmini import __version__
+    from gptmini.model.config import GPTConfig
+
+    config = info.get("model_config")
+    if not isinstance(config, dict):
+        raise GptMiniError(
+            f"{path} has no gptmini model config: it was not written by gptmini's train.py. "
+            "Retrain, or save one with gptmini.checkpoint.save_model_checkpoint."
+        )
+    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise GptMiniError(
+            f"{path} has model setting(s) {', '.join(map(repr, unknown))} that gptmini {__version__} does "
+            f"not know; it was written by gptmini {info.get('version', 'unknown')}: read it with that "
+            "version or a newer one."
+        )
+    return GPTConfig(**config)
 
 
 def save_model_checkpoint(path: str | os.PathLike, model: torch.nn.Module, tokenizer_spec: dict) -> Path:
@@ -153,24 +206,19 @@ class LoadedCheckpoint:
 
 def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load a self-contained checkpoint into an eval-mode GPT on ``device``, plus its tokenizer."""
-    from gptmini import GPT, GPTConfig
+    from gptmini import GPT
     from gptmini.data.tokenizer import tokenizer_from_spec
 
     path = resolve_checkpoint(spec)
     checkpoint = read_checkpoint(path, map_location="cpu")
-    info = checkpoint.get(GPTMINI_KEY)
-    if not isinstance(info, dict) or "model_config" not in info:
-        raise GptMiniError(
-            f"{path} has no gptmini model config: it was not written by gptmini's train.py. "
-            "Retrain, or export with gptmini.checkpoint.save_model_checkpoint."
-        )
+    info = gptmini_info(checkpoint, path)
+    config = model_config_of(info, path)
     if not info.get("tokenizer"):
         raise GptMiniError(
             f"{path} has no tokenizer information, so its token ids cannot be turned into text. "
             "Use a checkpoint written by gptmini's train.py."
         )
     tokenizer = tokenizer_from_spec(info["tokenizer"])
-    config = GPTConfig(**info["model_config"])
     model = GPT(config)
     load_weights(model, model_state_dict(checkpoint), source=path)
     model.to(device).eval()

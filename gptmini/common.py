@@ -97,6 +97,15 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+# Full disk, quota, read-only file system, no permission: faults of the machine, not bugs of the program.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def is_environment_fault(error: BaseException) -> bool:
+    """Whether ``error`` is a full disk or a permission problem (answered in one line, no traceback)."""
+    return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
+
+
 def describe_os_error(error: OSError, what: str) -> str:
     """One line for an OSError while writing ``what``: a full disk, no permission, or the OS's own words."""
     if error.errno == errno.ENOSPC:

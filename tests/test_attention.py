@@ -1,5 +1,9 @@
 """The chapter-3 attention ladder and the efficient attention: numbers, shapes, causality, weight layout."""
 
+import inspect
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,12 +15,16 @@ from gptmini.model.attention import (
     EXAMPLE_INPUTS,
     CausalAttention,
     CausalSelfAttention,
+    CompactMultiHeadAttention,
     KVCache,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention,
+    SelfAttentionV1,
+    StackedHeadsAttention,
     simplified_self_attention,
 )
+from gptmini.model.walkthrough import chapter3_numbers, fused_from_stacked_heads, main
 
 KINDS = list(ATTENTION_CLASSES)
 
@@ -138,3 +146,233 @@ def test_ladder_variants_refuse_a_cache(cls):
 def test_bad_head_count():
     with pytest.raises(GptMiniError, match="n_embd=30 is not divisible by n_head=4"):
         CausalSelfAttention(30, 4, 16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The book's numbers: chapter 3's notebook output on the six-word example, with the book's seeds
+# ---------------------------------------------------------------------------------------------------------
+
+BOOK_SELF_ATTENTION_V1 = [  # seed 123, SelfAttention_v1(3, 2); row 1 is z²
+    [0.2996, 0.8053],
+    [0.3061, 0.8210],
+    [0.3058, 0.8203],
+    [0.2948, 0.7939],
+    [0.2927, 0.7891],
+    [0.2990, 0.8040],
+]
+BOOK_SELF_ATTENTION_V2 = [  # seed 789, SelfAttention_v2(3, 2)
+    [-0.0739, 0.0713],
+    [-0.0748, 0.0703],
+    [-0.0749, 0.0702],
+    [-0.0760, 0.0685],
+    [-0.0763, 0.0679],
+    [-0.0754, 0.0693],
+]
+BOOK_CAUSAL = [  # seed 123, CausalAttention(3, 2, 6, 0.0), each copy of the batch
+    [-0.4519, 0.2216],
+    [-0.5874, 0.0058],
+    [-0.6300, -0.0632],
+    [-0.5675, -0.0843],
+    [-0.5526, -0.0981],
+    [-0.5299, -0.1081],
+]
+BOOK_WRAPPER = [  # seed 123, MultiHeadAttentionWrapper(3, 2, 6, 0.0, num_heads=2): head 0 is BOOK_CAUSAL
+    [-0.4519, 0.2216, 0.4772, 0.1063],
+    [-0.5874, 0.0058, 0.5891, 0.3257],
+    [-0.6300, -0.0632, 0.6202, 0.3860],
+    [-0.5675, -0.0843, 0.5478, 0.3589],
+    [-0.5526, -0.0981, 0.5321, 0.3428],
+    [-0.5299, -0.1081, 0.5077, 0.3493],
+]
+BOOK_COMPACT = [  # seed 123, MultiHeadAttention(3, 2, 6, 0.0, num_heads=2)
+    [0.3190, 0.4858],
+    [0.2943, 0.3897],
+    [0.2856, 0.3593],
+    [0.2693, 0.3873],
+    [0.2639, 0.3928],
+    [0.2575, 0.4028],
+]
+
+
+def _inputs() -> torch.Tensor:
+    return torch.tensor(EXAMPLE_INPUTS)  # (6, 3)
+
+
+def _batch() -> torch.Tensor:
+    return torch.stack([_inputs(), _inputs()])  # (2, 6, 3)
+
+
+def _assert_book(got: torch.Tensor, expected) -> None:
+    """Equal to the book's printed value to 4 decimals."""
+    torch.testing.assert_close(got.detach(), torch.tensor(expected).expand_as(got), atol=5e-5, rtol=0)
+
+
+def test_self_attention_v1_book_numbers():
+    torch.manual_seed(123)
+    out = SelfAttentionV1(3, 2)(_inputs())
+    _assert_book(out, BOOK_SELF_ATTENTION_V1)
+    _assert_book(out[1], [0.3061, 0.8210])  # z²
+
+
+def test_self_attention_linear_book_numbers():
+    torch.manual_seed(789)
+    out = SelfAttention(3, 2)(_inputs())
+    _assert_book(out, BOOK_SELF_ATTENTION_V2)
+    _assert_book(out[0], [-0.0739, 0.0713])
+
+
+def test_causal_attention_book_numbers():
+    torch.manual_seed(123)
+    out = CausalAttention(3, 2, 6, 0.0)(_batch())
+    assert out.shape == (2, 6, 2)
+    _assert_book(out, BOOK_CAUSAL)
+    _assert_book(out[0, 0], [-0.4519, 0.2216])
+
+
+def test_stacked_heads_book_numbers():
+    torch.manual_seed(123)
+    out = StackedHeadsAttention(3, 2, 6, 0.0, num_heads=2)(_batch())
+    assert out.shape == (2, 6, 4)
+    _assert_book(out, BOOK_WRAPPER)
+    _assert_book(out[0, 0], [-0.4519, 0.2216, 0.4772, 0.1063])
+
+
+def test_compact_multihead_book_numbers():
+    torch.manual_seed(123)
+    mha = CompactMultiHeadAttention(3, 2, 6, 0.0, num_heads=2)
+    assert mha.head_dim == 1
+    # The book builds W_query, W_key, W_value, then out_proj; the parameter order records the build order.
+    assert [name for name, _ in mha.named_parameters()] == [
+        "W_query.weight",
+        "W_key.weight",
+        "W_value.weight",
+        "out_proj.weight",
+        "out_proj.bias",
+    ]
+    out = mha(_batch())
+    _assert_book(out, BOOK_COMPACT)
+    _assert_book(out[0, 0], [0.3190, 0.4858])
+
+
+def test_book_heads_in_fused_layout_give_book_numbers():
+    torch.manual_seed(123)
+    stacked = StackedHeadsAttention(3, 2, 6, 0.0, num_heads=2)
+    fused = fused_from_stacked_heads(stacked)
+    assert isinstance(fused, MultiHeadAttentionWrapper)
+    assert (fused.n_embd, fused.n_head, fused.block_size) == (4, 2, 6)
+    padded = torch.nn.functional.pad(_batch(), (0, 1))  # (2, 6, 4): the zero 4th feature meets zero weights
+    expected = stacked(_batch())
+    for cls in ATTENTION_CLASSES.values():  # the fused layout's state_dict loads into every model class
+        other = cls(4, 2, 6, 0.0, False)
+        other.load_state_dict(fused.state_dict())
+        got = other(padded)
+        _assert_book(got, BOOK_WRAPPER)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d_in", [3, 6])
+def test_fused_from_stacked_heads_with_bias(d_in):
+    torch.manual_seed(0)
+    stacked = StackedHeadsAttention(d_in, 3, 8, 0.1, num_heads=2, qkv_bias=True).eval()
+    fused = fused_from_stacked_heads(stacked).eval()
+    x = torch.randn(2, 7, d_in)
+    got = fused(torch.nn.functional.pad(x, (0, 6 - d_in)))
+    torch.testing.assert_close(got, stacked(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fused_from_stacked_heads_refuses_wide_inputs():
+    with pytest.raises(GptMiniError, match="d_in=5 is wider than num_heads·d_out=4"):
+        fused_from_stacked_heads(StackedHeadsAttention(5, 2, 6, 0.0, num_heads=2))
+
+
+def test_compact_book_weights_load_into_fused_mha():
+    # With d_in == d_out the book's compact MHA is the model's MultiHeadAttention: qkv stacks the three
+    # projections, proj is out_proj (the book's query/key/value layers have no bias, so qkv's is zero).
+    torch.manual_seed(0)
+    book = CompactMultiHeadAttention(8, 8, 16, 0.0, num_heads=4)
+    fused = MultiHeadAttention(8, 4, 16, 0.0, True)
+    qkv_weight = torch.cat([book.W_query.weight, book.W_key.weight, book.W_value.weight])  # (24, 8)
+    fused.load_state_dict(
+        {
+            "qkv.weight": qkv_weight,
+            "qkv.bias": torch.zeros(24),
+            "proj.weight": book.out_proj.weight,
+            "proj.bias": book.out_proj.bias,
+        }
+    )
+    x = torch.randn(3, 10, 8)
+    torch.testing.assert_close(fused(x), book(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compact_multihead_bad_head_count():
+    with pytest.raises(GptMiniError, match="d_out=6 is not divisible by num_heads=4"):
+        CompactMultiHeadAttention(3, 6, 8, 0.0, num_heads=4)
+
+
+def test_book_rungs_shapes_and_causality():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3)
+    assert SelfAttentionV1(3, 2)(x).shape == (6, 2)
+    assert StackedHeadsAttention(3, 2, 8, 0.1, num_heads=3)(x.expand(4, 6, 3)).shape == (4, 6, 6)
+    compact = CompactMultiHeadAttention(3, 6, 8, 0.1, num_heads=3, qkv_bias=True)
+    assert compact(x.expand(4, 6, 3)).shape == (4, 6, 6)
+    _assert_causal(StackedHeadsAttention(8, 2, 16, 0.0, num_heads=2), torch.randn(2, 12, 8), t=4)
+    _assert_causal(CompactMultiHeadAttention(8, 8, 16, 0.0, num_heads=4), torch.randn(2, 12, 8), t=4)
+
+
+def test_rungs_share_argument_names():
+    # Each rung keeps the previous rung's argument names, in order, and only appends new ones.
+    ladder = [
+        SelfAttentionV1,
+        SelfAttention,
+        CausalAttention,
+        StackedHeadsAttention,
+        CompactMultiHeadAttention,
+    ]
+    names = [list(inspect.signature(cls).parameters) for cls in ladder]
+    assert names[0] == ["d_in", "d_out"]
+    assert names[-1] == ["d_in", "d_out", "context_length", "dropout", "num_heads", "qkv_bias"]
+    for before, after in zip(names, names[1:], strict=False):
+        assert [n for n in after if n in before] == before, (before, after)
+
+
+BOOK_WALKTHROUGH = {
+    "scores_2": [0.9544, 1.4950, 1.4754, 0.8434, 0.7070, 1.0865],
+    "weights_2": [0.1385, 0.2379, 0.2333, 0.1240, 0.1082, 0.1581],
+    "context_2": [0.4419, 0.6515, 0.5683],
+    "self_attention_v1_z2": [0.3061, 0.8210],
+    "self_attention_row1": [-0.0739, 0.0713],
+    "causal_row1": [-0.4519, 0.2216],
+    "stacked_row1": [-0.4519, 0.2216, 0.4772, 0.1063],
+    "compact_row1": [0.3190, 0.4858],
+    "fused_heads_row1": [-0.4519, 0.2216, 0.4772, 0.1063],
+    "fused_mha_row1": [-0.4519, 0.2216, 0.4772, 0.1063],
+    "fused_sdpa_row1": [-0.4519, 0.2216, 0.4772, 0.1063],
+}
+
+
+def test_walkthrough_numbers_are_the_books():
+    numbers = chapter3_numbers()
+    assert set(numbers) == set(BOOK_WALKTHROUGH)
+    for key, expected in BOOK_WALKTHROUGH.items():
+        _assert_book(numbers[key], expected)
+
+
+def _book_strings() -> list[str]:
+    return ["[" + ", ".join(f"{v:.4f}" for v in values) + "]" for values in BOOK_WALKTHROUGH.values()]
+
+
+def test_walkthrough_prints_the_books_numbers(capsys):
+    main()
+    printed = capsys.readouterr().out
+    for text in _book_strings():
+        assert text in printed, text
+    assert printed.count("[-0.4519, 0.2216, 0.4772, 0.1063]") == 4  # the book's heads, then 3 fused classes
+
+
+def test_attention_module_runs_the_walkthrough():
+    result = subprocess.run(
+        [sys.executable, "-m", "gptmini.model.attention"], capture_output=True, text=True, check=True
+    )
+    for text in _book_strings():
+        assert text in result.stdout, text

@@ -1,8 +1,16 @@
 """Corpora, token caches and the DataModule: splits, caching, windows, resume, ranks and bad input."""
 
+import errno
 import json
+import logging
 import multiprocessing
+import os
+import pickle
 import random
+import signal
+import subprocess
+import sys
+import time
 import urllib.error
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,15 +18,17 @@ from types import SimpleNamespace
 import lightning as L
 import numpy as np
 import pytest
+import tiktoken
 import torch
+from filelock import FileLock
 
 import gptmini.data.corpus as corpus_mod
 import gptmini.data.token_cache as cache_mod
 from gptmini.common import GptMiniError
-from gptmini.data.corpus import DataConfig, resolve_corpus
+from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.datamodule import TextDataModule, TrainBatches, ValWindows
-from gptmini.data.token_cache import load_cached_tokenizer, open_tokens, prepare_cache, read_meta
-from gptmini.data.tokenizer import EOT, TokenizerConfig
+from gptmini.data.token_cache import TokenCache, open_cache, prepare_cache, read_meta
+from gptmini.data.tokenizer import EOT, TokenizerConfig, tokenizer_to_spec, train_bpe
 
 TOK = TokenizerConfig(name="bpe", vocab_size=300)
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
@@ -45,8 +55,12 @@ def text_config(tmp_path: Path, path: Path, **kwargs) -> DataConfig:
     return DataConfig(name="text", path=str(path), cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
-def tokens_of(folder: Path, split: str) -> np.ndarray:
-    return np.asarray(open_tokens(folder / f"{split}.bin", read_meta(folder)["dtype"]))
+def prepared(data: DataConfig, tok: TokenizerConfig = TOK, encoding=None) -> TokenCache:
+    return open_cache(prepare_cache(data, tok, encoding))
+
+
+def decoded(cache: TokenCache, split: str) -> str:
+    return cache.tokenizer.decode(cache.tokens(split).tolist())
 
 
 def datamodule(tmp_path: Path, block_size: int = 16, batch_size: int = 4, **kwargs) -> TextDataModule:
@@ -54,14 +68,26 @@ def datamodule(tmp_path: Path, block_size: int = 16, batch_size: int = 4, **kwar
     if not corpus.exists():
         make_corpus(corpus)
     data = text_config(tmp_path, corpus, batch_size=batch_size)
-    dm = TextDataModule(data, TOK, block_size=block_size, **kwargs)
-    dm.setup()
-    return dm
+    return TextDataModule(prepared(data), data, block_size=block_size, **kwargs)
 
 
 def first_batches(dm: TextDataModule, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     iterator = iter(dm.train_dataloader())
     return [next(iterator) for _ in range(n)]
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files or folders anywhere under root (what a failed or killed build could leave)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name.endswith(".tmp"))
+
+
+def one_line_error(info: pytest.ExceptionInfo) -> str:
+    """The message of a GptMiniError that train.py prints as one line, with no chained traceback."""
+    message = str(info.value)
+    error = info.value
+    assert "\n" not in message and error.__cause__ is None
+    assert error.__context__ is None or error.__suppress_context__
+    return message
 
 
 # --- configs and bad input ---
@@ -83,10 +109,13 @@ def test_config_validation():
 def test_mapping_configs_are_accepted_and_checked(tmp_path):
     make_corpus(tmp_path / "corpus")
     data = {"name": "text", "path": str(tmp_path / "corpus"), "cache_dir": str(tmp_path / "cache")}
-    dm = TextDataModule(data, {"name": "bpe", "vocab_size": 300}, block_size=8)
-    assert dm.data_config.name == "text" and dm.tokenizer_config.vocab_size == 300
+    cache = open_cache(prepare_cache(data, {"name": "bpe", "vocab_size": 300}))
+    dm = TextDataModule(cache, data, block_size=8)
+    assert dm.data_config.name == "text" and cache.vocab_size == 300
     with pytest.raises(GptMiniError, match="valid keys"):
-        TextDataModule({"name": "text", "pth": "x"}, TOK, block_size=8)
+        TextDataModule(cache, {"name": "text", "pth": "x"}, block_size=8)
+    with pytest.raises(GptMiniError, match="valid keys"):
+        prepare_cache(data, {"name": "bpe", "vocab": 300})
 
 
 def test_missing_path(tmp_path):
@@ -94,6 +123,8 @@ def test_missing_path(tmp_path):
         prepare_cache(text_config(tmp_path, tmp_path / "nope.txt"), TOK)
     with pytest.raises(GptMiniError, match="matches no files"):
         prepare_cache(text_config(tmp_path, tmp_path / "*.nothing"), TOK)
+    with pytest.raises(GptMiniError, match="matches no files"):
+        prepare_cache(text_config(tmp_path, tmp_path / "no-such-folder" / "*.txt"), TOK)
     with pytest.raises(GptMiniError, match="does not exist"):
         prepare_cache(DataConfig(name="shakespeare", path=str(tmp_path / "nope.txt")), TOK)
 
@@ -113,18 +144,29 @@ def test_empty_file_and_empty_directory(tmp_path):
 
 def test_corpus_shorter_than_one_window(tmp_path):
     (tmp_path / "tiny.txt").write_text("just a few words here\n" * 3)
-    dm = TextDataModule(text_config(tmp_path, tmp_path / "tiny.txt"), TOK, block_size=512)
+    data = text_config(tmp_path, tmp_path / "tiny.txt")
+    with pytest.warns(UserWarning, match="only supported"):  # too little text for 300 tokens
+        cache = prepared(data)
     with pytest.raises(GptMiniError, match="block_size") as info:
-        dm.setup()
-    train_tokens = read_meta(prepare_cache(dm.data_config, TOK))["train_tokens"]
-    assert f"has {train_tokens} tokens" in str(info.value) and "513" in str(info.value)
+        TextDataModule(cache, data, block_size=512)
+    assert f"has {cache.meta['train_tokens']} tokens" in str(info.value) and "513" in str(info.value)
 
 
-def test_bad_block_size_and_seed(tmp_path):
+def test_batch_larger_than_the_training_split(tmp_path):
+    (tmp_path / "small.txt").write_text(make_text(0, lines=20))
+    data = text_config(tmp_path, tmp_path / "small.txt", batch_size=64)
+    with pytest.raises(GptMiniError, match="data.batch_size=64"):
+        TextDataModule(prepared(data), data, block_size=32)
+
+
+def test_bad_block_size_seed_and_cache(tmp_path):
+    dm = datamodule(tmp_path)
     with pytest.raises(GptMiniError, match="block_size"):
-        TextDataModule(DataConfig(), TOK, block_size=0)
+        TextDataModule(dm.cache, dm.data_config, block_size=0)
     with pytest.raises(GptMiniError, match="seed"):
-        TextDataModule(DataConfig(), TOK, block_size=8, seed=-1)
+        TextDataModule(dm.cache, dm.data_config, block_size=8, seed=-1)
+    with pytest.raises(GptMiniError, match="open_cache"):
+        TextDataModule(dm.cache.folder, dm.data_config, block_size=8)
 
 
 # --- corpora and splits ---
@@ -134,13 +176,12 @@ def test_documents_joined_by_eot_id(tmp_path):
     texts = make_corpus(tmp_path / "corpus")
     texts[1] = f"this document mentions {EOT} literally\n" + texts[1]
     (tmp_path / "corpus" / "doc1.txt").write_text(texts[1])
-    folder = prepare_cache(text_config(tmp_path, tmp_path / "corpus", val_fraction=0.0), TOK)
-    enc = load_cached_tokenizer(folder)
-    tokens = tokens_of(folder, "train").tolist()
-    assert tokens.count(enc.eot_token) == len(texts) - 1  # separators only; the literal is ordinary text
-    assert enc.decode(tokens) == EOT.join(texts)
-    meta = read_meta(folder)
-    assert meta["val_tokens"] == 0 and meta["train_bytes"] == sum(len(t.encode()) for t in texts)
+    cache = prepared(text_config(tmp_path, tmp_path / "corpus", val_fraction=0.0))
+    tokens = cache.tokens("train").tolist()
+    assert tokens.count(cache.tokenizer.eot_token) == len(texts) - 1  # separators only; the literal is text
+    assert cache.tokenizer.decode(tokens) == EOT.join(texts)
+    assert cache.meta["val_tokens"] == 0 and cache.meta["train_bytes"] == sum(len(t.encode()) for t in texts)
+    assert len(cache.tokens("val")) == 0
 
 
 def test_split_is_last_fraction_by_bytes_at_a_character_boundary(tmp_path):
@@ -148,17 +189,15 @@ def test_split_is_last_fraction_by_bytes_at_a_character_boundary(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text(text)
     for fraction in (0.1, 0.37):
-        folder = prepare_cache(text_config(tmp_path, path, val_fraction=fraction), TOK)
-        enc = load_cached_tokenizer(folder)
-        train, val = (
-            enc.decode(tokens_of(folder, "train").tolist()),
-            enc.decode(tokens_of(folder, "val").tolist()),
-        )
+        cache = prepared(text_config(tmp_path, path, val_fraction=fraction))
+        train, val = decoded(cache, "train"), decoded(cache, "val")
         assert train + val == text
         cut = int(len(text.encode()) * (1 - fraction))
         assert 0 <= len(train.encode()) - cut <= 3  # moved forward to the next character at most
-        meta = read_meta(folder)
-        assert (meta["train_bytes"], meta["val_bytes"]) == (len(train.encode()), len(val.encode()))
+        assert (cache.meta["train_bytes"], cache.meta["val_bytes"]) == (
+            len(train.encode()),
+            len(val.encode()),
+        )
 
 
 def test_long_documents_encode_as_if_whole(tmp_path, monkeypatch):
@@ -167,19 +206,17 @@ def test_long_documents_encode_as_if_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus_mod, "PIECE_CHARS", 256)
     text = "".join(f"    indented {i}\n\n\nword{i} x = [{i}]\n  \n" for i in range(200))
     (tmp_path / "long.txt").write_text(text)
-    folder = prepare_cache(text_config(tmp_path, tmp_path / "long.txt", val_fraction=0.0), TOK)
-    enc = load_cached_tokenizer(folder)
-    assert tokens_of(folder, "train").tolist() == enc.encode_ordinary(text)
+    cache = prepared(text_config(tmp_path, tmp_path / "long.txt", val_fraction=0.0))
+    assert cache.tokens("train").tolist() == cache.tokenizer.encode_ordinary(text)
 
 
 def test_invalid_utf8_is_replaced_and_reported(tmp_path):
     good = make_text(0)
     (tmp_path / "bad.txt").write_bytes(good.encode() + b"caf\xe9 \xff\xfe end\n")
     with pytest.warns(UserWarning, match="replaced 3 invalid UTF-8"):
-        folder = prepare_cache(text_config(tmp_path, tmp_path / "bad.txt", val_fraction=0.0), TOK)
-    assert read_meta(folder)["invalid_utf8_bytes"] == 3
-    enc = load_cached_tokenizer(folder)
-    assert enc.decode(tokens_of(folder, "train").tolist()).endswith("caf\ufffd \ufffd\ufffd end\n")
+        cache = prepared(text_config(tmp_path, tmp_path / "bad.txt", val_fraction=0.0))
+    assert cache.meta["invalid_utf8_bytes"] == 3
+    assert decoded(cache, "train").endswith("caf\ufffd \ufffd\ufffd end\n")
 
 
 def test_binary_and_hidden_files_are_skipped(tmp_path):
@@ -195,8 +232,53 @@ def test_binary_and_hidden_files_are_skipped(tmp_path):
 
 def test_glob_path(tmp_path):
     make_corpus(tmp_path / "corpus")
-    corpus = resolve_corpus(text_config(tmp_path, tmp_path / "corpus" / "**" / "*.txt"))
-    assert sorted(p.name for p in corpus.files) == ["doc0.txt", "doc1.txt", "doc2.txt"]
+    (tmp_path / "corpus" / "notes.md").write_text("# notes\n")
+    (tmp_path / "corpus" / ".hidden").mkdir()
+    (tmp_path / "corpus" / ".hidden" / "secret.txt").write_text("hidden\n")
+    names = {
+        pattern: [p.relative_to(tmp_path / "corpus").as_posix() for p in files]
+        for pattern in ("**/*.txt", "*.txt", "*", "sub/*", "doc[01].txt", "**/.hidden/*.txt")
+        for files in [resolve_corpus(text_config(tmp_path, tmp_path / "corpus" / pattern)).files]
+    }
+    assert names == {  # as glob.glob(recursive=True) matches; a matched folder stands for its files
+        "**/*.txt": ["doc0.txt", "doc1.txt", "sub/doc2.txt"],
+        "*.txt": ["doc0.txt", "doc1.txt"],
+        "*": ["doc0.txt", "doc1.txt", "notes.md", "sub/doc2.txt"],
+        "sub/*": ["sub/doc2.txt"],
+        "doc[01].txt": ["doc0.txt", "doc1.txt"],
+        "**/.hidden/*.txt": [".hidden/secret.txt"],
+    }
+
+
+def test_glob_does_not_follow_links_to_folders(tmp_path):
+    # A link to the parent folder: glob.glob("**") followed it dozens of times, so the validation split (the
+    # last files) also sat in the training split, again and again.
+    root = tmp_path / "corpus"
+    texts = make_corpus(root, n_files=4)
+    (root / "sub" / "up").symlink_to("..", target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "zz-again.txt").symlink_to(root / "doc0.txt")  # the same file by a second path
+    glob_data = text_config(tmp_path, root / "**" / "*.txt", val_fraction=0.25)
+    started = time.perf_counter()
+    with pytest.warns(
+        UserWarning, match=r"skipped 1 file.*links to a file already in the corpus.*zz-again\.txt"
+    ):
+        cache = prepared(glob_data)
+    assert time.perf_counter() - started < 30
+    with pytest.warns(UserWarning, match="links to a file"):
+        files = resolve_corpus(glob_data).files
+    assert [p.relative_to(root).as_posix() for p in files] == [
+        "doc0.txt",
+        "doc1.txt",
+        "doc2.txt",
+        "sub/doc3.txt",
+    ]
+    train, val = decoded(cache, "train"), decoded(cache, "val")
+    assert train.replace(EOT, "") + val == "".join(texts)  # each text once
+    assert len(val) > 1000 and val not in train
+    # The directory form lists the same files in the same order, so it shares the cache.
+    with pytest.warns(UserWarning, match="links to a file"):
+        assert prepare_cache(text_config(tmp_path, root, val_fraction=0.25), TOK) == cache.folder
 
 
 def test_pystdlib_corpus_lists_library_source_only():
@@ -210,22 +292,33 @@ def test_pystdlib_corpus_lists_library_source_only():
 
 
 def test_pystdlib_default_cache(tmp_path):
-    dm = TextDataModule(DataConfig(cache_dir=str(tmp_path)), TokenizerConfig(), block_size=64)
-    dm.setup()
-    assert dm.vocab_size == 4096 and dm.meta["dtype"] == "uint16"
-    assert dm.cache_dir.parent == tmp_path / "pystdlib" / "bpe-4096-gpt4"
-    assert 2.5 < dm.bytes_per_token("val") < 6  # code tokenizes at ~3.5 bytes per token
-    assert dm.meta["train_bytes"] > 8 * dm.meta["val_bytes"]
+    cache = prepared(DataConfig(cache_dir=str(tmp_path)), TokenizerConfig())
+    assert cache.vocab_size == 4096 and cache.meta["dtype"] == "uint16"
+    assert cache.folder.parent == tmp_path / "pystdlib" / "bpe-4096-gpt4"
+    assert 2.5 < cache.bytes_per_token("val") < 6  # code tokenizes at ~3.5 bytes per token
+    assert cache.meta["train_bytes"] > 8 * cache.meta["val_bytes"]
 
 
-def test_default_cache_dir_is_the_repository_data_folder():
-    assert corpus_mod.DEFAULT_CACHE_DIR == Path(corpus_mod.__file__).resolve().parents[2] / "data"
+def test_default_cache_dir_is_the_repository_data_folder(tmp_path, monkeypatch, repo_root):
+    monkeypatch.chdir(tmp_path)  # not the directory you run in
+    assert cache_root(DataConfig()) == repo_root / "data"
+    assert cache_root(DataConfig(cache_dir=str(tmp_path / "mine"))) == tmp_path / "mine"
 
 
-def test_token_dtype():
-    assert cache_mod._token_dtype(50257) is np.uint16
-    assert cache_mod._token_dtype(65535) is np.uint16
-    assert cache_mod._token_dtype(100277) is np.uint32
+def test_token_files_hold_every_id(tmp_path):
+    # 300 ids fit two bytes per token; a vocabulary beyond 65535 ids needs four, and its ids must survive.
+    make_corpus(tmp_path / "corpus")
+    small = prepared(text_config(tmp_path, tmp_path / "corpus"))
+    assert (small.folder / "train.bin").stat().st_size == 2 * small.meta["train_tokens"]
+    # Every byte pair is a token and single bytes (each one a pre-token here) have the ids above 65535.
+    ranks = {bytes([a, b]): a * 256 + b for a in range(256) for b in range(256)}
+    ranks |= {bytes([i]): 65536 + i for i in range(256)}
+    ranks = dict(sorted(ranks.items(), key=lambda item: item[1]))
+    big = tiktoken.Encoding("bytes-big", pat_str=r"\S|\s", mergeable_ranks=ranks, special_tokens={EOT: 65792})
+    cache = prepared(text_config(tmp_path, tmp_path / "corpus"), encoding=big)
+    assert cache.vocab_size == 65793 and cache.tokens("train").max() > 65535
+    assert (cache.folder / "train.bin").stat().st_size == 4 * cache.meta["train_tokens"]
+    assert decoded(cache, "train").split(EOT)[0] == (tmp_path / "corpus" / "doc0.txt").read_text()
 
 
 # --- shakespeare ---
@@ -233,46 +326,64 @@ def test_token_dtype():
 
 def test_shakespeare_local_copy_split_matches_nanogpt(tmp_path, shakespeare_path):
     data = DataConfig(name="shakespeare", path=str(shakespeare_path), cache_dir=str(tmp_path))
-    folder = prepare_cache(data, TokenizerConfig(vocab_size=512))
-    enc = load_cached_tokenizer(folder)
+    cache = prepared(data, TokenizerConfig(vocab_size=512))
     text = shakespeare_path.read_text()
     assert len(text) == 1_115_394
-    assert enc.decode(tokens_of(folder, "val").tolist()) == text[int(len(text) * 0.9) :]
+    assert decoded(cache, "val") == text[int(len(text) * 0.9) :]
+
+
+class _Response:
+    def __init__(self, body):
+        self.body = body
+
+    def read(self):
+        return self.body
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def test_shakespeare_download_verified_and_atomic(tmp_path, monkeypatch, shakespeare_path):
     content = shakespeare_path.read_bytes()
     calls = []
 
-    class Response:
-        def __init__(self, body):
-            self.body = body
-
-        def read(self):
-            return self.body
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
     def fake_urlopen(url, timeout):
         calls.append((url, timeout))
-        return Response(content)
+        return _Response(content)
 
+    # An orphan of a download killed mid-write (kill -9) is cleaned up by the next one.
+    orphan = tmp_path / "shakespeare" / ".input.txt.abc123.tmp"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real_fsync(fd))
     monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", fake_urlopen)
     corpus = resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path)))
     assert corpus.files == [tmp_path / "shakespeare" / "input.txt"]
-    assert corpus.files[0].read_bytes() == content
+    assert corpus.files[0].read_bytes() == content and fsynced  # on disk before it is renamed into place
     assert calls[0][0] == corpus_mod.SHAKESPEARE_URL and calls[0][1] <= 30
+    assert leftovers(tmp_path) == []
     resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path)))
     assert len(calls) == 1  # downloaded once
 
-    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", lambda url, timeout: Response(b"corrupt"))
+    monkeypatch.setattr(corpus_mod.urllib.request, "urlopen", lambda url, timeout: _Response(b"corrupt"))
     with pytest.raises(GptMiniError, match="sha256"):
         resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(tmp_path / "other")))
     assert not (tmp_path / "other" / "shakespeare" / "input.txt").exists()
+
+
+def test_shakespeare_download_into_a_read_only_folder(read_only_dir, monkeypatch, shakespeare_path):
+    monkeypatch.setattr(
+        corpus_mod.urllib.request, "urlopen", lambda url, timeout: _Response(shakespeare_path.read_bytes())
+    )
+    with pytest.raises(GptMiniError, match="cannot write Tiny Shakespeare") as info:
+        resolve_corpus(DataConfig(name="shakespeare", cache_dir=str(read_only_dir)))
+    assert "data.cache_dir=" in one_line_error(info) and str(read_only_dir) in str(info.value)
 
 
 def test_shakespeare_offline_gives_both_remedies(tmp_path, monkeypatch):
@@ -300,13 +411,13 @@ def test_cache_reused_then_invalidated(tmp_path):
     data = text_config(tmp_path, tmp_path / "corpus")
     folder = prepare_cache(data, TOK)
     stamp = (folder / "train.bin").stat().st_mtime_ns
-    before = tokens_of(folder, "train").copy()
+    before = open_cache(folder).tokens("train").copy()
     assert prepare_cache(data, TOK) == folder
     assert (folder / "train.bin").stat().st_mtime_ns == stamp  # not re-tokenized
 
     (tmp_path / "corpus" / "doc0.txt").write_text(texts[0] + "a brand new closing line.\n")
     changed = prepare_cache(data, TOK)
-    assert changed != folder and not np.array_equal(tokens_of(changed, "train"), before)
+    assert changed != folder and not np.array_equal(open_cache(changed).tokens("train"), before)
     other_tokenizer = prepare_cache(data, TokenizerConfig(vocab_size=300, pattern="gpt2"))
     assert other_tokenizer.parent.name == "bpe-300-gpt2"
     other_split = prepare_cache(text_config(tmp_path, tmp_path / "corpus", val_fraction=0.2), TOK)
@@ -327,6 +438,63 @@ def test_meta_contents(tmp_path):
     ):
         assert key in meta
     assert meta["tokenizer_id"] == "bpe-300-gpt4" and meta["dtype"] == "uint16"
+
+
+def test_token_cache_attributes(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    cache = prepared(text_config(tmp_path, tmp_path / "corpus"))
+    assert cache.vocab_size == cache.tokenizer.n_vocab == 300
+    assert (
+        cache.tokenizer_spec == tokenizer_to_spec(cache.tokenizer) and cache.tokenizer_spec["kind"] == "bpe"
+    )
+    json.dumps(cache.tokenizer_spec)  # plain values only
+    for split in ("train", "val"):
+        assert len(cache.tokens(split)) == cache.meta[f"{split}_tokens"] > 0
+        assert cache.bytes_per_token(split) == cache.meta[f"{split}_bytes"] / cache.meta[f"{split}_tokens"]
+    with pytest.raises(GptMiniError, match="split='test'"):
+        cache.bytes_per_token("test")
+
+
+def test_bpe_training_reports_one_line_not_rustbpe_progress(tmp_path, caplog):
+    make_corpus(tmp_path / "corpus")
+    caplog.set_level(logging.INFO)  # as train.py's logging shows it
+    prepare_cache(text_config(tmp_path, tmp_path / "corpus"), TOK)
+    assert [r for r in caplog.records if r.name.startswith("rustbpe")] == []
+    lines = [r.getMessage() for r in caplog.records if r.name == cache_mod.__name__]
+    assert any(line.startswith("training a 300-token BPE on 0.0 MB of text files from") for line in lines)
+    assert any(line.startswith("trained the BPE in") for line in lines) and len(lines) <= 4
+
+
+def test_given_encoding_is_used_exactly_and_cached_apart(tmp_path, caplog):
+    texts = make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus", val_fraction=0.0)
+    trained = prepared(data)
+    # A checkpoint's tokenizer, trained on other text with the same settings: same name, other vocabulary.
+    other = train_bpe([make_text(seed, 300) for seed in (7, 8, 9)], vocab_size=300)
+    assert other.name == trained.tokenizer.name and tokenizer_to_spec(other) != trained.tokenizer_spec
+    caplog.set_level(logging.INFO)
+    cache = prepared(data, encoding=other)
+    assert not any("training a" in r.getMessage() for r in caplog.records)  # no BPE trained
+    assert cache.folder != trained.folder and cache.tokenizer_spec == tokenizer_to_spec(other)
+    assert cache.tokens("train").tolist()[:50] == other.encode_ordinary(texts[0])[:50]
+    assert prepare_cache(data, TOK, other) == cache.folder  # found again
+    assert open_cache(trained.folder).tokenizer_spec == trained.tokenizer_spec  # the other is untouched
+
+
+def test_given_named_encoding(tmp_path, gpt2_available):
+    make_corpus(tmp_path / "corpus")
+    cache = prepared(text_config(tmp_path, tmp_path / "corpus"), encoding=tiktoken.get_encoding("gpt2"))
+    assert cache.tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"} and cache.vocab_size == 50257
+    assert cache.folder.parent.name == "gpt2"
+
+
+def test_encoding_without_end_of_text_is_refused(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    plain = tiktoken.Encoding(
+        "plain", pat_str=r"\S+|\s+", mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={}
+    )
+    with pytest.raises(GptMiniError, match="no <\\|endoftext\\|>"):
+        prepare_cache(text_config(tmp_path, tmp_path / "corpus"), TOK, plain)
 
 
 def _prepare_in_subprocess(barrier, results, data, tok):
@@ -350,12 +518,202 @@ def test_two_processes_prepare_one_cache(tmp_path):
         process.join(timeout=30)
         assert process.exitcode == 0
     assert folders[0] == folders[1]
-    folder = Path(folders[0])
-    meta = read_meta(folder)
-    assert (folder / "train.bin").stat().st_size == meta["train_tokens"] * 2
-    assert (folder / "val.bin").stat().st_size == meta["val_tokens"] * 2
-    entries = sorted(p.name for p in folder.parent.iterdir())
-    assert entries == [folder.name, folder.name + ".lock"]  # no temporary folders left behind
+    cache = open_cache(Path(folders[0]))
+    assert (cache.folder / "train.bin").stat().st_size == cache.meta["train_tokens"] * 2
+    assert (cache.folder / "val.bin").stat().st_size == cache.meta["val_tokens"] * 2
+    assert leftovers(tmp_path / "cache") == []  # no temporary folders left behind
+    assert [p.name for p in cache.folder.parent.iterdir() if not p.name.endswith(".lock")] == [
+        cache.folder.name
+    ]
+
+
+# --- environment faults: unwritable or full cache directories, Ctrl-C, kill -9 ---
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot create anything in."""
+    if os.name == "posix" and os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif Path("/sys/kernel").is_dir():
+        yield Path("/sys/gptmini-cache")  # root may write anywhere but in a pseudo file system like sysfs
+    else:
+        pytest.skip("no read-only folder to test with")
+
+
+def test_read_only_cache_dir(tmp_path, read_only_dir):
+    make_corpus(tmp_path / "corpus")
+    data = DataConfig(name="text", path=str(tmp_path / "corpus"), cache_dir=str(read_only_dir))
+    with pytest.raises(GptMiniError, match="cannot write the token cache under") as info:
+        prepare_cache(data, TOK)
+    message = one_line_error(info)
+    assert str(read_only_dir) in message and "no permission" in message and "data.cache_dir=" in message
+
+
+def test_full_disk_leaves_no_half_written_cache(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the disk fills up while the cache is written
+    with pytest.raises(GptMiniError, match="the disk is full") as info:
+        prepare_cache(data, TOK)
+    assert f"under {tmp_path / 'cache'}" in one_line_error(info) and "data.cache_dir=" in str(info.value)
+    assert leftovers(tmp_path) == []
+    assert not [p for p in (tmp_path / "cache").rglob("meta.json")]
+    monkeypatch.undo()
+    assert open_cache(prepare_cache(data, TOK)).meta["train_tokens"] > 0  # room again: builds normally
+
+
+def test_every_cache_file_is_fsynced_before_it_appears(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real_fsync(fd))
+    folder = prepare_cache(text_config(tmp_path, tmp_path / "corpus"), TOK)
+    # token files, meta.json and the BPE's two files: each written by gptmini.common.atomic_file
+    assert len(fsynced) >= len(list(folder.iterdir())) == 5
+
+
+def test_ctrl_c_during_tokenizing_leaves_no_partial_cache(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus")
+    real_encode = tiktoken.Encoding.encode_to_numpy
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(tiktoken.Encoding, "encode_to_numpy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_cache(data, TOK)
+    assert leftovers(tmp_path) == [] and not list((tmp_path / "cache").rglob("*.bin"))
+    monkeypatch.undo()
+    assert open_cache(prepare_cache(data, TOK)).meta["train_tokens"] > 0
+
+
+@pytest.mark.slow  # a real SIGINT to a subprocess in the middle of tokenizing: ~5 s
+def test_sigint_during_tokenizing_in_a_real_process(tmp_path):
+    corpus = tmp_path / "corpus"
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").parent.mkdir(exist_ok=True)
+        (corpus / f"doc{i:02d}.txt").write_text(make_text(i, lines=6000))
+    cache = tmp_path / "cache"
+    code = (
+        "from gptmini.data.corpus import DataConfig\n"
+        "from gptmini.data.token_cache import prepare_cache\n"
+        "from gptmini.data.tokenizer import TokenizerConfig\n"
+        f"prepare_cache(DataConfig(name='text', path={str(corpus)!r}, cache_dir={str(cache)!r}), "
+        "TokenizerConfig(vocab_size=300))\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while (
+        not list(cache.rglob(".train.bin.*.tmp")) and process.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.02)  # wait until tokenizing has started writing
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
+    assert leftovers(tmp_path) == [] and not list(cache.rglob("meta.json"))
+
+
+def test_orphans_of_killed_builds_are_removed_at_the_next_prepare(tmp_path):
+    make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus")
+    parent = prepare_cache(data, TOK).parent
+    # What kill -9 leaves: half-built folders of other keys and a 0-byte temporary file of an atomic write.
+    for name in (".0123456789abcdef.tmp", ".fedcba9876543210.tmp"):
+        (parent / name).mkdir()
+        (parent / name / "train.bin").write_bytes(b"\0" * 100)
+    orphan = parent / ".meta.json.x1y2.tmp"
+    orphan.write_bytes(b"")
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
+    # A build in progress in another process holds its lock: its folder is left alone.
+    with FileLock(str(parent / "fedcba9876543210") + ".lock"):
+        prepare_cache(data, TOK)
+    assert leftovers(parent) == [".fedcba9876543210.tmp"]
+    prepare_cache(data, TOK)
+    assert leftovers(parent) == []
+
+
+# --- damaged caches ---
+
+
+def _damage_tokenizer(folder: Path) -> None:
+    (folder / "tokenizer.tiktoken").write_bytes(bytes(range(256)) * 2)  # not even UTF-8
+
+
+def _damage_ids(folder: Path) -> None:
+    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    tokens[len(tokens) // 2] = 40000  # the vocabulary has 300 ids; the size is unchanged
+    tokens.tofile(folder / "train.bin")
+
+
+def _damage_meta(key, value):
+    def damage(folder: Path) -> None:
+        meta = json.loads((folder / "meta.json").read_text())
+        meta[key] = value
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+    return damage
+
+
+def _truncate_val(folder: Path) -> None:
+    with open(folder / "val.bin", "r+b") as f:
+        f.truncate(10)
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_damage_tokenizer, "is not a saved BPE tokenizer"),
+        (_damage_ids, "train.bin holds token id 40000, the tokenizer has 300"),
+        (_damage_meta("dtype", "banana"), "dtype 'banana'"),
+        (_damage_meta("dtype", "float16"), "dtype 'float16'"),  # same size as uint16: passed the size check
+        (_damage_meta("vocab_size", 5000), "its tokenizer has 300 ids"),
+        (_damage_meta("train_tokens", "many"), "no valid train_tokens"),
+        (_truncate_val, "val.bin has 10 bytes"),
+        (lambda folder: (folder / "meta.json").write_text("{not json"), "meta.json is unreadable"),
+        (lambda folder: (folder / "train.bin").unlink(), "train.bin is missing"),
+    ],
+    ids=["tokenizer", "ids", "dtype", "float-dtype", "vocab", "counts", "size", "meta", "missing"],
+)
+def test_damaged_cache_is_one_line_naming_the_folder_and_the_fix(tmp_path, damage, reason):
+    make_corpus(tmp_path / "corpus")
+    folder = prepare_cache(text_config(tmp_path, tmp_path / "corpus"), TOK)
+    damage(folder)
+    with pytest.raises(GptMiniError, match="is damaged") as info:
+        open_cache(folder)
+    message = one_line_error(info)
+    assert reason in message and str(folder) in message and "delete that folder" in message
+
+
+def test_open_cache_of_a_missing_folder(tmp_path):
+    with pytest.raises(GptMiniError, match="there is no token cache at .*prepare_cache"):
+        open_cache(tmp_path / "nope")
+
+
+def test_cache_of_an_older_version_is_rebuilt_under_a_new_key(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus")
+    monkeypatch.setattr(cache_mod, "CACHE_VERSION", cache_mod.CACHE_VERSION - 1)
+    old = prepare_cache(data, TOK)
+    monkeypatch.undo()
+    new = prepare_cache(data, TOK)
+    assert new != old and new.parent == old.parent and open_cache(new).meta["train_tokens"] > 0
+    with pytest.raises(GptMiniError, match="written by another gptmini") as info:
+        open_cache(old)
+    assert str(old) in one_line_error(info) and "delete that folder" in str(info.value)
 
 
 # --- the DataModule ---
@@ -363,7 +721,7 @@ def test_two_processes_prepare_one_cache(tmp_path):
 
 def test_windows_are_shifted_contiguous_slices(tmp_path):
     dm = datamodule(tmp_path, block_size=16, batch_size=4)
-    tokens = tokens_of(dm.cache_dir, "train")
+    tokens = np.asarray(dm.cache.tokens("train"))
     all_windows = np.lib.stride_tricks.sliding_window_view(tokens, 17)
     for x, y in first_batches(dm, 3):
         assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
@@ -408,7 +766,7 @@ def test_ranks_get_different_windows(tmp_path):
 
 def test_validation_windows_cover_the_split(tmp_path):
     dm = datamodule(tmp_path, block_size=16, batch_size=4)
-    tokens = tokens_of(dm.cache_dir, "val")
+    tokens = np.asarray(dm.cache.tokens("val"))
     ys = torch.cat([y for _, y in dm.val_dataloader()]).flatten().numpy()
     xs = torch.cat([x for x, _ in dm.val_dataloader()]).flatten().numpy()
     covered = len(ys)
@@ -425,22 +783,29 @@ def test_short_validation_split_gives_one_short_window(tmp_path):
     assert len(ValWindows(tmp_path / "t.bin", "uint16", 1, block_size=64)) == 0
 
 
-def test_datamodule_attributes(tmp_path):
+def test_datamodule_never_tokenizes(tmp_path):
+    # Everything a run asks of the DataModule comes from the opened cache: the corpus is not read again.
     dm = datamodule(tmp_path)
-    assert dm.vocab_size == dm.tokenizer.n_vocab == 300
-    assert dm.tokenizer_spec["kind"] == "bpe"
-    assert {"train_tokens", "val_tokens", "train_bytes", "val_bytes"} <= set(dm.meta)
-    assert dm.bytes_per_token("val") == dm.meta["val_bytes"] / dm.meta["val_tokens"]
-    json.dumps(dm.tokenizer_spec)  # plain values only
+    expected = first_batches(datamodule(tmp_path), 2)
+    for path in sorted((tmp_path / "corpus").rglob("*.txt")):
+        path.unlink()
+    dm.prepare_data()
+    dm.setup("fit")
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first_batches(dm, 2), expected, strict=True))
+    assert len(list(dm.val_dataloader())) > 0
 
 
-def test_train_batches_pickle_without_the_memmap(tmp_path):
-    import pickle
-
+def test_train_batches_pickle_without_the_token_file(tmp_path):
+    # Loader workers get the stream by pickle: it must carry the path, not the (memory-mapped) tokens.
+    make_corpus(tmp_path / "corpus", n_files=3, lines=2000)
     dm = datamodule(tmp_path)
-    stream = TrainBatches(dm.cache_dir / "train.bin", dm.meta["dtype"], 16, 4, seed=1, rank=0, start=0)
-    stream.batch(0)
-    assert pickle.loads(pickle.dumps(stream))._tokens is None
+    stream = TrainBatches(
+        dm.cache.token_file("train"), dm.cache.meta["dtype"], 16, 4, seed=1, rank=0, start=0
+    )
+    x, _ = stream.batch(0)
+    copy = pickle.loads(pickle.dumps(stream))
+    assert len(pickle.dumps(stream)) < dm.cache.token_file("train").stat().st_size / 10
+    assert torch.equal(copy.batch(0)[0], x)
 
 
 class _Recorder(L.LightningModule):
@@ -483,19 +848,19 @@ def _trainer(tmp_path: Path, max_steps: int) -> L.Trainer:
 def test_lightning_counts_consumed_batches_and_resumes_from_checkpoint(tmp_path):
     torch.manual_seed(0)
     full_dm = datamodule(tmp_path)
-    full = _Recorder(full_dm.vocab_size)
+    full = _Recorder(full_dm.cache.vocab_size)
     _trainer(tmp_path, 6).fit(full, datamodule=full_dm)
     assert len(full.seen) == 6
     assert full_dm.state_dict() == {"batches_consumed": 6}  # validation batches are not counted
 
     first_dm = datamodule(tmp_path)
-    first = _Recorder(first_dm.vocab_size)
+    first = _Recorder(first_dm.cache.vocab_size)
     trainer = _trainer(tmp_path, 3)
     trainer.fit(first, datamodule=first_dm)
     trainer.save_checkpoint(tmp_path / "half.ckpt")
 
     resumed_dm = datamodule(tmp_path)
-    resumed = _Recorder(resumed_dm.vocab_size)
+    resumed = _Recorder(resumed_dm.cache.vocab_size)
     _trainer(tmp_path, 6).fit(resumed, datamodule=resumed_dm, ckpt_path=tmp_path / "half.ckpt")
     assert first.seen + resumed.seen == full.seen
     assert resumed_dm.state_dict() == {"batches_consumed": 6}

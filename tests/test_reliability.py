@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_train
 
 from gptmini.checkpoint import atomic_torch_save, read_checkpoint
 from gptmini.common import GptMiniError
@@ -57,7 +56,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(
-    tmp_path, tiny_train_overrides, signum
+    tmp_path, tiny_train_overrides, signum, compose_train
 ):
     # Dropout on, so the RNG streams matter; validation in the middle, so resume crosses it.
     overrides = tiny_train_overrides + [
@@ -101,7 +100,7 @@ def test_second_interrupt_exits_at_once(monkeypatch, tmp_path):
     assert exits == [130]
 
 
-def test_signal_during_validation_stops_after_the_next_step(tmp_path, tiny_train_overrides):
+def test_signal_during_validation_stops_after_the_next_step(tmp_path, tiny_train_overrides, compose_train):
     """A signal that lands while validation runs is not lost: the next training step saves and stops."""
 
     class SignalDuringValidation(L.Callback):
@@ -121,12 +120,12 @@ def test_signal_during_validation_stops_after_the_next_step(tmp_path, tiny_train
 
 @pytest.mark.slow
 def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
-    tmp_path, tiny_train_overrides
+    tmp_path, tiny_train_overrides, repo_root
 ):
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny_train_overrides if not o.startswith("trainer.max_steps")]
     command = [sys.executable, "train.py", *overrides, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, cwd=repo_root, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stderr:  # wait until training has started, then let it run a moment
         lines.append(line)
@@ -154,7 +153,7 @@ def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
             f"trainer.max_steps={saved_step + 2}",
             f"hydra.run.dir={tmp_path / 'resumed'}",
         ],
-        cwd=REPO_ROOT,
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=300,
@@ -164,7 +163,9 @@ def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
     assert resumed_step == saved_step + 2, result.stderr[-3000:]
 
 
-def test_nan_loss_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_path, tiny_train_overrides):
+def test_nan_loss_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_train_overrides, compose_train
+):
     overrides = tiny_train_overrides + ["trainer.max_steps=20", "trainer.val_check_interval=4"]
     with pytest.raises(GptMiniError, match=r"non-finite .* at step 5 \(learning rate [0-9.e-]+\)"):
         train(compose_train(overrides), out_dir=tmp_path / "run", extra_callbacks=[PoisonAtStep(5)])
@@ -174,7 +175,9 @@ def test_nan_loss_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(tmp_
 
 
 @pytest.mark.parametrize("option", ["ckpt_path", "init_from"])
-def test_truncated_checkpoint_is_reported_with_file_and_size(tmp_path, tiny_train_overrides, option):
+def test_truncated_checkpoint_is_reported_with_file_and_size(
+    tmp_path, tiny_train_overrides, option, compose_train
+):
     train(compose_train(tiny_train_overrides), out_dir=tmp_path / "good")
     good = (tmp_path / "good" / "checkpoints" / "last.ckpt").read_bytes()
     broken = tmp_path / "broken.ckpt"
@@ -185,7 +188,7 @@ def test_truncated_checkpoint_is_reported_with_file_and_size(tmp_path, tiny_trai
 
 
 @pytest.mark.parametrize("option", ["ckpt_path", "init_from"])
-def test_missing_checkpoint_is_reported(tmp_path, tiny_train_overrides, option):
+def test_missing_checkpoint_is_reported(tmp_path, tiny_train_overrides, option, compose_train):
     cfg = compose_train(tiny_train_overrides + [f"{option}={tmp_path / 'nope.ckpt'}"])
     with pytest.raises(GptMiniError, match="checkpoint not found: .*nope.ckpt"):
         train(cfg, out_dir=tmp_path / "run")
@@ -214,14 +217,14 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
 
 
-def test_batch_larger_than_the_data_is_refused(tmp_path, tiny_train_overrides):
+def test_batch_larger_than_the_data_is_refused(tmp_path, tiny_train_overrides, compose_train):
     cfg = compose_train(tiny_train_overrides + ["data.batch_size=5000"])
     with pytest.raises(GptMiniError, match=r"data.batch_size=5000 .* larger than the whole training split"):
         train(cfg, out_dir=tmp_path / "run")
 
 
 @pytest.mark.slow
-def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides):
+def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides, repo_root):
     overrides = [o for o in tiny_train_overrides if not o.startswith("data.cache_dir")]
     cache = tmp_path / "shared-cache"
     processes = [
@@ -234,7 +237,7 @@ def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides
                 "trainer.max_steps=3",
                 f"hydra.run.dir={tmp_path / f'run{i}'}",
             ],
-            cwd=REPO_ROOT,
+            cwd=repo_root,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -249,7 +252,7 @@ def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides
     assert not list(cache.glob("**/*.tmp*"))
 
 
-def test_run_directory_without_a_checkpoint_is_reported(tmp_path, tiny_train_overrides):
+def test_run_directory_without_a_checkpoint_is_reported(tmp_path, tiny_train_overrides, compose_train):
     (tmp_path / "empty_run").mkdir()
     cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'empty_run'}"])
     with pytest.raises(
@@ -258,7 +261,9 @@ def test_run_directory_without_a_checkpoint_is_reported(tmp_path, tiny_train_ove
         train(cfg, out_dir=tmp_path / "run")
 
 
-def test_resumed_run_ends_with_a_final_checkpoint_and_validation(tmp_path, tiny_train_overrides):
+def test_resumed_run_ends_with_a_final_checkpoint_and_validation(
+    tmp_path, tiny_train_overrides, compose_train
+):
     """Saved right before a due validation, then resumed: Lightning skips that validation; we must not."""
     overrides = tiny_train_overrides + ["trainer.val_check_interval=6", "sample.max_new_tokens=0"]
     with pytest.raises(SystemExit):
@@ -276,7 +281,7 @@ def test_resumed_run_ends_with_a_final_checkpoint_and_validation(tmp_path, tiny_
         assert summary["val_loss"] is not None
 
 
-def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_train_overrides):
+def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_train_overrides, compose_train):
     """Same vocabulary size, other text: the shapes fit, but the token ids would mean other things."""
     train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
     other_corpus = tmp_path / "other.txt"
@@ -287,9 +292,156 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_train_overrides
         train(cfg, out_dir=tmp_path / "b")
 
 
-def test_damaged_token_cache_is_reported_with_the_fix(tmp_path, tiny_train_overrides):
+def test_damaged_token_cache_is_reported_with_the_fix(tmp_path, tiny_train_overrides, compose_train):
     train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
     (train_bin,) = (tmp_path / "cache").glob("**/train.bin")
     train_bin.write_bytes(train_bin.read_bytes()[:100])  # a truncated token file
     with pytest.raises(GptMiniError, match=r"token cache .* is damaged .* delete that folder"):
         train(compose_train(tiny_train_overrides), out_dir=tmp_path / "b")
+
+
+def test_model_vocab_size_other_than_the_tokenizers_is_refused_before_training(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    """nanoGPT's habit (vocab 50304 with GPT-2's 50257 tokens) would let samples pick undecodable ids."""
+    cfg = compose_train(tiny_train_overrides + ["model.vocab_size=1000"])
+    with pytest.raises(GptMiniError, match=r"model.vocab_size=1000 differs from the tokenizer's 300 tokens"):
+        train(cfg, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be a whole number"),
+        ("trainer.val_check_interval=0.5", "trainer.val_check_interval=0.5 must be a whole number"),
+        ("trainer.max_time=abc", r"not a valid duration.*\(trainer.max_time\)"),
+        ("trainer.accelerator=tpu", r"torch_xla.*\(trainer.accelerator\)"),
+        ("trainer.accelerator=gpu", "Lightning rejects the trainer settings: No supported gpu backend"),
+        ("trainer.devices=0", r"devices=0.*\(trainer.devices\)"),
+        ("trainer.precision=nonsense", r"Precision 'nonsense' is invalid.*\(trainer.precision\)"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be an integer >= 1"),
+        ("seed=-1", r"seed=-1 must be an integer in 0..4294967295"),
+    ],
+)
+def test_bad_trainer_options_and_seeds_fail_before_any_data_is_read(
+    tmp_path, tiny_train_overrides, compose_train, override, message
+):
+    cfg = compose_train(tiny_train_overrides + [override])
+    with pytest.raises(GptMiniError, match=message):
+        train(cfg, out_dir=tmp_path / "run")
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized: the mistake cost seconds
+
+
+def test_throughput_counts_training_time_only(tmp_path, tiny_train_overrides, compose_train, monkeypatch):
+    """A fake clock: every training batch takes 1 s, every validation batch 100 s."""
+    import gptmini.training.callbacks as callbacks
+
+    now = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: now[0])
+
+    class Clock(L.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            now[0] += 1.0
+
+        def on_validation_batch_end(self, *args) -> None:
+            now[0] += 100.0
+
+    throughput = callbacks.Throughput(every_n_steps=4)
+    overrides = tiny_train_overrides + ["trainer.max_steps=12", "trainer.val_check_interval=6"]
+    cfg = compose_train(overrides)
+    train(cfg, out_dir=tmp_path / "run", extra_callbacks=[Clock(), throughput])
+    # The Clock runs after the run's own Throughput callback but before this one; either way, validation
+    # time must not count: 12 steps of 1 s each.
+    assert throughput.train_seconds == pytest.approx(12.0, abs=1.0)
+    assert throughput.average_tokens_per_s == pytest.approx(12 * 8 * 16 / throughput.train_seconds)
+
+
+def test_full_disk_while_saving_a_checkpoint_says_the_previous_one_is_intact(
+    tmp_path, tiny_train_overrides, compose_train, monkeypatch
+):
+    import errno
+
+    import gptmini.checkpoint as checkpoint_module
+
+    real_save, saves = torch.save, []
+
+    def save_until_the_disk_fills(obj, handle):
+        saves.append(1)
+        if len(saves) > 2:  # step 4 wrote best.ckpt and last.ckpt; step 8's first save fails
+            handle.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(obj, handle)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_until_the_disk_fills)
+    overrides = tiny_train_overrides + ["trainer.max_steps=12", "trainer.val_check_interval=4"]
+    with pytest.raises(
+        GptMiniError,
+        match=r"cannot write checkpoint .*: the disk is full; the checkpoints already there "
+        r"\(best.ckpt, last.ckpt\) are intact",
+    ):
+        train(compose_train(overrides), out_dir=tmp_path / "run")
+    monkeypatch.undo()
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    assert not list(ckpt_dir.glob(".*.tmp"))
+    for name in ("best.ckpt", "last.ckpt"):
+        assert read_checkpoint(ckpt_dir / name)["global_step"] == 4, name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda c: c["gptmini"]["model_config"].update(rope_base=10000.0),
+            r"model setting\(s\) 'rope_base' that",
+        ),
+        (lambda c: c["gptmini"].update(format=99), r"checkpoint format 99, newer than this gptmini"),
+        (lambda c: c.update(gptmini=["not", "a", "mapping"]), "its gptmini entry is a list, not a mapping"),
+    ],
+)
+def test_checkpoint_with_unexpected_contents_names_the_key_and_the_version(
+    tmp_path, tiny_train_overrides, compose_train, damage, message
+):
+    from gptmini.checkpoint import load_checkpoint
+
+    train(compose_train(tiny_train_overrides + ["trainer.max_steps=2"]), out_dir=tmp_path / "a")
+    checkpoint = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    checkpoint["gptmini"]["version"] = "9.0.0"
+    damage(checkpoint)
+    odd = tmp_path / "odd.ckpt"
+    torch.save(checkpoint, odd)
+    with pytest.raises(GptMiniError, match=message):
+        load_checkpoint(odd)
+    if "list" not in message:
+        with pytest.raises(GptMiniError, match="gptmini 9.0.0"):
+            load_checkpoint(odd)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_tokenizing_exits_130_with_one_line_and_leaves_no_cache(tmp_path, run_cli, write_corpus):
+    corpus = write_corpus(tmp_path / "big", n_bytes=40_000_000)
+    cache = tmp_path / "cache"
+    command = [
+        "debug=smoke",
+        "data=text",
+        f"data.path={corpus}",
+        f"data.cache_dir={cache}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        "tokenizer.vocab_size=4096",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *command],
+        cwd=Path(__file__).parents[1],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(cache.glob("**/.*.tmp")):  # the build folder appeared
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+    assert not list(cache.glob("**/meta.json")) and not list(cache.glob("**/.*.tmp"))

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT
 
 from gptmini.training.sweep import collect, write_tables
 
@@ -33,7 +32,7 @@ def test_summary_ranks_jobs_by_val_loss_and_shows_only_what_differs(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_writes_one_directory_per_job_and_the_summary(tmp_path, tiny_train_overrides):
+def test_multirun_writes_one_directory_per_job_and_the_summary(tmp_path, tiny_train_overrides, repo_root):
     overrides = [o for o in tiny_train_overrides if not o.startswith("model.n_layer")]
     result = subprocess.run(
         [
@@ -45,7 +44,7 @@ def test_multirun_writes_one_directory_per_job_and_the_summary(tmp_path, tiny_tr
             *overrides,
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
-        cwd=REPO_ROOT,
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=600,

@@ -1,6 +1,8 @@
 """Tokenizers: round trips, the end-of-text token, BPE determinism, specs and friendly errors."""
 
 import io
+import logging
+import os
 import warnings
 
 import pytest
@@ -96,6 +98,50 @@ def test_save_and_load_bpe(bpe, tmp_path):
 def test_load_bpe_missing(tmp_path):
     with pytest.raises(GptMiniError, match="no saved BPE"):
         load_bpe(tmp_path / "nothing.tiktoken")
+
+
+@pytest.mark.parametrize(
+    ("ranks", "info"),
+    [
+        (bytes(range(256)), '{"name": "x", "pattern": "\\\\S+"}'),  # binary garbage
+        (b"not base64 at all\n", '{"name": "x", "pattern": "\\\\S+"}'),
+        (b"AA== 0\nAQ== 5\n", '{"name": "x", "pattern": "\\\\S+"}'),  # ranks with a gap
+        (b"AA== 0\n", "{not json"),
+        (b"AA== 0\n", '{"name": "x", "pattern": "(((("}'),  # a pattern that does not compile
+    ],
+    ids=["binary", "text", "gap", "json", "pattern"],
+)
+def test_load_bpe_garbage_is_a_short_error(tmp_path, ranks, info):
+    path = tmp_path / "tokenizer.tiktoken"
+    path.write_bytes(ranks)
+    path.with_name(path.name + ".json").write_text(info)
+    with pytest.raises(GptMiniError, match="is not a saved BPE tokenizer") as error:
+        load_bpe(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value) and error.value.__cause__ is None
+
+
+def test_save_bpe_fsyncs_then_renames(bpe, tmp_path, monkeypatch):
+    fsynced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsynced.append(fd) or real_fsync(fd))
+    save_bpe(bpe, tmp_path / "tokenizer.tiktoken")
+    assert len(fsynced) == 2  # both files reach the disk before they get their names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.tiktoken", "tokenizer.tiktoken.json"]
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match="No space"):
+        save_bpe(bpe, tmp_path / "again" / "tokenizer.tiktoken")
+    assert list((tmp_path / "again").iterdir()) == []  # no partial file, no temporary file
+
+
+def test_training_does_not_log_rustbpe_progress(caplog):
+    caplog.set_level(logging.INFO)  # as train.py's logging shows it
+    train_bpe(TEXTS, vocab_size=300)
+    assert [record for record in caplog.records if record.name.startswith("rustbpe")] == []
+    assert not logging.getLogger("rustbpe").filters  # silenced only while training
 
 
 def _plain(value) -> bool:

@@ -5,10 +5,10 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, compose_train
 from hydra.errors import ConfigCompositionException
 
 from gptmini.checkpoint import load_checkpoint, read_checkpoint
@@ -16,10 +16,10 @@ from gptmini.common import GptMiniError
 from gptmini.training.optim import OptimConfig, lr_at
 from gptmini.training.run import model_config_from, train
 
-EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml"))
 
 
-def test_smoke_run_writes_checkpoint_summary_plot_and_metrics(tmp_path, tiny_train_overrides):
+def test_smoke_run_writes_checkpoint_summary_plot_and_metrics(tmp_path, tiny_train_overrides, compose_train):
     cfg = compose_train(tiny_train_overrides)
     run_dir = tmp_path / "run"
     summary = train(cfg, out_dir=run_dir)
@@ -45,20 +45,20 @@ def test_smoke_run_writes_checkpoint_summary_plot_and_metrics(tmp_path, tiny_tra
     assert loaded.tokenizer.n_vocab == 300
 
 
-def test_loss_falls(tmp_path, tiny_train_overrides):
+def test_loss_falls(tmp_path, tiny_train_overrides, compose_train):
     cfg = compose_train(tiny_train_overrides + ["trainer.max_steps=60", "trainer.val_check_interval=30"])
     summary = train(cfg, out_dir=tmp_path / "run")
     assert summary["val_loss"] < math.log(300) - 1.0
 
 
-def test_run_shorter_than_validation_interval_still_validates(tmp_path, tiny_train_overrides):
+def test_run_shorter_than_validation_interval_still_validates(tmp_path, tiny_train_overrides, compose_train):
     cfg = compose_train(tiny_train_overrides + ["trainer.max_steps=3", "trainer.val_check_interval=1000"])
     summary = train(cfg, out_dir=tmp_path / "run")
     assert summary["val_loss"] is not None and summary["steps"] == 3
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
 
 
-def test_init_from_loads_weights_only(tmp_path, tiny_train_overrides):
+def test_init_from_loads_weights_only(tmp_path, tiny_train_overrides, compose_train):
     first = train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
     cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'a'}", "trainer.max_steps=2"])
     second = train(cfg, out_dir=tmp_path / "b")
@@ -66,7 +66,7 @@ def test_init_from_loads_weights_only(tmp_path, tiny_train_overrides):
     assert second["val_loss"] < first["val_loss"] + 0.5
 
 
-def test_init_from_other_shape_lists_mismatched_tensors(tmp_path, tiny_train_overrides):
+def test_init_from_other_shape_lists_mismatched_tensors(tmp_path, tiny_train_overrides, compose_train):
     train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
     cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'a'}", "model.n_embd=48"])
     expected = (
@@ -77,12 +77,12 @@ def test_init_from_other_shape_lists_mismatched_tensors(tmp_path, tiny_train_ove
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes(experiment):
+def test_every_experiment_composes(experiment, compose_train):
     cfg = compose_train([f"experiment={experiment}"])
     assert model_config_from(cfg, tokenizer_vocab=None).n_layer > 0 and cfg.trainer.max_steps > 0
 
 
-def test_default_config_is_the_offline_cpu_recipe():
+def test_default_config_is_the_offline_cpu_recipe(compose_train):
     cfg = compose_train()
     assert cfg.data.name == "pystdlib" and cfg.tokenizer.name == "bpe"
     assert cfg.trainer.devices == 1
@@ -97,7 +97,7 @@ def test_default_config_is_the_offline_cpu_recipe():
         ("model.sise=tiny", ConfigCompositionException),
     ],
 )
-def test_config_typos_fail_at_compose_time_naming_the_key(override, error):
+def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compose_train):
     with pytest.raises(error) as info:
         compose_train([override])
     text = str(info.value) + str(info.value.__cause__)
@@ -121,7 +121,9 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error):
         ("threads=0", "threads=0 must be >= 1"),
     ],
 )
-def test_nonsensical_values_raise_clear_errors(tmp_path, tiny_train_overrides, override, message):
+def test_nonsensical_values_raise_clear_errors(
+    tmp_path, tiny_train_overrides, override, message, compose_train
+):
     cfg = compose_train(tiny_train_overrides + [override])
     with pytest.raises(GptMiniError, match=message):
         train(cfg, out_dir=tmp_path / "run")
@@ -134,7 +136,9 @@ def test_precision_auto_is_full_precision_on_the_cpu():
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice is kept
 
 
-def test_loss_curve_shows_the_real_loss_under_gradient_accumulation(tmp_path, tiny_train_overrides):
+def test_loss_curve_shows_the_real_loss_under_gradient_accumulation(
+    tmp_path, tiny_train_overrides, compose_train
+):
     from gptmini.training.callbacks import LossHistory
 
     history = LossHistory()
@@ -157,7 +161,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
-def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
+def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path, repo_root):
     result = subprocess.run(
         [
             sys.executable,
@@ -166,7 +170,7 @@ def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
             f"hydra.run.dir={tmp_path}",
             f"data.cache_dir={tmp_path}",
         ],
-        cwd=REPO_ROOT,
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=300,
@@ -177,7 +181,9 @@ def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, tiny_train_overrides):
+def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(
+    tmp_path, tiny_train_overrides, repo_root
+):
     """Two gloo processes: each rank sees its own windows; DDP keeps the weights identical."""
     script = tmp_path / "ddp_check.py"
     script.write_text(DDP_SCRIPT)
@@ -189,7 +195,7 @@ def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, ti
     ]
     result = subprocess.run(
         [sys.executable, str(script), str(tmp_path / "run"), *overrides],
-        cwd=REPO_ROOT,
+        cwd=repo_root,
         capture_output=True,
         text=True,
         timeout=600,
@@ -204,13 +210,17 @@ def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, ti
 DDP_SCRIPT = """
 import sys
 from pathlib import Path
+from pathlib import Path
 
 import lightning as L
 import torch
 
-sys.path.insert(0, "tests")
-from conftest import compose_train
+from hydra import compose, initialize_config_dir
+
+from gptmini.training.config import register_configs
 from gptmini.training.run import train
+
+register_configs()
 
 
 class Record(L.Callback):
@@ -229,13 +239,16 @@ class Record(L.Callback):
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)
-cfg = compose_train(sys.argv[2:])
+with initialize_config_dir(config_dir=str(Path("configs").resolve()), version_base="1.3"):
+    cfg = compose(config_name="train", overrides=sys.argv[2:])
 train(cfg, out_dir=out, extra_callbacks=[Record(out)])
 """
 
 
 @pytest.mark.slow
-def test_compiled_training_saves_plain_keys_that_load_uncompiled(tmp_path, tiny_train_overrides):
+def test_compiled_training_saves_plain_keys_that_load_uncompiled(
+    tmp_path, tiny_train_overrides, compose_train
+):
     cfg = compose_train(
         tiny_train_overrides + ["compile=true", "trainer.max_steps=2", "sample.max_new_tokens=4"]
     )

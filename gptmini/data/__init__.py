@@ -1,6 +1,36 @@
 """Stage 1 of the flow: text → tokenizer → token cache → batches.
 
-Owns corpora (``corpus``), tokenizers (``tokenizer``), token caches (``token_cache``) and the Lightning
-DataModule (``datamodule``), each importing only the ones before it. Must not import ``gptmini.model``,
-``gptmini.training`` or ``gptmini.generation``: data knows nothing of the model that consumes it.
+One module per concern, each importing only the ones before it:
+
+    corpus       which files are the corpus, the train/val split, reading text in pieces
+    tokenizer    tiktoken encodings and trained BPEs, saved and carried in checkpoints as specs
+    encode       streaming a corpus through a tokenizer into token files
+    token_cache  the cache folder: key, lock, atomic build, meta.json, ``open_cache`` (checked)
+    datamodule   the LightningDataModule over an opened cache: training and validation windows
+
+A run does ``cache = open_cache(prepare_cache(data, tokenizer))`` then
+``TextDataModule(cache, data, block_size, seed)``. Must not import ``gptmini.model``, ``gptmini.training`` or
+``gptmini.generation``: data knows nothing of the model that consumes it. The short imports below load
+lazily, so importing one module never imports the others.
 """
+
+_PUBLIC = {
+    "DataConfig": "gptmini.data.corpus",
+    "resolve_corpus": "gptmini.data.corpus",
+    "TokenizerConfig": "gptmini.data.tokenizer",
+    "prepare_cache": "gptmini.data.token_cache",
+    "open_cache": "gptmini.data.token_cache",
+    "TokenCache": "gptmini.data.token_cache",
+    "read_meta": "gptmini.data.token_cache",
+    "load_cached_tokenizer": "gptmini.data.token_cache",
+    "TextDataModule": "gptmini.data.datamodule",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'gptmini.data' has no attribute {name!r}")

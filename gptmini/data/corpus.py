@@ -1,12 +1,26 @@
 """Corpora: find, download and verify the text a run trains on, and read it as train/val pieces.
 
-A corpus is a sorted list of files, one document per file. Owns the train/val split (by raw bytes) and
-the text decoding; knows nothing about tokenizers or caches.
+One concern: which bytes are the corpus and which of them are validation text. Imports only
+``gptmini.common``; it knows nothing about tokenizers, caches, models or training (and must not import
+``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``).
+
+Decisions worth knowing:
+
+- **Documents.** A corpus is a sorted list of files, one document per file. A directory or glob never
+  follows links to directories (a link to a parent folder would pull the same text in again and again) and
+  lists a file reached by two paths (a file link, a hard link) once, so no text is counted twice.
+- **Split.** The validation split is the last ``val_fraction`` of the corpus by raw bytes, the files
+  concatenated in order; the file that straddles the cut is split at the next character boundary. For a
+  single file this is nanoGPT's ``data[int(n * 0.9):]``, so Tiny Shakespeare validation losses compare.
+- **Decoding.** Text is read in blocks and handed out in pieces cut where every tiktoken split pattern cuts
+  anyway, so memory stays flat and the tokens equal those of the whole text. Bytes that are not UTF-8 become
+  U+FFFD and are counted (``InvalidUtf8Counter``), never silently dropped.
 """
 
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import hashlib
 import logging
@@ -20,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, atomic_write_bytes, describe_os_error, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +181,14 @@ def _download_shakespeare(path: Path) -> None:
             f"the download from {SHAKESPEARE_URL} does not match its sha256 (corrupt or changed); retry, or "
             "pass data.path=/path/to/input.txt"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(content)
-    os.replace(tmp, path)  # atomic: readers see no file or the whole file
-
-
-def _is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
+    try:
+        remove_stale_temp_files(path.parent)  # left by a download killed mid-write
+        atomic_write_bytes(path, content)  # fsynced, then renamed: readers see no file or the whole file
+    except OSError as exc:
+        raise GptMiniError(
+            f"{describe_os_error(exc, 'Tiny Shakespeare')}; set data.cache_dir=/a/writable/folder with free "
+            "space, or pass data.path=/path/to/input.txt"
+        ) from None
 
 
 def _is_binary(path: Path) -> bool:
@@ -182,41 +196,120 @@ def _is_binary(path: Path) -> bool:
         return b"\0" in f.read(BINARY_SNIFF_BYTES)
 
 
+def _walk(root: Path, hidden: bool = False) -> Iterator[tuple[Path, tuple[str, ...]]]:
+    """``(path, parts relative to root)`` of every entry but folders under ``root``.
+
+    Links to folders are never followed (a link to a parent would list the tree again and again); links to
+    files are listed. Hidden entries (a name starting with ".") are skipped unless ``hidden``.
+    """
+    for folder, subfolders, names in os.walk(root):  # followlinks=False
+        if not hidden:
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        relative = Path(os.path.relpath(folder, root)).parts
+        relative = () if relative == (".",) else relative
+        for name in names:
+            if hidden or not name.startswith("."):
+                yield Path(folder, name), (*relative, name)
+
+
+def _glob_match(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether path ``parts`` match glob ``pattern`` parts, as ``glob.glob(recursive=True)`` matches them.
+
+    ``**`` spans zero or more names; a name starting with "." only matches a pattern part that does too.
+    """
+    if not pattern:
+        return not parts
+    head, rest = pattern[0], pattern[1:]
+    if head == "**":
+        if _glob_match(parts, rest):
+            return True
+        return bool(parts) and not parts[0].startswith(".") and _glob_match(parts[1:], pattern)
+    if not parts or (parts[0].startswith(".") and not head.startswith(".")):
+        return False
+    return fnmatch.fnmatch(parts[0], head) and _glob_match(parts[1:], rest)
+
+
+def _glob_files(spec: str) -> list[Path]:
+    """The files a glob names, found by walking like the directory form: no links to folders followed.
+
+    A matched folder stands for all the (non-hidden) files under it, as a directory ``data.path`` does.
+    """
+    parts = Path(os.path.expanduser(spec)).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root, pattern = Path(*parts[:fixed]) if fixed else Path("."), parts[fixed:]
+    if not root.is_dir():
+        return []
+    hidden = any(part.startswith(".") for part in pattern)
+    files = []
+    for path, relative in _walk(root, hidden):
+        for n in range(len(relative), 0, -1):
+            below = relative[n:]
+            if not any(name.startswith(".") for name in below) and _glob_match(relative[:n], pattern):
+                files.append(path)
+                break
+    return files
+
+
 def _text_files(spec: str) -> list[Path]:
-    """The files named by a file, directory (recursive, hidden entries skipped) or glob; binaries skipped."""
+    """The files named by a file, directory (recursive, hidden entries skipped) or glob; binaries skipped.
+
+    Files are sorted by path; a file reached again by another path (a link) is listed once, at its first
+    path, so a corpus never holds the same text twice (see the module docstring).
+    """
     path = Path(spec).expanduser()
     if path.is_file():
         candidates = [path]
     elif path.is_dir():
-        candidates = [p for p in path.rglob("*") if p.is_file() and not _is_hidden(p, path)]
+        candidates = [p for p, _ in _walk(path)]
     elif glob.has_magic(spec):
-        candidates = []
-        for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
-            match = Path(match)
-            if match.is_dir():
-                candidates += [p for p in match.rglob("*") if p.is_file() and not _is_hidden(p, match)]
-            elif match.is_file():
-                candidates.append(match)
+        candidates = _glob_files(spec)
         if not candidates:
             raise GptMiniError(f"data.path={spec!r} matches no files; check the pattern.")
     else:
         raise GptMiniError(f"data.path={spec!r} does not exist; give a text file, a directory or a glob.")
-    files, binary = [], []
+    files, binary, again, seen = [], [], [], set()
     for candidate in sorted(set(candidates), key=lambda p: p.as_posix()):
+        try:
+            stat = candidate.stat()  # follows a link to the file it names
+        except OSError:
+            continue  # a broken link
+        if not candidate.is_file():
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            again.append(candidate)
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
         (binary if _is_binary(candidate) else files).append(candidate)
     if binary:
-        names = ", ".join(str(p) for p in binary[:3]) + (" ..." if len(binary) > 3 else "")
-        warnings.warn(f"skipped {len(binary)} binary file(s) (NUL bytes) under {spec}: {names}", stacklevel=4)
+        warnings.warn(
+            f"skipped {len(binary)} binary file(s) (NUL bytes) under {spec}: {_some(binary)}", stacklevel=4
+        )
+    if again:
+        warnings.warn(
+            f"skipped {len(again)} file(s) under {spec} that are links to a file already in the corpus: "
+            f"{_some(again)}",
+            stacklevel=4,
+        )
     if not files:
         raise GptMiniError(f"data.path={spec!r} holds no text files; point it at your text.")
     return files
+
+
+def _some(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
 
 
 def fingerprint(files: list[Path]) -> str:
     """A hash of the corpus contents in document order (names and mtimes don't change the tokens)."""
     digest = hashlib.sha256()
     for path in files:
-        digest.update(f"{path.stat().st_size}:{_sha256_file(path)}\n".encode())
+        try:
+            digest.update(f"{path.stat().st_size}:{_sha256_file(path)}\n".encode())
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise GptMiniError(
+                f"cannot read {path} ({reason}); fix its permissions or leave it out of data.path."
+            ) from None
     return digest.hexdigest()
 
 
@@ -229,12 +322,17 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
 class InvalidUtf8Counter:
-    """Replaces each byte that is not valid UTF-8 by U+FFFD and counts them, for one tokenizing pass."""
+    """Counts the bytes that were not valid UTF-8 in one pass over a corpus (see ``iter_pieces``).
+
+    The owner of the pass (the tokenizing run) creates one, hands it to ``iter_pieces`` and reads
+    ``bytes_replaced`` at the end; a second pass with its own counter never adds to the first.
+    """
 
     def __init__(self) -> None:
         self.bytes_replaced = 0
 
     def clean(self, text: str) -> str:
+        """``text`` with each undecodable byte (a lone surrogate) replaced by U+FFFD, counted."""
         if not _ESCAPED_BYTE.search(text):
             return text
         text, replaced = _ESCAPED_BYTE.subn("\ufffd", text)
@@ -289,14 +387,14 @@ def _read_region(path: Path, start: int, end: int, invalid: InvalidUtf8Counter) 
 
 
 def iter_pieces(
-    files: list[Path], val_fraction: float, invalid: InvalidUtf8Counter | None = None
+    files: list[Path], val_fraction: float, invalid_utf8: InvalidUtf8Counter | None = None
 ) -> Iterator[tuple[str, bool, str]]:
     """Yield ``(split, starts_document, text)`` for the whole corpus, train split first.
 
     ``starts_document`` is True on the first piece of each file within a split: a separator goes there.
-    Bytes that are not UTF-8 become U+FFFD, counted in ``invalid`` when one is given.
+    Bytes that are not UTF-8 become U+FFFD, counted in ``invalid_utf8`` when one is given.
     """
-    invalid = invalid or InvalidUtf8Counter()
+    invalid = InvalidUtf8Counter() if invalid_utf8 is None else invalid_utf8
     split_at = split_offset(files, val_fraction)
     offset = 0
     for path in files:

@@ -1,27 +1,34 @@
-"""The LightningDataModule: random, resumable, rank-disjoint training windows and fixed validation windows."""
+"""The LightningDataModule: random, resumable, rank-disjoint training windows and fixed validation windows.
+
+One concern: serving an opened token cache (``gptmini.data.token_cache.TokenCache``) as batches. It never
+tokenizes or reads a corpus: ``prepare_data`` and ``setup`` are Lightning's no-ops, so building one and
+asking it anything is cheap. Imports ``gptmini.data`` modules only; must not import ``gptmini.model``,
+``gptmini.training`` or ``gptmini.generation``.
+
+Decisions worth knowing:
+
+- **Training windows.** Batch ``k`` of rank ``r`` holds random windows drawn from ``(seed, r, k)`` alone, so
+  ranks draw disjoint streams, any number of loader workers gives the same batches in the same order, and
+  resuming at batch ``k`` (``state_dict``) continues the stream exactly.
+- **Validation windows.** Non-overlapping windows of ``block_size`` targets tile the split from its start;
+  only the final remainder of fewer than ``block_size`` targets is dropped. A split shorter than one window
+  gives a single shorter window.
+"""
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
-import tiktoken
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from gptmini.common import GptMiniError, as_config
 from gptmini.data.corpus import DataConfig
-from gptmini.data.token_cache import load_cached_tokenizer, open_tokens, prepare_cache, read_meta
-from gptmini.data.tokenizer import (
-    TokenizerConfig,
-    tokenizer_to_spec,
-)
+from gptmini.data.token_cache import TokenCache, open_tokens
 
-log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------------------------
 # Datasets
 
@@ -100,19 +107,26 @@ class ValWindows(Dataset):
 
 
 class TextDataModule(L.LightningDataModule):
-    """Token caches served as resumable, rank-disjoint random training windows and fixed validation windows.
+    """An opened token cache served as resumable, rank-disjoint random training windows and fixed validation
+    windows.
 
     Args:
-        data: the corpus and batching settings.
-        tokenizer: the tokenizer settings.
+        cache: the opened cache (``open_cache(prepare_cache(data, tokenizer))``).
+        data: the batching settings (``batch_size``, ``num_workers``).
         block_size: the model's context length; windows hold block_size + 1 tokens.
         seed: seeds the training windows (with the rank and the batch index).
+
+    Raises GptMiniError at once when one window or one batch does not fit the training split.
     """
 
-    def __init__(self, data: DataConfig, tokenizer: TokenizerConfig, block_size: int, seed: int = 1337):
+    def __init__(self, cache: TokenCache, data: DataConfig, block_size: int, seed: int = 1337):
         super().__init__()
+        if not isinstance(cache, TokenCache):
+            raise GptMiniError(
+                f"TextDataModule needs an opened TokenCache (open_cache(folder)), not {type(cache).__name__}"
+            )
+        self.cache = cache
         self.data_config = as_config(data, DataConfig, "data")
-        self.tokenizer_config = as_config(tokenizer, TokenizerConfig, "tokenizer")
         if not isinstance(block_size, int) or block_size < 1:
             raise GptMiniError(f"block_size={block_size!r} must be a positive integer.")
         if not isinstance(seed, int) or seed < 0:
@@ -120,53 +134,20 @@ class TextDataModule(L.LightningDataModule):
         self.block_size = block_size
         self.seed = seed
         self.batches_consumed = 0
-        self.cache_dir: Path | None = None
-        self.meta: dict | None = None
-        self.tokenizer: tiktoken.Encoding | None = None
-        self.tokenizer_spec: dict | None = None
         self._train_batches: TrainBatches | None = None
-
-    def prepare_data(self) -> None:
-        """Tokenize once (Lightning calls this on one process per node)."""
-        # Checking an existing cache hashes the whole corpus: once per process is enough.
-        if self.cache_dir is None:
-            self.cache_dir = prepare_cache(self.data_config, self.tokenizer_config)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load the cache (preparing it if this process has not): cheap when it exists."""
-        if self.meta is not None:
-            return
-        self.prepare_data()
-        self.meta = read_meta(self.cache_dir)
-        self.tokenizer = load_cached_tokenizer(self.cache_dir, self.meta)
-        self.tokenizer_spec = tokenizer_to_spec(self.tokenizer)
-        need = self.block_size + 1
-        if self.meta["train_tokens"] < need:
+        train_tokens, need = cache.meta["train_tokens"], block_size + 1
+        if train_tokens < need:
             raise GptMiniError(
-                f"the training split has {self.meta['train_tokens']} tokens, fewer than one window of "
+                f"the training split has {train_tokens} tokens, fewer than one window of "
                 f"block_size + 1 = {need} tokens; use a smaller model.block_size or more text."
             )
-        per_batch = self.data_config.batch_size * self.block_size
-        if per_batch > self.meta["train_tokens"]:
+        per_batch = self.data_config.batch_size * block_size
+        if per_batch > train_tokens:
             raise GptMiniError(
-                f"one batch (data.batch_size={self.data_config.batch_size} × block_size={self.block_size} = "
-                f"{per_batch} tokens) is larger than the whole training split ({self.meta['train_tokens']} "
+                f"one batch (data.batch_size={self.data_config.batch_size} × block_size={block_size} = "
+                f"{per_batch} tokens) is larger than the whole training split ({train_tokens} "
                 "tokens); use a smaller data.batch_size or model.block_size, or more text."
             )
-
-    @property
-    def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size (n_vocab)."""
-        self.setup()
-        return self.tokenizer.n_vocab
-
-    def bytes_per_token(self, split: str = "val") -> float:
-        """UTF-8 bytes per token of a split: bits per byte = loss_nats / ln 2 / bytes_per_token."""
-        self.setup()
-        if split not in ("train", "val"):
-            raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
-        tokens = self.meta[f"{split}_tokens"]
-        return self.meta[f"{split}_bytes"] / tokens if tokens else math.nan
 
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
@@ -177,10 +158,9 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Whole batches from an endless stream that starts after the batches already consumed."""
-        self.setup()
         self._train_batches = TrainBatches(
-            self.cache_dir / "train.bin",
-            self.meta["dtype"],
+            self.cache.token_file("train"),
+            self.cache.meta["dtype"],
             self.block_size,
             self.data_config.batch_size,
             self.seed,
@@ -191,10 +171,8 @@ class TextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """The validation windows in order (the same every time)."""
-        self.setup()
-        windows = ValWindows(
-            self.cache_dir / "val.bin", self.meta["dtype"], self.meta["val_tokens"], self.block_size
-        )
+        meta = self.cache.meta
+        windows = ValWindows(self.cache.token_file("val"), meta["dtype"], meta["val_tokens"], self.block_size)
         return DataLoader(
             windows, batch_size=self.data_config.batch_size, shuffle=False, **self._loader_kwargs()
         )

@@ -1,199 +1,163 @@
-"""Token caches: tokenize a corpus once into ``train.bin``/``val.bin`` memmaps plus ``meta.json``.
+"""Token caches: tokenize a corpus once into a cache folder, and open one checked.
 
-Pipeline: a corpus (a sorted list of files, each one document) is split into train/val, tokenized once into
-``train.bin`` / ``val.bin`` memmaps plus ``meta.json``, then served as random training windows and fixed
-validation windows.
+One concern: the cache on disk, that is its key, the lock, building it atomically, ``meta.json`` and opening
+the token files. Imports ``gptmini.data.corpus``, ``.tokenizer`` and ``.encode`` only; must not import the
+DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``.
+
+A cache is a folder ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` holding ``train.bin`` and ``val.bin``
+(see ``gptmini.data.encode``), ``meta.json`` (counts, dtype, tokenizer, source fingerprint) and, for a BPE,
+its vocabulary in tiktoken's text format.
 
 Decisions worth knowing:
 
-- **Split.** The validation split is the last ``val_fraction`` of the corpus by raw bytes, concatenated in
-  file order; the file that straddles the cut is split at the next character boundary. For a single file this
-  is nanoGPT's ``data[int(n * 0.9):]``, so Tiny Shakespeare validation losses compare.
-- **Documents.** Within a split, consecutive documents are separated by the ``<|endoftext|>`` *id*; text that
-  contains the literal string is encoded as ordinary text.
-- **Cache key.** ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` where ``key`` hashes the corpus contents (in
-  order), the tokenizer settings, ``val_fraction`` and the cache format, so any change gives a new folder and
-  nothing stale is reused. A folder appears only complete (built under a temporary name, then renamed, under a
-  file lock). Delete old folders to reclaim space.
-- **BPE.** Trained on the training split, or on an evenly spread sample of ``BPE_SAMPLE_BYTES`` of it when
-  the split is larger (rustbpe takes ~3 s per 30 MB here; the vocabulary barely changes beyond that).
-- **Validation windows.** Non-overlapping windows of ``block_size`` targets tile the split from its start;
-  only the final remainder of fewer than ``block_size`` targets is dropped. A split shorter than one window
-  gives a single shorter window.
+- **Cache key.** ``key`` hashes the corpus contents (in order), the tokenizer (its settings, or the full spec
+  of an encoding passed in, e.g. a checkpoint's), ``val_fraction``, the BPE sample size and
+  ``CACHE_VERSION``, so any change gives a new folder and nothing stale is reused. A cache of another version
+  is never opened, just rebuilt beside it; delete old folders to reclaim space.
+- **Atomic.** A folder appears only complete. One process builds it as ``.<key>.tmp`` while holding
+  ``<key>.lock`` (the others wait, then find it), every file fsynced, and renames it. An error, a full disk or
+  Ctrl-C removes the temporary folder; one left by ``kill -9`` is removed by the next ``prepare_cache`` in
+  that folder, once its lock is free.
+- **Checked on open.** ``open_cache`` checks ``meta.json``, the dtype, the file sizes, the tokenizer and that
+  every id is below the vocabulary size (a chunked max over the memmaps: a few ms for the 12 MB standard
+  library), so a damaged cache is a one-line error naming the folder, not a crash in the middle of training.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
-import sys
 import time
 import warnings
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import tiktoken
-from filelock import FileLock
-from tqdm import tqdm  # installed with lightning
+from filelock import FileLock, Timeout
 
-from gptmini.common import GptMiniError, as_config
-from gptmini.data.corpus import (
-    PIECE_CHARS,
-    Corpus,
-    DataConfig,
-    InvalidUtf8Counter,
-    cache_root,
-    fingerprint,
-    iter_pieces,
-    resolve_corpus,
-    split_offset,
+from gptmini.common import (
+    GptMiniError,
+    as_config,
+    atomic_write_text,
+    describe_os_error,
+    remove_stale_temp_files,
 )
+from gptmini.data.corpus import Corpus, DataConfig, cache_root, fingerprint, resolve_corpus, split_offset
+from gptmini.data.encode import BPE_SAMPLE_BYTES, SPLITS, bpe_sample, encode_corpus
 from gptmini.data.tokenizer import (
+    EOT,
     TokenizerConfig,
     load_bpe,
     load_encoding,
     save_bpe,
     tokenizer_id,
+    tokenizer_to_spec,
     train_bpe,
 )
 
 log = logging.getLogger(__name__)
 # Bump when the cache layout or contents change, so old caches are not reused.
-CACHE_VERSION = 2
-# Upper bound on the text the BPE trains on (see the module docstring).
-BPE_SAMPLE_BYTES = 32 * 2**20
+CACHE_VERSION = 3
+TOKEN_DTYPES = ("uint16", "uint32")
+# Tokens per step of the out-of-range check on open: a few MB at a time, whatever the split's size.
+ID_CHECK_CHUNK = 2**22
+MB = 1e6
 
 # ------------------------------------------------------------------------------------------------------------
-# Token caches
+# Building a cache
 
 
-def _encode_threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
+def _check_encoding(encoding: tiktoken.Encoding) -> None:
+    if not isinstance(encoding, tiktoken.Encoding):
+        raise GptMiniError(f"encoding must be a tiktoken.Encoding, not {type(encoding).__name__}")
+    if EOT not in encoding.special_tokens_set:
+        raise GptMiniError(f"the tokenizer {encoding.name!r} has no {EOT} token to separate documents")
+    if tokenizer_to_spec(encoding)["kind"] == "bpe" and encoding.eot_token != encoding.n_vocab - 1:
+        raise GptMiniError(f"the BPE tokenizer {encoding.name!r} must have {EOT} as its last id")
 
 
-def _encode_task(enc: tiktoken.Encoding, pieces: list[tuple[bool, str]]) -> tuple[np.ndarray, int]:
-    """Encode pieces (in a worker thread: tiktoken releases the GIL) with EOT ids before new documents."""
-    eot = np.array([enc.eot_token], dtype=np.uint32)
-    parts, nbytes = [], 0
-    for eot_before, text in pieces:
-        if eot_before:
-            parts.append(eot)
-        # encode_to_numpy with no special tokens allowed or disallowed == encode_ordinary, minus the list.
-        parts.append(enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
-        nbytes += len(text.encode("utf-8"))
-    return (np.concatenate(parts) if parts else np.empty(0, np.uint32)), nbytes
+def _tokenizer_folder(tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
+    if encoding is None:
+        return tokenizer_id(tok)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", encoding.name) or "tokenizer"
 
 
-def _token_dtype(n_vocab: int) -> type:
-    return np.uint16 if n_vocab <= 65535 else np.uint32
-
-
-def _tokenize(
-    folder: Path, files: list[Path], val_fraction: float, enc: tiktoken.Encoding, desc: str
-) -> dict:
-    """Write train.bin/val.bin into ``folder``, streaming; return the per-split counts."""
-    dtype = _token_dtype(enc.n_vocab)
-    counts = {f"{split}_{what}": 0 for split in ("train", "val") for what in ("tokens", "bytes")}
-    outputs = {split: open(folder / f"{split}.bin", "wb") for split in ("train", "val")}  # noqa: SIM115
-    # Whether a split already holds a document, so the next one needs a separator.
-    started = {"train": False, "val": False}
-    total = sum(path.stat().st_size for path in files)
-    threads = _encode_threads()
-    in_flight: deque = deque()
-
-    def write_oldest() -> None:
-        split, future = in_flight.popleft()
-        tokens, nbytes = future.result()
-        tokens.astype(dtype, copy=False).tofile(outputs[split])
-        counts[f"{split}_tokens"] += len(tokens)
-        counts[f"{split}_bytes"] += nbytes
-        progress.update(nbytes)
-
-    invalid = InvalidUtf8Counter()
-    # The bar only appears when preparation takes more than a few seconds.
-    progress = tqdm(total=total, desc=desc, unit="B", unit_scale=True, delay=3, file=sys.stderr, leave=False)
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            task, task_split, task_chars = [], "train", 0
-            for split, starts_document, text in iter_pieces(files, val_fraction, invalid):
-                if split != task_split or task_chars >= PIECE_CHARS:
-                    if task:
-                        in_flight.append((task_split, pool.submit(_encode_task, enc, task)))
-                    task, task_split, task_chars = [], split, 0
-                task.append((starts_document and started[split], text))
-                started[split] = True
-                task_chars += len(text)
-                # A bounded number of tasks in flight keeps memory flat while reading overlaps encoding.
-                while len(in_flight) > 2 * threads:
-                    write_oldest()
-            if task:
-                in_flight.append((task_split, pool.submit(_encode_task, enc, task)))
-            while in_flight:
-                write_oldest()
-    finally:
-        progress.close()
-        for f in outputs.values():
-            f.close()
-    counts["invalid_utf8_bytes"] = invalid.bytes_replaced
-    counts["dtype"] = np.dtype(dtype).name
-    return counts
-
-
-def _bpe_sample(files: list[Path], val_fraction: float) -> Iterator[str]:
-    """Training-split pieces, evenly thinned to about BPE_SAMPLE_BYTES when the split is larger."""
-    train_bytes = split_offset(files, val_fraction)
-    keep = min(1.0, BPE_SAMPLE_BYTES / max(train_bytes, 1))
-    credit = 0.0
-    for split, _, text in iter_pieces(files, val_fraction):
-        if split != "train":
-            return
-        credit += len(text) * keep
-        if credit >= len(text):
-            credit -= len(text)
-            yield text
-
-
-def _cache_key(corpus: Corpus, source_fingerprint: str, tok: TokenizerConfig, val_fraction: float) -> str:
+def _cache_key(
+    corpus: Corpus,
+    source_fingerprint: str,
+    tok: TokenizerConfig,
+    val_fraction: float,
+    encoding: tiktoken.Encoding | None = None,
+) -> str:
+    if encoding is None:
+        tokenizer = {
+            "id": tokenizer_id(tok),
+            "bpe_sample_bytes": BPE_SAMPLE_BYTES if tok.name == "bpe" else None,
+        }
+    else:  # exactly this vocabulary, so a cache for an encoding never mixes with a trained one
+        spec = json.dumps(tokenizer_to_spec(encoding), sort_keys=True).encode()
+        tokenizer = {"spec_sha256": hashlib.sha256(spec).hexdigest()}
     settings = {
         "version": CACHE_VERSION,
         "corpus": corpus.name,
         "fingerprint": source_fingerprint,
-        "tokenizer": tokenizer_id(tok),
+        "tokenizer": tokenizer,
         "val_fraction": val_fraction,
-        "bpe_sample_bytes": BPE_SAMPLE_BYTES if tok.name == "bpe" else None,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _save_tokenizer(enc: tiktoken.Encoding, folder: Path) -> dict:
+    """Store ``enc`` in the cache folder; return what meta.json records to load it again."""
+    if tokenizer_to_spec(enc)["kind"] == "tiktoken":
+        return {"kind": "tiktoken", "name": enc.name}
+    save_bpe(enc, folder / "tokenizer.tiktoken")
+    return {"kind": "bpe", "name": enc.name, "file": "tokenizer.tiktoken"}
+
+
 def _build_cache(
-    folder: Path, corpus: Corpus, source_fingerprint: str, data: DataConfig, tok: TokenizerConfig
-):
-    """Train the tokenizer if needed and tokenize the corpus into ``folder``."""
+    folder: Path,
+    corpus: Corpus,
+    source_fingerprint: str,
+    data: DataConfig,
+    tok: TokenizerConfig,
+    encoding: tiktoken.Encoding | None = None,
+) -> None:
+    """Train the tokenizer unless one is given, and tokenize the corpus into ``folder``."""
     started = time.perf_counter()
-    if tok.name == "bpe":
-        log.info("training a %d-token BPE on %s", tok.vocab_size, corpus.description)
-        enc = train_bpe(_bpe_sample(corpus.files, data.val_fraction), tok.vocab_size, tok.pattern)
-        save_bpe(enc, folder / "tokenizer.tiktoken")
-        tokenizer = {"kind": "bpe", "name": enc.name, "file": "tokenizer.tiktoken"}
+    if encoding is not None:
+        enc = encoding
+    elif tok.name == "bpe":
+        # One line before and one after: rustbpe's own progress lines are silenced (see train_bpe).
+        sample_mb = min(split_offset(corpus.files, data.val_fraction), BPE_SAMPLE_BYTES) / MB
+        log.info("training a %d-token BPE on %.1f MB of %s", tok.vocab_size, sample_mb, corpus.description)
+        enc = train_bpe(bpe_sample(corpus.files, data.val_fraction), tok.vocab_size, tok.pattern)
+        log.info("trained the BPE in %.1f s", time.perf_counter() - started)
     else:
         enc = load_encoding(tok.name)
-        tokenizer = {"kind": "tiktoken", "name": enc.name}
-    log.info("tokenizing %s with %s", corpus.description, tokenizer_id(tok))
-    counts = _tokenize(folder, corpus.files, data.val_fraction, enc, f"tokenizing {corpus.name}")
+    tokenizer = _save_tokenizer(enc, folder)
+    total_mb = sum(path.stat().st_size for path in corpus.files) / MB
+    log.info("tokenizing %.1f MB of %s with %s", total_mb, corpus.description, enc.name)
+    tokenizing = time.perf_counter()
+    counts = encode_corpus(folder, corpus.files, data.val_fraction, enc, f"tokenizing {corpus.name}")
+    log.info(
+        "tokenized into %d tokens in %.1f s",
+        counts["train_tokens"] + counts["val_tokens"],
+        time.perf_counter() - tokenizing,
+    )
     if counts["invalid_utf8_bytes"]:
         warnings.warn(
             f"{corpus.description}: replaced {counts['invalid_utf8_bytes']} invalid UTF-8 byte(s) by U+FFFD",
-            stacklevel=3,
+            stacklevel=3,  # the caller of prepare_cache
         )
     meta = {
         "version": CACHE_VERSION,
@@ -202,68 +166,153 @@ def _build_cache(
         "fingerprint": source_fingerprint,
         "files": len(corpus.files),
         "val_fraction": data.val_fraction,
-        "tokenizer_id": tokenizer_id(tok),
+        "tokenizer_id": _tokenizer_folder(tok, encoding),
         "tokenizer": tokenizer,
         "vocab_size": enc.n_vocab,
         "eot_id": enc.eot_token,
         **counts,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # written last: "complete"
 
 
-def prepare_cache(data: DataConfig, tokenizer: TokenizerConfig) -> Path:
-    """Tokenize the corpus unless a cache for the same contents and settings exists; return its folder."""
+def _remove_stale_builds(parent: Path) -> None:
+    """Delete what builds killed with ``kill -9`` left in ``parent``: ``.<key>.tmp`` folders whose lock is
+    free (a build in progress holds its lock) and the temporary files of atomic writes."""
+    with contextlib.suppress(OSError):  # cleaning up must never stop a run (e.g. a read-only cache)
+        remove_stale_temp_files(parent)
+        for tmp in parent.glob(".*.tmp"):
+            if not tmp.is_dir():
+                continue
+            try:
+                with FileLock(str(parent / tmp.name[1:-4]) + ".lock", timeout=0):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except Timeout:
+                pass  # another process is building it right now
+
+
+def _cannot_write(error: OSError, root: Path) -> GptMiniError:
+    if error.errno == errno.ENOSPC:
+        fix = "free some space there, or set data.cache_dir=/a/folder/on/a/disk/with/room"
+    else:
+        fix = "set data.cache_dir=/a/folder/you/can/write"
+    return GptMiniError(f"{describe_os_error(error, f'the token cache under {root}')}; {fix}.")
+
+
+def prepare_cache(
+    data: DataConfig, tokenizer: TokenizerConfig, encoding: tiktoken.Encoding | None = None
+) -> Path:
+    """Tokenize the corpus unless a cache for the same contents and settings exists; return its folder.
+
+    Args:
+        data: the corpus (and where caches go).
+        tokenizer: the tokenizer settings: a BPE is trained on the training split, a named one loaded.
+        encoding: tokenize with exactly this tokenizer instead (e.g. the one a checkpoint carries, to
+            fine-tune on new text); ``tokenizer`` is then ignored and no BPE is trained.
+
+    Raises GptMiniError for a bad corpus or an unwritable or full cache directory; KeyboardInterrupt
+    propagates. Either way no partial cache is left behind.
+    """
     data = as_config(data, DataConfig, "data")
     tokenizer = as_config(tokenizer, TokenizerConfig, "tokenizer")
+    if encoding is not None:
+        _check_encoding(encoding)
     corpus = resolve_corpus(data)
     if sum(path.stat().st_size for path in corpus.files) == 0:
         raise GptMiniError(
             f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
     source_fingerprint = fingerprint(corpus.files)
-    parent = cache_root(data) / corpus.name / tokenizer_id(tokenizer)
-    folder = parent / _cache_key(corpus, source_fingerprint, tokenizer, data.val_fraction)
+    parent = cache_root(data) / corpus.name / _tokenizer_folder(tokenizer, encoding)
+    folder = parent / _cache_key(corpus, source_fingerprint, tokenizer, data.val_fraction, encoding)
+    if parent.is_dir():
+        _remove_stale_builds(parent)
     if (folder / "meta.json").is_file():
         return folder
-    parent.mkdir(parents=True, exist_ok=True)
-    # One process builds; any other waits for the lock and then finds the finished folder.
-    with FileLock(str(folder) + ".lock"):
-        if (folder / "meta.json").is_file():
-            return folder
-        tmp = parent / f".{folder.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by a run that crashed while holding the lock
-        tmp.mkdir()
-        _build_cache(tmp, corpus, source_fingerprint, data, tokenizer)
-        os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        # One process builds; any other waits for the lock and then finds the finished folder.
+        with FileLock(str(folder) + ".lock"):
+            if (folder / "meta.json").is_file():
+                return folder
+            tmp = parent / f".{folder.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a build that died while holding the lock
+            tmp.mkdir()
+            try:
+                _build_cache(tmp, corpus, source_fingerprint, data, tokenizer, encoding)
+                os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
+            except BaseException:  # an error, a full disk or Ctrl-C: leave nothing half-built
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except OSError as exc:
+        raise _cannot_write(exc, cache_root(data)) from None
     return folder
 
 
+# ------------------------------------------------------------------------------------------------------------
+# Opening a cache
+
+
+def _damaged(folder: Path, reason: str) -> GptMiniError:
+    return GptMiniError(
+        f"the token cache {folder} is damaged ({reason}); delete that folder and run again to rebuild it."
+    )
+
+
 def read_meta(folder: Path) -> dict:
-    """The meta.json of a prepared cache folder, after checking the token files match it."""
+    """The meta.json of a cache folder, after checking its version, dtype and token file sizes."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise GptMiniError(f"there is no token cache at {folder}; prepare_cache(data, tokenizer) makes one.")
     try:
         meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        for split in ("train", "val"):
-            size = (folder / f"{split}.bin").stat().st_size
-            if size != meta[f"{split}_tokens"] * itemsize:
-                raise ValueError(
-                    f"{split}.bin has {size} bytes, meta.json says {meta[f'{split}_tokens']} tokens"
-                )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
+        raise _damaged(folder, f"meta.json is unreadable: {type(exc).__name__}") from None
+    if not isinstance(meta, dict):
+        raise _damaged(folder, "meta.json holds no object")
+    if meta.get("version") != CACHE_VERSION:
         raise GptMiniError(
-            f"the token cache {folder} is damaged ({exc}); delete that folder and run again to rebuild it."
-        ) from None
+            f"the token cache {folder} was written by another gptmini (cache version "
+            f"{meta.get('version')!r}, this one reads {CACHE_VERSION}); delete that folder and run again to "
+            "rebuild it."
+        )
+    counts = [f"{split}_{what}" for split in SPLITS for what in ("tokens", "bytes")]
+    for key in (*counts, "vocab_size", "eot_id"):
+        if not isinstance(meta.get(key), int) or isinstance(meta[key], bool) or meta[key] < 0:
+            raise _damaged(folder, f"meta.json has no valid {key}")
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        raise _damaged(
+            folder, f"meta.json says dtype {meta.get('dtype')!r}, not one of {', '.join(TOKEN_DTYPES)}"
+        )
+    tokenizer = meta.get("tokenizer")
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("bpe", "tiktoken"):
+        raise _damaged(folder, "meta.json does not say which tokenizer made it")
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for split in SPLITS:
+        try:
+            size = (folder / f"{split}.bin").stat().st_size
+        except OSError:
+            raise _damaged(folder, f"{split}.bin is missing") from None
+        if size != meta[f"{split}_tokens"] * itemsize:
+            raise _damaged(
+                folder, f"{split}.bin has {size} bytes, meta.json says {meta[f'{split}_tokens']} tokens"
+            )
     return meta
 
 
 def load_cached_tokenizer(folder: Path, meta: dict | None = None) -> tiktoken.Encoding:
     """The tokenizer a cache folder was built with."""
+    folder = Path(folder)
     meta = meta or read_meta(folder)
-    if meta["tokenizer"]["kind"] == "bpe":
-        return load_bpe(Path(folder) / meta["tokenizer"]["file"])
-    return load_encoding(meta["tokenizer"]["name"])
+    info = meta["tokenizer"]
+    if info["kind"] == "bpe":
+        try:
+            return load_bpe(folder / str(info.get("file")))
+        except GptMiniError as exc:
+            raise _damaged(folder, str(exc)) from None
+    if info.get("name") not in tiktoken.list_encoding_names():
+        raise _damaged(folder, f"meta.json names an unknown tokenizer {info.get('name')!r}")
+    return load_encoding(info["name"])  # its own errors (e.g. offline) are not damage
 
 
 def open_tokens(path: Path, dtype: str) -> np.ndarray:
@@ -271,3 +320,74 @@ def open_tokens(path: Path, dtype: str) -> np.ndarray:
     if Path(path).stat().st_size == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _largest_id(tokens: np.ndarray) -> int:
+    """The largest id in a token file, read a chunk at a time so memory stays flat."""
+    largest = -1
+    for start in range(0, len(tokens), ID_CHECK_CHUNK):
+        largest = max(largest, int(tokens[start : start + ID_CHECK_CHUNK].max()))
+    return largest
+
+
+@dataclass
+class TokenCache:
+    """An opened, checked token cache: its folder, meta.json, tokenizer and token files."""
+
+    folder: Path
+    meta: dict
+    tokenizer: tiktoken.Encoding
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size (n_vocab): every token id is below it."""
+        return self.tokenizer.n_vocab
+
+    @cached_property
+    def tokenizer_spec(self) -> dict:
+        """The tokenizer as plain values, for checkpoints (see ``tokenizer_to_spec``)."""
+        return tokenizer_to_spec(self.tokenizer)
+
+    def token_file(self, split: str) -> Path:
+        """The path of a split's token file (``train.bin`` or ``val.bin``)."""
+        if split not in SPLITS:
+            raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
+        return self.folder / f"{split}.bin"
+
+    def tokens(self, split: str) -> np.ndarray:
+        """A split's tokens, memory-mapped (an empty array for an empty split)."""
+        return open_tokens(self.token_file(split), self.meta["dtype"])
+
+    def bytes_per_token(self, split: str) -> float:
+        """UTF-8 bytes per token of a split (NaN when empty): bits/byte = loss / ln 2 / bytes_per_token."""
+        self.token_file(split)  # checks the name
+        tokens = self.meta[f"{split}_tokens"]
+        return self.meta[f"{split}_bytes"] / tokens if tokens else math.nan
+
+
+def open_cache(folder: Path) -> TokenCache:
+    """Open a cache folder made by ``prepare_cache``, after checking everything a run relies on.
+
+    A damaged cache (unreadable or inconsistent meta.json, a nonsense dtype, token files of the wrong size, a
+    garbage tokenizer file, ids the tokenizer does not have) is a one-line GptMiniError that names the folder
+    and the fix: delete it, and the next run rebuilds it.
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    tokenizer = load_cached_tokenizer(folder, meta)
+    if (tokenizer.n_vocab, tokenizer.eot_token) != (meta["vocab_size"], meta["eot_id"]):
+        raise _damaged(
+            folder,
+            f"its tokenizer has {tokenizer.n_vocab} ids and {EOT} {tokenizer.eot_token}, meta.json says "
+            f"{meta['vocab_size']} and {meta['eot_id']}",
+        )
+    if np.iinfo(meta["dtype"]).max < tokenizer.n_vocab - 1:
+        raise _damaged(folder, f"dtype {meta['dtype']} cannot hold {tokenizer.n_vocab} ids")
+    cache = TokenCache(folder, meta, tokenizer)
+    for split in SPLITS:
+        largest = _largest_id(cache.tokens(split))
+        if largest >= tokenizer.n_vocab:
+            raise _damaged(
+                folder, f"{split}.bin holds token id {largest}, the tokenizer has {tokenizer.n_vocab}"
+            )
+    return cache

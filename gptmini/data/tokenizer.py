@@ -8,21 +8,27 @@ Two kinds:
 
 A tokenizer travels inside checkpoints as a *spec*: a dict of plain str/int values that
 ``torch.load(weights_only=True)`` accepts, turned back into an encoding by ``tokenizer_from_spec``.
+
+One concern: making, saving and loading tokenizers. Imports only ``gptmini.common`` (never
+``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``), so checkpoints and generation can use it.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import json
+import logging
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, atomic_write_text
 
 EOT = "<|endoftext|>"
 
@@ -134,7 +140,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
 
     trainer = rustbpe.Tokenizer()
     # One id is reserved for <|endoftext|>, so rustbpe learns vocab_size - 1 byte-level tokens.
-    trainer.train_from_iterator(iter(texts), vocab_size - 1, pattern=PATTERNS[pattern])
+    with _quiet_rustbpe():
+        trainer.train_from_iterator(iter(texts), vocab_size - 1, pattern=PATTERNS[pattern])
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     if len(ranks) + 1 < vocab_size:
         warnings.warn(
@@ -143,6 +150,27 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
             stacklevel=2,
         )
     return _make_bpe(_bpe_name(vocab_size, pattern), trainer.get_pattern(), ranks)
+
+
+class _WarningsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def _quiet_rustbpe() -> Iterator[None]:
+    """Drop rustbpe's INFO lines (one per 1% of the merges) while it trains; its warnings still show.
+
+    rustbpe logs through Python's logging (pyo3-log) as the "rustbpe" logger, so under train.py's INFO
+    logging every training printed ~100 progress lines. A filter on that logger drops the records whatever
+    levels the user configured; the caller reports the training in one line instead.
+    """
+    logger, quiet = logging.getLogger("rustbpe"), _WarningsOnly()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _ranks_to_text(ranks: dict[bytes, int]) -> str:
@@ -168,12 +196,6 @@ def _ranks_from_text(text: str) -> dict[bytes, int]:
     return ranks
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _pattern_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
@@ -186,18 +208,26 @@ def save_bpe(enc: tiktoken.Encoding, path: str | os.PathLike) -> None:
         raise GptMiniError(
             f"save_bpe saves trained BPE tokenizers; {enc.name!r} is a named tiktoken encoding."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, spec["ranks"])
-    _atomic_write_text(_pattern_path(path), json.dumps({"name": spec["name"], "pattern": spec["pattern"]}))
+    # Each file is written whole or not at all (fsynced, then renamed; see gptmini.common.atomic_file).
+    atomic_write_text(path, spec["ranks"])
+    atomic_write_text(_pattern_path(path), json.dumps({"name": spec["name"], "pattern": spec["pattern"]}))
 
 
 def load_bpe(path: str | os.PathLike) -> tiktoken.Encoding:
-    """Load a BPE written by ``save_bpe``."""
+    """Load a BPE written by ``save_bpe``; files that are not one give a GptMiniError naming ``path``."""
     path = Path(path)
     if not path.is_file() or not _pattern_path(path).is_file():
         raise GptMiniError(f"no saved BPE tokenizer at {path} (needs {path.name} and {path.name}.json)")
-    info = json.loads(_pattern_path(path).read_text(encoding="utf-8"))
-    return _make_bpe(info["name"], info["pattern"], _ranks_from_text(path.read_text(encoding="utf-8")))
+    try:
+        info = json.loads(_pattern_path(path).read_text(encoding="utf-8"))
+        ranks = _ranks_from_text(path.read_text(encoding="utf-8"))
+        if sorted(ranks.values()) != list(range(len(ranks))):
+            raise ValueError("its ranks are not 0..n-1, one per token")
+        return _make_bpe(info["name"], info["pattern"], ranks)
+    except (OSError, UnicodeDecodeError, binascii.Error, ValueError, KeyError, TypeError) as exc:
+        # ValueError also covers bad JSON, a line without two fields, a rank that is no int, a bad pattern.
+        reason = " ".join(str(exc).split())  # one line, whatever the parser said
+        raise GptMiniError(f"{path} is not a saved BPE tokenizer ({type(exc).__name__}: {reason})") from None
 
 
 def tokenizer_to_spec(enc: tiktoken.Encoding) -> dict:

@@ -1,22 +1,22 @@
-"""Self-attention, built up the way chapter 3 of "Build a Large Language Model (From Scratch)" does.
+"""Every attention computation in gptmini: chapter 3's ladder and the attention the model trains with.
 
-The ladder, one small step at a time:
+The rungs of chapter 3 of "Build a Large Language Model (From Scratch)" keep the book's argument names and
+order of building weights, so the book's seeds give the book's numbers; ``# new here:`` marks what each adds.
 
-1. ``simplified_self_attention``: no trainable weights; every token's context vector is a softmax-weighted
-   average of all the input vectors, weighted by dot-product similarity.
-2. ``SelfAttention``: trainable query/key/value projections and scaling by the square root of the key size.
-3. ``CausalAttention``: a token may only look at itself and earlier tokens (future positions are masked),
-   dropout on the attention weights, batched input.
-4. Multi-head attention two ways: ``MultiHeadAttentionWrapper`` runs independent causal heads one after the
-   other and concatenates them; ``MultiHeadAttention`` computes all heads at once from one projection.
-5. ``CausalSelfAttention``: the efficient version the model trains with. One fused QKV matmul and PyTorch's
-   ``scaled_dot_product_attention`` kernel, plus a key/value cache for fast generation.
+1. ``simplified_self_attention``: no trainable weights; softmax of dot-product similarities, weighted sum.
+2. ``SelfAttentionV1``: trainable query/key/value matrices and scaled scores; ``SelfAttention``: the same
+   with ``nn.Linear`` layers and an optional bias.
+3. ``CausalAttention``: future positions masked, dropout on the attention weights, batched input.
+4. Multi-head as the book writes it: ``StackedHeadsAttention`` (the book's ``MultiHeadAttentionWrapper``)
+   concatenates causal heads; ``CompactMultiHeadAttention`` (the book's ``MultiHeadAttention``) splits one
+   projection per query/key/value into heads by reshaping and mixes them with ``out_proj``.
+5. The model's classes, by name in ``ATTENTION_CLASSES``: ``MultiHeadAttentionWrapper`` ("heads"),
+   ``MultiHeadAttention`` ("mha") and ``CausalSelfAttention`` ("sdpa": PyTorch's fused kernel, a KV cache).
+   They share ONE weight layout -- ``qkv`` (3·n_embd, n_embd), ``proj`` (n_embd, n_embd) -- and one
+   constructor ``(n_embd, n_head, block_size, dropout, bias)``: n_embd = d_in = d_out, n_head = num_heads,
+   block_size = context_length, bias = qkv_bias (and proj's bias). A state_dict loads into each of them.
 
-The three multi-head variants share ONE weight layout -- ``qkv`` (3·n_embd, n_embd) and ``proj``
-(n_embd, n_embd) -- and one constructor ``(n_embd, n_head, block_size, dropout, bias)``, so a state_dict saved
-from one loads into the others and the model can swap them by name (``ATTENTION_CLASSES``).
-
-Run ``python -m gptmini.model.attention`` to walk through the chapter's worked example.
+``python -m gptmini.model.attention`` runs the worked example with the book's numbers (``walkthrough``).
 """
 
 import math
@@ -65,11 +65,32 @@ def simplified_self_attention(inputs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # ---------------------------------------------------------------------------------------------------------
 
 
+class SelfAttentionV1(nn.Module):
+    """Scaled dot-product attention with trainable query, key and value matrices (one head, no mask)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        # new here: trainable d_in -> d_out matrices, uniform in [0, 1), drawn in the book's order (q, k, v)
+        self.W_query = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_key = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_value = nn.Parameter(torch.rand(d_in, d_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (T, d_in) to context vectors (T, d_out)."""
+        queries, keys, values = x @ self.W_query, x @ self.W_key, x @ self.W_value  # (T, d_out) each
+        scores = queries @ keys.T  # (T, T)
+        # Dividing by sqrt(d_k) keeps the scores' spread independent of the key size, so the softmax does not
+        # saturate into near one-hot weights (whose gradients vanish) as d_out grows.
+        weights = torch.softmax(scores / math.sqrt(keys.size(-1)), dim=-1)
+        return weights @ values  # (T, d_out)
+
+
 class SelfAttention(nn.Module):
-    """Scaled dot-product attention with trainable query, key and value projections (one head, no mask)."""
+    """``SelfAttentionV1`` with ``nn.Linear`` projections: better initialisation, optional bias."""
 
     def __init__(self, d_in: int, d_out: int, qkv_bias: bool = False):
         super().__init__()
+        # new here: nn.Linear layers (weights stored transposed, (d_out, d_in)) and qkv_bias
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -78,8 +99,6 @@ class SelfAttention(nn.Module):
         """Map (..., T, d_in) to context vectors (..., T, d_out)."""
         queries, keys, values = self.W_query(x), self.W_key(x), self.W_value(x)  # (..., T, d_out) each
         scores = queries @ keys.transpose(-2, -1)  # (..., T, T)
-        # Dividing by sqrt(d_k) keeps the scores' spread independent of the key size, so the softmax does not
-        # saturate into near one-hot weights (whose gradients vanish) as d_out grows.
         weights = torch.softmax(scores / math.sqrt(keys.size(-1)), dim=-1)
         return weights @ values  # (..., T, d_out)
 
@@ -94,17 +113,14 @@ def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
     return torch.triu(torch.ones(size, size, dtype=torch.bool, device=device), diagonal=1)
 
 
-class CausalAttention(nn.Module):
+class CausalAttention(SelfAttention):
     """One causal attention head: each token attends only to itself and earlier tokens."""
 
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, qkv_bias: bool = False):
-        super().__init__()
-        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
-        self.dropout = nn.Dropout(dropout)
-        # A buffer moves with .to(device) but is not trained; not persistent because it is rebuilt from
-        # context_length and need not bloat checkpoints.
+        super().__init__(d_in, d_out, qkv_bias)  # W_query, W_key, W_value, built in that order
+        self.dropout = nn.Dropout(dropout)  # new here: dropout on the attention weights
+        # new here: the mask for up to context_length tokens. A buffer moves with .to(device) but is not
+        # trained; not persistent because it is rebuilt from context_length and need not bloat checkpoints.
         self.register_buffer("mask", causal_mask(context_length), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -121,7 +137,70 @@ class CausalAttention(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 4 and 5. Multi-head attention: one weight layout, three ways to compute it
+# 4. Multi-head attention as the book writes it: separate weights, d_in -> d_out
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StackedHeadsAttention(nn.Module):
+    """The book's ``MultiHeadAttentionWrapper``: num_heads causal heads side by side, no output projection."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+    ):
+        super().__init__()
+        # new here: num_heads independent heads, built one after another (head 0's weights come first)
+        self.heads = nn.ModuleList(
+            [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias) for _ in range(num_heads)]
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (B, T, d_in) to (B, T, num_heads·d_out): each head's d_out features, head 0 first."""
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class CompactMultiHeadAttention(CausalAttention):
+    """The book's ``MultiHeadAttention``: num_heads causal heads of d_out // num_heads features each."""
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        qkv_bias: bool = False,
+    ):
+        if d_out % num_heads != 0:
+            raise GptMiniError(f"d_out={d_out} is not divisible by num_heads={num_heads}")
+        super().__init__(d_in, d_out, context_length, dropout, qkv_bias)
+        # new here: the heads split d_out (rather than each producing d_out) ...
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        # ... and an output projection mixes their features (built last, as in the book; always with a bias)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (B, T, d_in) to (B, T, d_out)."""
+        B, T, _ = x.shape
+        shape = (B, T, self.num_heads, self.head_dim)  # head h owns features h·hd to (h+1)·hd
+        queries = self.W_query(x).view(shape).transpose(1, 2)  # (B, nh, T, hd)
+        keys = self.W_key(x).view(shape).transpose(1, 2)  # (B, nh, T, hd)
+        values = self.W_value(x).view(shape).transpose(1, 2)  # (B, nh, T, hd)
+        scores = queries @ keys.transpose(2, 3)  # (B, nh, T, T): all heads in one batched matmul
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        weights = self.dropout(torch.softmax(scores / math.sqrt(self.head_dim), dim=-1))
+        context = (weights @ values).transpose(1, 2)  # (B, T, nh, hd)
+        context = context.contiguous().view(B, T, self.d_out)  # (B, T, d_out): heads side by side
+        return self.out_proj(context)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The model-facing multi-head attention: one weight layout, three ways to compute it
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -179,11 +258,11 @@ class _FusedMultiHead(nn.Module):
 
 
 class MultiHeadAttentionWrapper(_FusedMultiHead):
-    """Chapter 3's first multi-head attention: n_head independent causal heads, run one after another.
+    """``StackedHeadsAttention`` on the shared layout: n_head causal heads one after another, then ``proj``.
 
-    Each head is a ``CausalAttention`` computation with its own query/key/value weights. Those weights are
-    row slices of the shared fused ``qkv`` matrix (rather than separate Linear layers) so this variant has
-    exactly the same state_dict as the faster ones. Slow on purpose: n_head small matmuls instead of one.
+    Head h's query/key/value weights are row slices of the fused ``qkv`` matrix rather than separate Linear
+    layers, so this variant has the same state_dict as the faster ones (and ``fused_from_stacked_heads`` in
+    the walkthrough loads the book's heads into it). Slow on purpose: n_head small matmuls instead of one.
     """
 
     def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
@@ -210,7 +289,7 @@ class MultiHeadAttentionWrapper(_FusedMultiHead):
 
 
 class MultiHeadAttention(_FusedMultiHead):
-    """Compact multi-head attention: one projection for all heads, split by reshaping, batched over heads."""
+    """``CompactMultiHeadAttention`` on the shared layout: one fused projection, heads batched together."""
 
     def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
         super().__init__(n_embd, n_head, block_size, dropout, bias)
@@ -318,40 +397,8 @@ ATTENTION_CLASSES: dict[str, type[_FusedMultiHead]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------
-# python -m gptmini.model.attention: the worked example, step by step
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _fmt(t: Tensor) -> str:
-    return "[" + ", ".join(f"{v:.4f}" for v in t.tolist()) + "]"
-
-
-def _walkthrough() -> None:
-    """Print the worked example for the query "journey" (x², row index 1), then each rung's shapes."""
-    inputs = torch.tensor(EXAMPLE_INPUTS)
-    scores, weights, context = simplified_self_attention(inputs)
-    print('Inputs: one 3-d embedding per word of "Your journey starts with one step"')
-    for word, row in zip(EXAMPLE_WORDS, inputs, strict=True):
-        print(f"  {word:<8} {_fmt(row)}")
-    print('\n1. Simplified self-attention, query x² = "journey"')
-    print(f"  scores  ω₂ = x²·xᵢ      {_fmt(scores[1])}")
-    print(f"  weights α₂ = softmax(ω₂) {_fmt(weights[1])}  (sum {weights[1].sum():.4f})")
-    print(f"  context z² = Σ α₂ᵢ·xᵢ    {_fmt(context[1])}")
-
-    torch.manual_seed(123)
-    batch = torch.stack([inputs, inputs])  # (2, 6, 3): two copies, to show batching
-    z2 = SelfAttention(3, 2)(inputs)[1]
-    print("\n2. SelfAttention(3, 2): trainable W_q, W_k, W_v; context z² =", _fmt(z2))
-    causal = CausalAttention(3, 2, context_length=6, dropout=0.0)
-    print("3. CausalAttention(3, 2, 6, 0.0) on a batch", tuple(batch.shape), "->", tuple(causal(batch).shape))
-    wide = torch.randn(2, 6, 8)  # multi-head needs n_embd divisible by n_head: use 8 dims and 2 heads
-    for name, cls in ATTENTION_CLASSES.items():
-        out = cls(8, 2, block_size=6, dropout=0.0)(wide)
-        rung = 5 if name == "sdpa" else 4
-        shapes = f"{tuple(wide.shape)} -> {tuple(out.shape)}"
-        print(f"{rung}. {cls.__name__:<26} attention={name!r:<7} on {shapes}")
-
-
 if __name__ == "__main__":
-    _walkthrough()
+    # Imported here, not at the top: the walkthrough imports this module.
+    from gptmini.model.walkthrough import main
+
+    main()

@@ -21,7 +21,9 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
+from gptmini.common import atomic_file
 from gptmini.training.perf import mfu, peak_flops
+from gptmini.training.steps import finished_optimizer_step, is_accumulating, is_logging_step
 
 
 class Throughput(L.Callback):
@@ -39,6 +41,8 @@ class Throughput(L.Callback):
         self.train_tokens = 0
         self._window_start: float | None = None
         self._window_tokens = 0
+        self._window_seconds = 0.0  # training seconds of the current window (validation pauses excluded)
+        self._paused = False
         self.last_tokens_per_s: float | None = None
         self.last_mfu: float | None = None
 
@@ -47,24 +51,29 @@ class Throughput(L.Callback):
         self._flops_per_token = pl_module.model.flops_per_token()
         self._start_window(pl_module)
 
-    def _start_window(self, pl_module) -> None:
+    def _start_window(self, pl_module, keep_tokens: bool = False) -> None:
+        """Start timing; ``keep_tokens`` continues a window that validation paused."""
         _synchronize(pl_module.device)
         self._window_start = time.perf_counter()
-        self._window_tokens = 0
+        if not keep_tokens:
+            self._window_tokens = 0
+            self._window_seconds = 0.0
 
     def _close_window(self, pl_module) -> float:
+        """Stop timing; return the window's training seconds so far (pauses excluded)."""
         _synchronize(pl_module.device)
         elapsed = time.perf_counter() - self._window_start
         self.train_seconds += elapsed
-        self.train_tokens += self._window_tokens
-        return elapsed
+        self._window_seconds += elapsed
+        return self._window_seconds
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x, _ = batch
         self._window_tokens += x.numel() * trainer.world_size
-        if trainer.fit_loop._should_accumulate() or trainer.global_step % self.every_n_steps:
+        if is_accumulating(trainer) or trainer.global_step % self.every_n_steps:
             return
         elapsed = self._close_window(pl_module)
+        self.train_tokens += self._window_tokens
         if elapsed > 0 and self._window_tokens:
             self.last_tokens_per_s = self._window_tokens / elapsed
             self.last_mfu = mfu(
@@ -77,19 +86,24 @@ class Throughput(L.Callback):
             pl_module.log("tok/s", self.last_tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
         self._start_window(pl_module)
 
-    # Validation in the middle of training is not training time.
+    # Validation in the middle of training is not training time: the window pauses around it. (During
+    # validation ``trainer.training`` is False, so the window's own state says whether training was timing.)
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training and self._window_start is not None:
+        if self._window_start is not None:
             self._close_window(pl_module)
+            self._window_start = None
+            self._paused = True
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.training and self._window_start is not None:
-            self._start_window(pl_module)
+        if self._paused:
+            self._paused = False
+            self._start_window(pl_module, keep_tokens=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._window_tokens:
+        if self._window_start is not None and self._window_tokens:
             self._close_window(pl_module)
-            self._window_tokens = 0
+            self.train_tokens += self._window_tokens
+        self._window_start, self._window_tokens = None, 0
 
     @property
     def average_tokens_per_s(self) -> float | None:
@@ -117,8 +131,7 @@ class LossHistory(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens_per_batch = batch[0].numel()
-        every = max(1, trainer.log_every_n_steps)
-        if trainer.global_step % every == 0 and not trainer.fit_loop._should_accumulate():
+        if finished_optimizer_step(trainer) and is_logging_step(trainer):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             # Lightning hands back the loss divided by the accumulation factor (what backward saw).
             self.train.append((self.tokens_seen(trainer), float(loss) * trainer.accumulate_grad_batches))
@@ -131,12 +144,13 @@ class LossHistory(L.Callback):
 
     def plot(self, path: str | os.PathLike) -> Path:
         """Write the loss curve (train and validation against tokens seen) as a PNG."""
-        import matplotlib
+        # The object API on an Agg canvas: no display needed, and pyplot's global backend is left alone.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig = Figure(figsize=(7, 4.5))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         if self.train:
             ax.plot(*zip(*self.train, strict=True), label="train", linewidth=1, alpha=0.8)
         if self.val:
@@ -148,8 +162,8 @@ class LossHistory(L.Callback):
         ax.legend()
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        with atomic_file(path) as handle:
+            fig.savefig(handle, format="png", dpi=110)
         return path
 
 
@@ -212,6 +226,17 @@ class TextSamples(L.Callback):
             experiment.add_text("sample", self.prompt + text, trainer.global_step)
 
 
+class StopAtMaxSteps(L.Callback):
+    """Ask Lightning to stop on the last step, which also runs a final validation (and so a checkpoint).
+
+    Without it a run shorter than the validation interval would end with no validation loss at all.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class TrainingInterrupted(Exception):
     """Raised at a step boundary after Ctrl-C or SIGTERM, once the checkpoint is safely written."""
 
@@ -252,13 +277,13 @@ class GracefulInterrupt(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.fit_loop._should_accumulate():
+        if is_accumulating(trainer):
             return
         stop = self.received is not None
         if trainer.world_size > 1:
             # Ranks may get the signal a step apart; all must stop at the same step (saving is collective).
             # Agreeing costs a collective, so ranks compare notes only on logging steps.
-            if trainer.global_step % max(1, trainer.log_every_n_steps):
+            if not is_logging_step(trainer):
                 return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:

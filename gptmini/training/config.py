@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
+from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.generation.sampling import SamplingOptions
@@ -42,28 +43,69 @@ class ModelSchema:
 
 @dataclass
 class TrainerSchema:
-    """Lightning ``Trainer`` arguments (see Lightning's docs for each); only these keys are accepted."""
+    """Lightning ``Trainer`` arguments; only these keys are accepted. Lightning's docs describe each one;
+    the notes below say what they mean in a step-based run on an endless stream of random windows."""
 
     accelerator: str = "auto"
+    """auto (CUDA, MPS or CPU), cpu, cuda/gpu or mps."""
     devices: Any = 1
+    """How many devices; several need a strategy (trainer=ddp or trainer=fsdp)."""
     num_nodes: int = 1
+    """Machines, for multi-node runs."""
     strategy: Any = "auto"
+    """auto, ddp, fsdp, ..."""
     precision: Any = "auto"
+    """auto = bf16-mixed on a bf16-capable GPU, else 32-true; or any Lightning precision."""
     max_steps: int = 1000
+    """Optimizer steps to train; also the length of the learning-rate schedule unless optim.decay_steps."""
     max_time: Any = None
+    """A wall-clock limit, "DD:HH:MM:SS"; the run stops (with a checkpoint) when it is reached."""
     max_epochs: int | None = -1
+    """-1: epochs mean nothing on an endless stream of windows."""
     val_check_interval: Any = 250
+    """Validate every this many training batches (a whole number; the run also validates at its end)."""
     check_val_every_n_epoch: int | None = None
+    """null: count val_check_interval across epochs."""
     limit_val_batches: Any = None
+    """null = the whole validation split; an int caps the batches (faster, noisier)."""
     num_sanity_val_steps: int = 0
+    """Validation batches run before training (0: validation runs at the end anyway)."""
     log_every_n_steps: int = 10
+    """Logging interval in optimizer steps; also when the gradient norm and non-finite losses are checked."""
     gradient_clip_val: float | None = 1.0
+    """Clip the global gradient norm to this; null = no clipping."""
     accumulate_grad_batches: int = 1
+    """Micro-batches per optimizer step (gradient accumulation)."""
     enable_progress_bar: bool = True
+    """The Rich progress bar."""
     enable_model_summary: bool = True
+    """The table of layers and parameter counts at the start."""
     deterministic: Any = False
+    """true = deterministic kernels (slower); "warn" warns where none exists."""
     benchmark: bool | None = None
+    """cuDNN's autotuner."""
     default_root_dir: str | None = None
+    """null = the run directory."""
+
+    def __post_init__(self) -> None:
+        # Lightning accepts these values at construction and fails minutes later, or silently misbehaves.
+        for name in ("accumulate_grad_batches", "log_every_n_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise GptMiniError(f"trainer.{name}={value!r} must be an integer >= 1.")
+        interval = self.val_check_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise GptMiniError(
+                f"trainer.val_check_interval={interval!r} must be a whole number of training batches >= 1: "
+                "the training stream has no epochs, so a fraction of one means nothing. "
+                "Try trainer.val_check_interval=250."
+            )
+        if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
+            raise GptMiniError(
+                f"trainer.gradient_clip_val={self.gradient_clip_val} must be >= 0, or null for no clipping."
+            )
+        if self.deterministic not in (True, False, "warn"):
+            raise GptMiniError(f"trainer.deterministic={self.deterministic!r} must be true, false or warn.")
 
 
 @dataclass
@@ -89,14 +131,25 @@ class TrainConfig:
     logger: dict[str, Any] = field(default_factory=dict)
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 1337
+    """Seeds model init, the data windows, dropout and the samples (0 .. 2**32 - 1)."""
     ckpt_path: str | None = None
+    """Resume everything (weights, optimizer, schedule, step, data order, RNG) from a .ckpt or a run dir."""
     init_from: str | None = None
+    """Start a new run from these weights only (fine-tuning), with the checkpoint's tokenizer."""
     compile: bool = False
+    """torch.compile the model in place (checkpoint keys unchanged)."""
     compile_mode: str | None = None
+    """torch.compile mode: null (default), max-autotune or reduce-overhead."""
     threads: int | None = None
+    """CPU threads for torch; null = torch's default (all cores)."""
     peak_flops: float | None = None
+    """The device's peak FLOP/s for MFU; null = look it up by device name (n/a when unknown)."""
     throughput_every_n_steps: int = 50
+    """tokens/s and MFU are measured over windows of this many optimizer steps."""
     name: str = "default"
+    """A label stored in the checkpoint and the summary."""
+    run_dir: str = "${hydra:runtime.output_dir}"
+    """Where the run writes everything; Hydra's run directory (train(cfg, out_dir=...) sets it)."""
 
 
 def register_configs() -> None:

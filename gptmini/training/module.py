@@ -21,6 +21,7 @@ from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
+from gptmini.training.steps import align_logged_step, is_logging_step
 
 
 class GPTTrainingModule(L.LightningModule):
@@ -62,6 +63,8 @@ class GPTTrainingModule(L.LightningModule):
         # count micro-batches, so gradient accumulation needs no special case.
         self.register_buffer("_batches_seen", torch.tensor(0, dtype=torch.long), persistent=False)
         self.register_buffer("_first_bad_batch", torch.tensor(-1, dtype=torch.long), persistent=False)
+        # One context of token ids: Lightning's model summary runs it to fill its FLOPs and size columns.
+        self.example_input_array = torch.zeros(1, self.model.config.block_size, dtype=torch.long)
 
     # ----- setup --------------------------------------------------------------------------------------------
 
@@ -87,13 +90,18 @@ class GPTTrainingModule(L.LightningModule):
             )
         return max_steps
 
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, T, vocab_size); what the model summary runs on ``example_input_array``."""
+        return self.model(idx)[0]
+
     # ----- steps --------------------------------------------------------------------------------------------
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = self._train_loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
         self._record_if_nonfinite(loss)
-        if self._is_log_step() or self.trainer.global_step + 1 >= self.trainer.max_steps:
+        steps_done = self.trainer.global_step + 1  # once this step's optimizer has stepped
+        if is_logging_step(self.trainer, steps_done) or steps_done >= self.trainer.max_steps:
             # self.log costs a little on every call; Lightning only writes it out on logging steps anyway.
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -117,24 +125,20 @@ class GPTTrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm costs one reduction; compute it only on steps that get logged.
         # Under FSDP each rank holds a shard of every gradient: a local norm would be wrong, so none.
-        if self._is_log_step() and not isinstance(self.trainer.strategy, FSDPStrategy):
+        logged = is_logging_step(self.trainer, self.trainer.global_step + 1)
+        if logged and not isinstance(self.trainer.strategy, FSDPStrategy):
             norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        every = max(1, self.trainer.log_every_n_steps)
-        if self.trainer.global_step % every == 0:  # the step that was just logged
+        if is_logging_step(self.trainer):  # the step that was just logged
             self.raise_if_nonfinite()
-
-    def _is_log_step(self) -> bool:
-        """Whether Lightning writes out the step now running (its rule: (global_step + 1) % n == 0)."""
-        every = max(1, self.trainer.log_every_n_steps)
-        return (self.trainer.global_step + 1) % every == 0
 
     # ----- numerical faults ---------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
+        align_logged_step(self.trainer)  # metrics.csv rows of a resumed run carry the same steps
         self._batches_seen.fill_(self.trainer.global_step * self.trainer.accumulate_grad_batches)
         # Restored here, after Lightning's own seeding, so dropout continues exactly where the run stopped.
         states = getattr(self, "_rng_to_restore", None)

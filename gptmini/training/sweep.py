@@ -16,7 +16,25 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-COLUMNS = ["job", "overrides", "val_loss", "val_bpb", "tokens_per_s", "n_params", "wall_s", "status"]
+COLUMNS = ["job", "overrides", "val_loss", "val_bpb", "tokens_per_s", "n_params", "wall_s", "status", "error"]
+ERROR_FILE = "error.txt"  # written by a job that failed with a one-line error
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failed_job(message: str) -> None:
+    """Write the job's error next to its outputs, so the sweep summary can list it while the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / ERROR_FILE).write_text(message + "\n", encoding="utf-8")
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -27,7 +45,10 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
         overrides = list(OmegaConf.load(job_dir / ".hydra" / "overrides.yaml") or [])
         summary_file = job_dir / "summary.json"
         summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        error_file = job_dir / ERROR_FILE
         row = {"job": job_dir.name, "status": "ok" if summary else "failed"}
+        if error_file.is_file():
+            row["error"] = error_file.read_text(encoding="utf-8").strip()
         row.update({key: summary.get(key) for key in COLUMNS if key in summary})
         rows.append(row)
         job_overrides.append(overrides)
@@ -74,3 +95,9 @@ class SweepSummary(Callback):
             return
         _, md_path = write_tables(rows, sweep_dir)
         print(f"\nsweep summary ({len(rows)} jobs): {md_path}\n{md_path.read_text()}", file=sys.stderr)
+        failed = [row["job"] for row in rows if row["status"] == "failed"]
+        if failed:
+            print(
+                f"error: {len(failed)} of {len(rows)} jobs failed (jobs {', '.join(failed)})", file=sys.stderr
+            )
+            sys.exit(2)  # after the summary: a script running the sweep sees that something failed

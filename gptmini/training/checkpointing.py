@@ -1,0 +1,141 @@
+"""Checkpoints during training: atomic writes, what a resume or a fine-tune may start from, and run dirs.
+
+- ``AtomicCheckpointIO``: Lightning writes every checkpoint through ``gptmini.checkpoint.atomic_torch_save``
+  and reads it with ``weights_only=True``; a full disk or a read-only folder is one line that says the
+  previous checkpoint is intact.
+- ``check_run_directory``: a run never writes over another run's checkpoints. A resumed run may continue in
+  its own directory; there, ``last.ckpt`` is overwritten in place (ModelCheckpoint's version counter is off
+  in configs/callbacks), so the newest step is always ``last.ckpt``.
+- ``check_resumable`` and ``read_init_source``: the checks for ``ckpt_path`` and ``init_from``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import tiktoken
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from gptmini.checkpoint import (
+    GPTMINI_KEY,
+    atomic_torch_save,
+    check_weights_fit,
+    gptmini_info,
+    model_config_of,
+    model_state_dict,
+    read_checkpoint,
+    resolve_checkpoint,
+)
+from gptmini.common import GptMiniError, describe_os_error, is_environment_fault, remove_stale_temp_files
+from gptmini.data.tokenizer import tokenizer_from_spec
+from gptmini.model.config import GPTConfig
+from gptmini.model.gpt import GPT
+
+LAST = "last.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, writing through a temporary file and reading with weights_only=True."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        try:
+            atomic_torch_save(checkpoint, path)
+        except OSError as error:
+            if not is_environment_fault(error):
+                raise
+            kept = sorted(p.name for p in path.parent.glob("*.ckpt"))
+            kept = (
+                f"the checkpoints already there ({', '.join(kept)}) are intact" if kept else "none was saved"
+            )
+            raise GptMiniError(
+                f"{describe_os_error(error, f'checkpoint {path}')}; {kept}. Free space (or fix the "
+                "permissions) and resume with ckpt_path=<this run directory>."
+            ) from None
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        return read_checkpoint(path, map_location=map_location or "cpu")
+
+
+class LastSavedStep(L.Callback):
+    """Remembers the step of the newest checkpoint written, so train() can tell whether one is missing."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.step = trainer.global_step
+
+
+def check_run_directory(run_dir: Path, resume_from: Path | None) -> None:
+    """Refuse to start a run whose directory holds another run's checkpoint; clean killed writes' leftovers.
+
+    Continuing in the same directory is allowed only when resuming from that directory's own checkpoint.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    remove_stale_temp_files(ckpt_dir)  # a kill -9 during a save leaves a .tmp beside the real file
+    last = ckpt_dir / LAST
+    if not last.is_file():
+        return
+    if resume_from is not None and resume_from.resolve().parent == ckpt_dir.resolve():
+        return
+    raise GptMiniError(
+        f"the run directory {run_dir} already holds a checkpoint ({last}); a new run there would overwrite "
+        f"it. Continue that run with ckpt_path={run_dir}, or start this one in another directory "
+        "(hydra.run.dir=...)."
+    )
+
+
+def resume_step(ckpt_path: Path) -> int:
+    """The optimizer step a checkpoint was written at (0 when it does not say)."""
+    step = read_checkpoint(ckpt_path, mmap=True).get("global_step", 0)
+    return int(step) if isinstance(step, int) else 0
+
+
+def check_resumable(ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: dict) -> None:
+    """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer."""
+    checkpoint = read_checkpoint(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
+    gptmini_info(checkpoint, ckpt_path)
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        model = GPT(model_config)
+    check_weights_fit(model, model_state_dict(checkpoint), source=ckpt_path)
+    saved_spec = checkpoint[GPTMINI_KEY].get("tokenizer")
+    if saved_spec and saved_spec != tokenizer_spec:
+        raise GptMiniError(
+            f"{ckpt_path} was trained with another tokenizer than this run's "
+            f"({saved_spec.get('name')!r} vs {tokenizer_spec.get('name')!r}, or the same kind trained on "
+            "other text): its token ids would mean other things. Resume with the run's data and tokenizer "
+            "settings."
+        )
+
+
+@dataclass
+class InitSource:
+    """The checkpoint a fine-tune starts from: its weights, its model config and its tokenizer."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    model_config: GPTConfig
+    tokenizer: tiktoken.Encoding
+
+
+def read_init_source(spec: str) -> InitSource:
+    """Read ``init_from``: a fine-tune keeps the checkpoint's tokenizer, or its token ids would mean other
+    things to the weights."""
+    path = resolve_checkpoint(spec)
+    checkpoint = read_checkpoint(path)
+    info = gptmini_info(checkpoint, path)
+    if not info.get("tokenizer"):
+        raise GptMiniError(
+            f"{path} has no tokenizer information, so fine-tuning cannot tokenize new text the way its "
+            "weights expect. Use a checkpoint written by gptmini's train.py."
+        )
+    return InitSource(
+        path,
+        model_state_dict(checkpoint),
+        model_config_of(info, path),
+        tokenizer_from_spec(info["tokenizer"]),
+    )

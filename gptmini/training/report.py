@@ -1,0 +1,93 @@
+"""What a run reports when it ends or stops: summary.json, the closing lines, the command that resumes it."""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: float, val_tokens: int) -> dict:
+    """The run's figures, as written to summary.json."""
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
+    best = _best_checkpoint(trainer)
+    val_losses = [loss for _, loss in history.val]
+    return {
+        "val_loss": metrics.get("val/loss"),
+        "val_bpb": metrics.get("val/bpb"),
+        "val_ppl": metrics.get("val/ppl"),
+        "best_val_loss": min(val_losses) if val_losses else None,
+        "best_val_bpb": _bpb(min(val_losses), lit.val_bytes_per_token) if val_losses else None,
+        "train_loss": metrics.get("train/loss"),
+        "steps": trainer.global_step,
+        "train_tokens": history.tokens_seen(trainer),
+        "tokens_per_s": throughput.average_tokens_per_s,
+        "mfu": throughput.last_mfu,
+        "n_params": lit.model.num_params(),
+        "wall_s": wall_s,
+        "checkpoint": str(ckpt_dir / "last.ckpt"),
+        "best_checkpoint": best,
+        "val_tokens": val_tokens,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _bpb(loss: float, bytes_per_token: float | None) -> float | None:
+    return loss / math.log(2) / bytes_per_token if bytes_per_token else None
+
+
+def _best_checkpoint(trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
+        return callback.best_model_path
+    return None
+
+
+def say(message: str) -> None:
+    """Run messages go to stderr, like Lightning's own."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def print_closing_lines(summary: dict, sample: str | None) -> None:
+    tokens_per_s = _fmt(summary["tokens_per_s"], ",.0f")
+    mfu = "n/a" if summary["mfu"] is None else f"{summary['mfu']:.1%}"
+    say(
+        f"\ndone: {summary['steps']} steps, {summary['train_tokens']:,} tokens in {summary['wall_s']:.1f} s "
+        f"({tokens_per_s} tokens/s, MFU {mfu})"
+    )
+    say(
+        f"validation: loss {_fmt(summary['val_loss'])} nats/token, {_fmt(summary['val_bpb'])} bits/byte "
+        f"(best {_fmt(summary['best_val_loss'])} / {_fmt(summary['best_val_bpb'])})"
+    )
+    say(f'generate: python generate.py ckpt={shlex.quote(summary["checkpoint"])} prompt="..."')
+
+
+def print_resume_hint(run_dir: Path, step: int, signal_name: str) -> None:
+    overrides = _task_overrides()
+    command = " ".join(
+        ["python train.py", *map(shlex.quote, overrides), f"ckpt_path={shlex.quote(str(run_dir))}"]
+    )
+    say(f"\n{signal_name}: saved a resumable checkpoint at step {step} in {run_dir / 'checkpoints'}.")
+    say(f"resume with: {command}")
+
+
+def _task_overrides() -> list[str]:
+    """The command-line overrides of this run, minus any earlier ckpt_path (so resuming can be repeated)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    hydra = HydraConfig.get()
+    # A named run directory is kept, so the resumed run continues in it (the cluster recipe).
+    run_dir = [o for o in hydra.overrides.hydra if o.startswith("hydra.run.dir=")]
+    return [*run_dir, *(o for o in hydra.overrides.task if not o.startswith("ckpt_path="))]

@@ -1,0 +1,137 @@
+"""Resuming and fine-tuning: same-directory resumes, the metrics history, step labels, tokenizers."""
+
+import csv
+import json
+import os
+import signal
+import time
+
+import lightning as L
+import pytest
+
+from gptmini.checkpoint import read_checkpoint, resolve_checkpoint
+from gptmini.common import GptMiniError
+from gptmini.training.run import train
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a real SIGINT while step ``step`` runs, as a user pressing Ctrl-C would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def losses_by_step(run_dir, column: str = "train/loss") -> dict[int, str]:
+    """Logged values by their step label; a label that appears twice fails the test."""
+    found: dict[int, str] = {}
+    for row in metrics_rows(run_dir):
+        if row.get(column):
+            step = int(row["step"])
+            assert step not in found, f"step {step} logged twice in {column}"
+            found[step] = row[column]
+    return found
+
+
+def test_resume_into_the_same_directory_continues_last_ckpt_and_keeps_the_history(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    """The README's cluster recipe: a named run directory, interrupted before its first validation."""
+    run = tmp_path / "r2"
+    overrides = tiny_train_overrides + ["trainer.max_steps=12", "trainer.val_check_interval=6"]
+    with pytest.raises(SystemExit):
+        train(compose_train(overrides), out_dir=run, extra_callbacks=[SignalAtStep(4)])
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
+    before = losses_by_step(run)
+    assert before and max(before) < 4
+
+    summary = train(compose_train(overrides + [f"ckpt_path={run}"]), out_dir=run)
+
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 12
+    assert resolve_checkpoint(run) == run / "checkpoints" / "last.ckpt"  # what generate.py ckpt=<run> opens
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 12
+    assert on_disk["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
+    after = losses_by_step(run)
+    assert {step: after[step] for step in before} == before  # the rows before the interrupt survived
+    assert max(after) >= 11  # and the training after the resume is in the same file
+
+
+def test_a_resumed_run_logs_the_same_steps_and_losses_as_a_straight_run(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    overrides = tiny_train_overrides + [
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=100",
+        "trainer.log_every_n_steps=1",
+        "optim.decay_steps=20",  # the schedule's length must not depend on where the first part stops
+    ]
+    train(compose_train(overrides), out_dir=tmp_path / "straight")
+    train(compose_train([*overrides, "trainer.max_steps=10"]), out_dir=tmp_path / "first")
+    resumed = compose_train(overrides + [f"ckpt_path={tmp_path / 'first'}"])
+    train(resumed, out_dir=tmp_path / "second")
+
+    straight = losses_by_step(tmp_path / "straight")
+    first, second = losses_by_step(tmp_path / "first"), losses_by_step(tmp_path / "second")
+    assert sorted(straight) == list(range(20))
+    assert sorted(second) == list(range(10, 20))  # step 10's loss is labelled 10, as in the straight run
+    assert {**first, **second} == straight
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoint(tmp_path, tiny_train_overrides, compose_train):
+    run = tmp_path / "run"
+    train(compose_train(tiny_train_overrides), out_dir=run)
+    step_before = read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"]
+    with pytest.raises(
+        GptMiniError, match=rf"run directory {run} already holds a checkpoint .* ckpt_path={run}"
+    ):
+        train(compose_train(tiny_train_overrides + ["trainer.max_steps=3"]), out_dir=run)
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == step_before
+
+
+def test_orphaned_temporary_checkpoint_files_are_cleaned_at_the_next_start(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    """``kill -9`` during a save leaves ``.last.ckpt.<random>.tmp``; the next run there removes it."""
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides + ["trainer.max_steps=3"]
+    train(compose_train(overrides), out_dir=run)
+    orphan = run / "checkpoints" / ".last.ckpt.k9x2.tmp"
+    orphan.write_bytes(b"")
+    an_hour_ago = time.time() - 3600
+    os.utime(orphan, (an_hour_ago, an_hour_ago))
+    train(compose_train(["trainer.max_steps=5", *overrides[:-1], f"ckpt_path={run}"]), out_dir=run)
+    assert not orphan.exists()
+
+
+def test_init_from_keeps_the_checkpoints_tokenizer_on_new_text(
+    tmp_path, tiny_train_overrides, compose_train, write_corpus
+):
+    """The README's fine-tuning example: other text, a tokenizer of the same size. The token ids must keep
+    meaning what the weights learnt, so the new run tokenizes with the checkpoint's tokenizer."""
+    train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
+    notes = write_corpus(tmp_path / "notes", seed=7)
+    notes.write_text(notes.read_text().replace("alpha", "zebra quokka"))
+    overrides = [o for o in tiny_train_overrides if not o.startswith("data.path")]
+    cfg = compose_train(
+        overrides + [f"data.path={notes}", f"init_from={tmp_path / 'a'}", "trainer.max_steps=2"]
+    )
+    train(cfg, out_dir=tmp_path / "b")
+    tokenizer_a = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")["gptmini"]["tokenizer"]
+    tokenizer_b = read_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt")["gptmini"]["tokenizer"]
+    assert tokenizer_b == tokenizer_a
+
+
+def test_init_from_and_ckpt_path_together_are_refused(tmp_path, tiny_train_overrides, compose_train):
+    cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path}", f"ckpt_path={tmp_path}"])
+    with pytest.raises(GptMiniError, match="ckpt_path and init_from are both set"):
+        train(cfg, out_dir=tmp_path / "run")
