@@ -90,14 +90,32 @@ def tiny_train_overrides(tmp_path) -> list[str]:
 
 @pytest.fixture
 def run_cli():
-    """``run_cli(script, *args, cwd=REPO_ROOT, timeout=300, env=None)``: run train.py or generate.py (or
-    any repository script) in a fresh interpreter; returns the CompletedProcess with text stdout/stderr."""
+    """``run_cli(script, *args, cwd=REPO_ROOT, timeout=300, env=None)``: run train.py, generate.py or any
+    repository script in a fresh interpreter; returns the CompletedProcess (text stdout/stderr).
+    ``run_cli.start(script, *args, ...)`` starts it instead and returns the Popen (stderr piped)."""
+
+    def command(script: str, args) -> list[str]:
+        return [sys.executable, str(REPO_ROOT / script), *args]
 
     def run(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
-        command = [sys.executable, str(REPO_ROOT / script), *args]
-        full_env = {**os.environ, **(env or {})}
         return subprocess.run(
-            command, cwd=cwd or REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=full_env
+            command(script, args),
+            cwd=cwd or REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, **(env or {})},
         )
 
+    def start(script: str, *args: str, cwd: Path | None = None, env: dict | None = None):
+        return subprocess.Popen(
+            command(script, args),
+            cwd=cwd or REPO_ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+
+    run.start = start
     return run

@@ -2,7 +2,6 @@
 
 import builtins
 import io
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,17 +16,13 @@ from gptmini import GPT, GPTConfig
 from gptmini.checkpoint import save_model_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec
-from gptmini.generation.attention_plot import plot_attention
-from gptmini.generation.text import (
-    GenerateConfig,
-    StopFilter,
-    StreamDecoder,
-    encode_prompt,
-    generate,
-    register_config,
-)
+from gptmini.generation import text as text_module
+from gptmini.generation.attention_plot import plot_attention, token_window
+from gptmini.generation.prompt import encode_prompt, quote_prompt_argument
+from gptmini.generation.sampling import SamplingOptions
+from gptmini.generation.streaming import StopFilter, StreamDecoder
+from gptmini.generation.text import GenerateTextConfig, generate_text, register_config
 
-REPO = Path(__file__).resolve().parents[1]
 BLOCK = 16
 N_LAYER, N_HEAD = 2, 2
 
@@ -57,7 +52,7 @@ def ckpt(tmp_path_factory, enc) -> Path:
 
 def make_cfg(ckpt, **overrides):
     """The structured config, as Hydra would build it (typed, and unknown keys rejected)."""
-    cfg = OmegaConf.structured(GenerateConfig(ckpt=str(ckpt), max_new_tokens=12, seed=0, device="cpu"))
+    cfg = OmegaConf.structured(GenerateTextConfig(ckpt=str(ckpt), max_new_tokens=12, seed=0, device="cpu"))
     return OmegaConf.merge(cfg, overrides)
 
 
@@ -67,7 +62,7 @@ def make_cfg(ckpt, **overrides):
 
 
 def test_stdout_carries_only_the_text(ckpt, capsys):
-    texts = generate(make_cfg(ckpt, prompt="Hello"))
+    texts = generate_text(make_cfg(ckpt, prompt="Hello"))
     out, err = capsys.readouterr()
     assert len(texts) == 1 and texts[0]
     assert out == texts[0] + "\n"
@@ -75,31 +70,33 @@ def test_stdout_carries_only_the_text(ckpt, capsys):
 
 
 def test_not_streaming_prints_the_same_text(ckpt, capsys):
-    streamed = generate(make_cfg(ckpt, prompt="Hello"))
+    streamed = generate_text(make_cfg(ckpt, prompt="Hello"))
     capsys.readouterr()
-    whole = generate(make_cfg(ckpt, prompt="Hello", stream=False))
+    whole = generate_text(make_cfg(ckpt, prompt="Hello", stream=False))
     assert whole == streamed
     assert capsys.readouterr().out == whole[0] + "\n"
 
 
 def test_same_seed_same_text_different_seed_different_text(ckpt, capsys):
-    run = lambda seed: generate(make_cfg(ckpt, prompt="abc", temperature=1.0, seed=seed, max_new_tokens=20))
+    def run(seed):
+        return generate_text(make_cfg(ckpt, prompt="abc", temperature=1.0, seed=seed, max_new_tokens=20))
+
     assert run(3) == run(3)
     assert run(3) != run(4)
 
 
 def test_num_samples_and_cache_off(ckpt, capsys):
-    texts = generate(make_cfg(ckpt, prompt="abc", num_samples=3, temperature=1.0))
+    texts = generate_text(make_cfg(ckpt, prompt="abc", num_samples=3, temperature=1.0))
     assert len(texts) == 3 and len(set(texts)) == 3
     greedy = dict(prompt="abc", temperature=0.0, max_new_tokens=2 * BLOCK)  # crosses block_size
-    assert generate(make_cfg(ckpt, **greedy)) == generate(make_cfg(ckpt, use_cache=False, **greedy))
+    assert generate_text(make_cfg(ckpt, **greedy)) == generate_text(make_cfg(ckpt, use_cache=False, **greedy))
 
 
 def test_stop_string_ends_the_sample(ckpt, capsys):
-    full = generate(make_cfg(ckpt, prompt="abc", temperature=1.0, max_new_tokens=30))[0]
+    full = generate_text(make_cfg(ckpt, prompt="abc", temperature=1.0, max_new_tokens=30))[0]
     stop = full[5:7]
     capsys.readouterr()
-    stopped = generate(make_cfg(ckpt, prompt="abc", temperature=1.0, max_new_tokens=30, stop=[stop]))[0]
+    stopped = generate_text(make_cfg(ckpt, prompt="abc", temperature=1.0, max_new_tokens=30, stop=[stop]))[0]
     assert stopped == full[: full.index(stop)]
     assert capsys.readouterr().out == stopped + "\n"  # the held-back start of the stop never printed
 
@@ -139,27 +136,27 @@ def test_stream_decoder_flushes_a_truncated_character(enc):
 
 
 def test_prompt_from_file_and_stdin(ckpt, tmp_path, monkeypatch, capsys):
-    expected = generate(make_cfg(ckpt, prompt="once upon"))
+    expected = generate_text(make_cfg(ckpt, prompt="once upon"))
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text("once upon", encoding="utf-8")
-    assert generate(make_cfg(ckpt, prompt=f"@{prompt_file}")) == expected
+    assert generate_text(make_cfg(ckpt, prompt=f"@{prompt_file}")) == expected
     monkeypatch.setattr(sys, "stdin", io.StringIO("once upon"))
-    assert generate(make_cfg(ckpt, prompt="-")) == expected
+    assert generate_text(make_cfg(ckpt, prompt="-")) == expected
 
 
 def test_empty_prompt_starts_from_endoftext(ckpt, enc, capsys):
     assert encode_prompt("", enc, BLOCK) == [enc.eot_token]
-    assert generate(make_cfg(ckpt, prompt="")) == generate(make_cfg(ckpt, prompt=EOT))
+    assert generate_text(make_cfg(ckpt, prompt="")) == generate_text(make_cfg(ckpt, prompt=EOT))
 
 
 def test_long_prompt_keeps_the_end_and_warns_once(ckpt, enc, capsys):
     prompt = "x" * 10 + "the last sixteen"  # 26 byte tokens, block_size 16
     assert encode_prompt(prompt, enc, BLOCK) == enc.encode("the last sixteen")
     capsys.readouterr()
-    texts = generate(make_cfg(ckpt, prompt=prompt, num_samples=2))
+    texts = generate_text(make_cfg(ckpt, prompt=prompt, num_samples=2))
     err = capsys.readouterr().err
     assert err.count("warning") == 1 and "26 tokens" in err
-    assert texts == generate(make_cfg(ckpt, prompt="the last sixteen", num_samples=2))
+    assert texts == generate_text(make_cfg(ckpt, prompt="the last sixteen", num_samples=2))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -167,20 +164,66 @@ def test_long_prompt_keeps_the_end_and_warns_once(ckpt, enc, capsys):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_attention_plot_has_a_panel_per_layer_and_head(ckpt, tmp_path, capsys):
+def test_attention_plot_has_a_panel_per_layer_and_head_and_a_colour_scale(ckpt, tmp_path, capsys):
     path = tmp_path / "plots" / "attn.png"
-    generate(make_cfg(ckpt, prompt="Hello there", attention_plot=str(path)))
+    generate_text(make_cfg(ckpt, prompt="Hello there", attention_plot=str(path)))
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100
+    assert f"to {path}" in capsys.readouterr().err
     maps = torch.softmax(torch.randn(N_LAYER, N_HEAD, 5, 5), dim=-1)
-    fig = plot_attention(maps, list("abcde"))
-    assert len(fig.axes) == N_LAYER * N_HEAD
+    fig = plot_attention(maps, list("abcde"), n_prompt=2)
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    assert len(heatmaps) == N_LAYER * N_HEAD
+    assert len(fig.axes) == N_LAYER * N_HEAD + 1  # the shared colour bar
+    assert "attention weight" in fig.axes[-1].get_ylabel()
+
+
+def test_attention_plot_covers_the_prompt_and_the_generated_text(ckpt, enc, tmp_path, monkeypatch, capsys):
+    """It used to draw the prompt's tokens only: a 2 x 2 map for a two-token prompt."""
+    drawn = []
+    real_plot = text_module.plot_attention
+
+    def spy(maps, tokens, **kwargs):
+        drawn.append((maps.shape, tokens, kwargs))
+        return real_plot(maps, tokens, **kwargs)
+
+    monkeypatch.setattr(text_module, "plot_attention", spy)
+    path = tmp_path / "attn.png"
+    (text,) = generate_text(make_cfg(ckpt, prompt="Hi", max_new_tokens=6, attention_plot=str(path)))
+    ((shape, tokens, kwargs),) = drawn
+    assert shape == (N_LAYER, N_HEAD, 2 + 6, 2 + 6)
+    assert kwargs["n_prompt"] == 2
+    assert tokens[:2] == ["H", "i"] and text
+    assert path.is_file() and "2 prompt + 6 generated tokens" in capsys.readouterr().err
+
+
+def test_attention_plot_labels_every_token_on_the_outer_panels():
+    tokens = [f"t{i}" for i in range(20)]
+    fig = plot_attention(torch.rand(2, 2, 20, 20), tokens, n_prompt=5)
+    bottom_left = fig.axes[2]  # row 1, column 0: both axes labelled
+    assert [label.get_text() for label in bottom_left.get_xticklabels()] == tokens
+    assert [label.get_text() for label in bottom_left.get_yticklabels()] == tokens
+    colours = {label.get_color() for label in bottom_left.get_xticklabels()}
+    assert len(colours) == 2  # prompt and generated tokens told apart
 
 
 def test_attention_plot_caps_the_labels():
     fig = plot_attention(torch.rand(1, 3, 40, 40), [f"t{i}" for i in range(40)], max_labels=8)
-    assert len(fig.axes) == 3
-    assert 1 < len(fig.axes[0].get_xticks()) <= 8
+    assert len(fig.axes) == 3 + 1
+    assert 1 < len(fig.axes[0].get_yticks()) <= 8
+
+
+@pytest.mark.parametrize(
+    ("n_prompt", "n_generated", "window"),
+    [
+        (2, 10, (0, 12)),  # everything fits
+        (3, 200, (0, 48)),  # the whole prompt, then as much text as fits
+        (100, 200, (76, 124)),  # the end of the prompt and the start of the text, half and half
+        (100, 5, (57, 105)),  # a short text leaves the rest to the prompt
+    ],
+)
+def test_attention_window_keeps_the_seam_within_48_tokens(n_prompt, n_generated, window):
+    assert token_window(n_prompt, n_generated) == window
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,13 +245,13 @@ def test_attention_plot_caps_the_labels():
 )
 def test_bad_option_names_the_option(ckpt, option, value):
     with pytest.raises(GptMiniError, match=option):
-        generate(make_cfg(ckpt, prompt="a", **{option: value}))
+        generate_text(make_cfg(ckpt, prompt="a", **{option: value}))
 
 
 def test_missing_checkpoint(tmp_path):
     missing = tmp_path / "nope.ckpt"
     with pytest.raises(GptMiniError, match="not found") as info:
-        generate(make_cfg(missing, prompt="a"))
+        generate_text(make_cfg(missing, prompt="a"))
     assert str(missing) in str(info.value)
 
 
@@ -216,7 +259,7 @@ def test_corrupt_checkpoint(tmp_path):
     corrupt = tmp_path / "bad.ckpt"
     corrupt.write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(GptMiniError, match="corrupt") as info:
-        generate(make_cfg(corrupt, prompt="a"))
+        generate_text(make_cfg(corrupt, prompt="a"))
     assert str(corrupt) in str(info.value)
 
 
@@ -224,19 +267,72 @@ def test_checkpoint_without_tokenizer(tmp_path):
     config = GPTConfig(vocab_size=257, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
     path = save_model_checkpoint(tmp_path / "notok.ckpt", GPT(config), tokenizer_spec={})
     with pytest.raises(GptMiniError, match="tokenizer"):
-        generate(make_cfg(path, prompt="a"))
+        generate_text(make_cfg(path, prompt="a"))
 
 
 def test_missing_prompt_file(ckpt, tmp_path):
     with pytest.raises(GptMiniError, match="prompt file not found"):
-        generate(make_cfg(ckpt, prompt=f"@{tmp_path / 'missing.txt'}"))
+        generate_text(make_cfg(ckpt, prompt=f"@{tmp_path / 'missing.txt'}"))
 
 
 def test_unavailable_device(ckpt):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(GptMiniError, match="device=cuda"):
-        generate(make_cfg(ckpt, device="cuda"))
+        generate_text(make_cfg(ckpt, device="cuda"))
+
+
+def test_checkpoint_with_a_vocabulary_padded_past_the_tokenizer(enc, tmp_path, capsys):
+    """model.vocab_size 300 > the tokenizer's 257: ids 257..299 cannot be decoded (KeyError before)."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=300, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)
+    path = save_model_checkpoint(tmp_path / "padded.ckpt", GPT(config), tokenizer_to_spec(enc))
+    texts = generate_text(make_cfg(path, prompt="abc", temperature=2.0, max_new_tokens=60, num_samples=2))
+    assert len(texts) == 2 and all(texts)
+
+
+def test_huge_max_new_tokens_runs_until_a_stop(ckpt, capsys):
+    """max_new_tokens=10**18 used to fail allocating a 10**18-token buffer; now it runs until stopped."""
+    stops = list("aeiou.,;: ")
+    (text,) = generate_text(make_cfg(ckpt, prompt="abc", temperature=1.0, max_new_tokens=10**18, stop=stops))
+    assert not any(stop in text for stop in stops)
+    assert capsys.readouterr().out == text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("maps.bmp", "cannot write .bmp files; use .png"),
+        ("maps", "has no file extension"),
+        ("a_file.txt/maps.png", "is a file, not a folder"),
+    ],
+)
+def test_bad_attention_plot_path_fails_before_generating(ckpt, tmp_path, capsys, name, message):
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    value = str(tmp_path / name)
+    with pytest.raises(GptMiniError, match=message) as info:
+        generate_text(make_cfg(ckpt, prompt="a", attention_plot=value))
+    assert f"attention_plot={value}" in str(info.value)
+    assert capsys.readouterr().out == ""  # checked before any text was generated
+
+
+def test_attention_plot_write_failure_leaves_the_old_picture_whole(ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "attn.png"
+    path.write_bytes(b"the previous picture")
+
+    def disk_full(self, handle, **kwargs):
+        handle.write(b"half a picture")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(GptMiniError, match="disk is full.*attention_plot"):
+        generate_text(make_cfg(ckpt, prompt="a", attention_plot=str(path)))
+    assert path.read_bytes() == b"the previous picture"
+    assert [p.name for p in tmp_path.iterdir()] == ["attn.png"]  # no temporary file left behind
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -258,20 +354,18 @@ def _feed_input(monkeypatch, lines):
 
 def test_interactive_quits_on_empty_line(ckpt, monkeypatch, capsys):
     _feed_input(monkeypatch, ["Hello", "abc", "", "never read"])
-    texts = generate(make_cfg(ckpt, interactive=True))
+    texts = generate_text(make_cfg(ckpt, interactive=True))
     assert len(texts) == 2
     assert capsys.readouterr().out == "".join(t + "\n" for t in texts)
 
 
 def test_interactive_quits_on_eof(ckpt, monkeypatch, capsys):
     _feed_input(monkeypatch, ["Hello"])
-    assert len(generate(make_cfg(ckpt, interactive=True))) == 1
+    assert len(generate_text(make_cfg(ckpt, interactive=True))) == 1
 
 
 def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys):
-    import gptmini.generation.text as generation
-
-    real_push, calls = generation.StreamDecoder.push, []
+    real_push, calls = StreamDecoder.push, []
 
     def push_then_interrupt(self, token_id):
         calls.append(token_id)
@@ -279,9 +373,9 @@ def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_push(self, token_id)
 
-    monkeypatch.setattr(generation.StreamDecoder, "push", push_then_interrupt)
+    monkeypatch.setattr(StreamDecoder, "push", push_then_interrupt)
     _feed_input(monkeypatch, ["Hello", "again"])
-    texts = generate(make_cfg(ckpt, interactive=True, max_new_tokens=8))
+    texts = generate_text(make_cfg(ckpt, interactive=True, max_new_tokens=8))
     assert len(texts) == 2 and len(calls) > 8  # the second prompt still ran
     assert "stopped" in capsys.readouterr().err
 
@@ -291,23 +385,22 @@ def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_yaml_matches_the_schema_and_rejects_typos():
+def test_yaml_matches_the_schema_and_rejects_typos(repo_root):
     register_config()
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(repo_root / "configs"), version_base="1.3"):
         cfg = compose(config_name="generate", overrides=["prompt=@file.txt", "top_k=5"])
-        assert OmegaConf.to_object(cfg) == GenerateConfig(prompt="@file.txt", top_k=5)
+        expected = GenerateTextConfig(prompt="@file.txt", top_k=5)
+        assert OmegaConf.to_object(cfg) == expected
+        assert isinstance(expected, SamplingOptions)  # one options type, passed whole to the loop
         with pytest.raises(Exception, match="tempreature"):
             compose(config_name="generate", overrides=["tempreature=1"])
 
 
-def _run_cli(args, cwd):
-    command = [sys.executable, str(REPO / "generate.py"), *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
-def test_cli_prints_text_and_writes_no_files(ckpt, tmp_path):
-    result = _run_cli(
-        [f"ckpt={ckpt}", "prompt=Hello world", "max_new_tokens=5", "seed=1", "device=cpu"], tmp_path
+def test_cli_prints_text_and_writes_no_files(ckpt, tmp_path, run_cli):
+    result = run_cli(
+        "generate.py",
+        *[f"ckpt={ckpt}", "prompt=Hello world", "max_new_tokens=5", "seed=1", "device=cpu"],
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n") and "loaded" not in result.stdout
@@ -315,12 +408,33 @@ def test_cli_prints_text_and_writes_no_files(ckpt, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no outputs/, no .hydra/, no log file
 
 
-def test_cli_bad_option_exits_2_without_traceback(ckpt, tmp_path):
-    result = _run_cli([f"ckpt={ckpt}", "temperature=-1"], tmp_path)
-    assert result.returncode == 2
+def _one_error_line(result, start: str) -> None:
+    assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line
-    assert result.stderr.startswith("error: temperature")
+    assert result.stderr.startswith(f"error: {start}")
     assert "Traceback" not in result.stderr
+
+
+def test_cli_bad_option_exits_2_without_traceback(ckpt, tmp_path, run_cli):
+    _one_error_line(run_cli("generate.py", f"ckpt={ckpt}", "temperature=-1", cwd=tmp_path), "temperature")
+
+
+def test_cli_unsupported_plot_extension_exits_2(ckpt, tmp_path, run_cli):
+    result = run_cli("generate.py", f"ckpt={ckpt}", "attention_plot=maps.bmp", cwd=tmp_path)
+    _one_error_line(result, "attention_plot=maps.bmp")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_attention_plot_into_a_folder(ckpt, tmp_path, run_cli):
+    """A folder used to be reported as written while the picture went to <folder>.png beside it."""
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    args = [f"ckpt={ckpt}", "prompt=Hi", "max_new_tokens=4", "seed=0", "device=cpu"]
+    result = run_cli("generate.py", *args, f"attention_plot={folder}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p.name for p in folder.iterdir()] == ["attention.png"]
+    assert not (tmp_path / "plots.png").exists()
+    assert f"to {folder / 'attention.png'}" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -337,13 +451,11 @@ def test_cli_bad_option_exits_2_without_traceback(ckpt, tmp_path):
         "日本 😀",
     ],
 )
-def test_prompt_argument_arrives_exactly_as_typed(prompt):
+def test_prompt_argument_arrives_exactly_as_typed(prompt, repo_root):
     """The shell's prompt="def main(" must not trip Hydra's override grammar or OmegaConf's interpolation."""
-    from gptmini.generation.text import quote_prompt_argument, register_config
-
     register_config()
     (override,) = quote_prompt_argument([f"prompt={prompt}"])
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(repo_root / "configs"), version_base="1.3"):
         cfg = compose(config_name="generate", overrides=[override])
     assert cfg.prompt == prompt
     assert quote_prompt_argument(["prompt='already quoted'", "ckpt=x"]) == [

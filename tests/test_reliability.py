@@ -2,8 +2,6 @@
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -120,12 +118,11 @@ def test_signal_during_validation_stops_after_the_next_step(tmp_path, tiny_train
 
 @pytest.mark.slow
 def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
-    tmp_path, tiny_train_overrides, repo_root
+    tmp_path, tiny_train_overrides, run_cli
 ):
     run_dir = tmp_path / "run"
     overrides = [o for o in tiny_train_overrides if not o.startswith("trainer.max_steps")]
-    command = [sys.executable, "train.py", *overrides, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, cwd=repo_root, stderr=subprocess.PIPE, text=True)
+    process = run_cli.start("train.py", *overrides, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}")
     lines = []
     for line in process.stderr:  # wait until training has started, then let it run a moment
         lines.append(line)
@@ -145,18 +142,8 @@ def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
     # Resume with the printed command, asking for two more steps.
     resume = resume_line.removeprefix("resume with: python train.py ").split()
     resume = [o for o in resume if not o.startswith(("trainer.max_steps", "hydra.run.dir"))]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            *resume,
-            f"trainer.max_steps={saved_step + 2}",
-            f"hydra.run.dir={tmp_path / 'resumed'}",
-        ],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_cli(
+        "train.py", *resume, f"trainer.max_steps={saved_step + 2}", f"hydra.run.dir={tmp_path / 'resumed'}"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     resumed_step = read_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")["global_step"]
@@ -224,23 +211,16 @@ def test_batch_larger_than_the_data_is_refused(tmp_path, tiny_train_overrides, c
 
 
 @pytest.mark.slow
-def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides, repo_root):
+def test_two_runs_started_at_once_share_one_cache(tmp_path, tiny_train_overrides, run_cli):
     overrides = [o for o in tiny_train_overrides if not o.startswith("data.cache_dir")]
     cache = tmp_path / "shared-cache"
     processes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "train.py",
-                *overrides,
-                f"data.cache_dir={cache}",
-                "trainer.max_steps=3",
-                f"hydra.run.dir={tmp_path / f'run{i}'}",
-            ],
-            cwd=repo_root,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        run_cli.start(
+            "train.py",
+            *overrides,
+            f"data.cache_dir={cache}",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={tmp_path / f'run{i}'}",
         )
         for i in range(2)
     ]
@@ -430,12 +410,7 @@ def test_ctrl_c_while_tokenizing_exits_130_with_one_line_and_leaves_no_cache(tmp
         f"hydra.run.dir={tmp_path / 'run'}",
         "tokenizer.vocab_size=4096",
     ]
-    process = subprocess.Popen(
-        [sys.executable, "train.py", *command],
-        cwd=Path(__file__).parents[1],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = run_cli.start("train.py", *command)
     deadline = time.time() + 120
     while time.time() < deadline and not any(cache.glob("**/.*.tmp")):  # the build folder appeared
         time.sleep(0.2)

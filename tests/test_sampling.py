@@ -1,5 +1,7 @@
 """The next-token choice and the KV-cache decoding loop (gptmini.generation.sampling)."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,12 +10,12 @@ from hypothesis import strategies as st
 from gptmini import GPT, GPTConfig
 from gptmini.common import GptMiniError
 from gptmini.generation.sampling import (
+    SamplingOptions,
     apply_repetition_penalty,
-    generate_tokens,
     sample_next_token,
+    sample_tokens,
     top_k_filter,
     top_p_filter,
-    validate_sampling_options,
 )
 
 VOCAB = 257  # a byte-level vocabulary plus <|endoftext|>
@@ -26,8 +28,22 @@ def model() -> GPT:
     return GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
-def _tokens(model, prompt, n, **kwargs) -> list[int]:
-    return [int(t) for t in generate_tokens(model, prompt, n, **kwargs)]
+def _options(n: int, **kwargs) -> SamplingOptions:
+    """Sampling options; unlike SamplingOptions' own defaults, temperature 1 and no filters."""
+    return SamplingOptions(max_new_tokens=n, **{"temperature": 1.0, **kwargs})
+
+
+def _tokens(model, prompt, n, use_cache=True, generator=None, eot_id=None, vocab_limit=None, **kwargs):
+    tokens = sample_tokens(
+        model,
+        prompt,
+        _options(n, **kwargs),
+        use_cache=use_cache,
+        generator=generator,
+        eot_id=eot_id,
+        vocab_limit=vocab_limit,
+    )
+    return [int(t) for t in tokens]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,7 +99,7 @@ def test_same_seed_same_tokens_and_different_seeds_differ(model):
 
 def test_batched_rows_match_single_rows(model):
     prompts = torch.tensor([[5, 6, 7, 8], [100, 101, 102, 103]])
-    batched = torch.cat(list(generate_tokens(model, prompts, 20, temperature=0.0)), dim=1)
+    batched = torch.cat(list(sample_tokens(model, prompts, _options(20, temperature=0.0))), dim=1)
     for row in range(2):
         assert batched[row].tolist() == _tokens(model, prompts[row : row + 1], 20, temperature=0.0)
 
@@ -191,17 +207,43 @@ def test_sampled_tokens_stay_inside_the_top_k_top_p_support(logits, top_k, top_p
         ("top_p", 1.5),
         ("repetition_penalty", 0.0),
         ("max_new_tokens", -1),
-        ("num_samples", 0),
     ],
 )
 def test_bad_options_raise_naming_the_option(option, value):
-    options = dict(
-        temperature=1.0, top_k=None, top_p=1.0, repetition_penalty=1.0, max_new_tokens=5, num_samples=1
-    )
-    options[option] = value
     with pytest.raises(GptMiniError, match=option):
-        validate_sampling_options(**options)
+        SamplingOptions(**{option: value})
 
 
 def test_good_options_pass():
-    validate_sampling_options(temperature=0.0, top_k=1, top_p=1.0, repetition_penalty=0.5, max_new_tokens=0)
+    SamplingOptions(temperature=0.0, top_k=1, top_p=1.0, repetition_penalty=0.5, max_new_tokens=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Extremes: a padded vocabulary, an unbounded max_new_tokens
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_vocab_limit_never_yields_an_id_past_the_tokenizer():
+    """A model vocabulary padded past the tokenizer's (GPT-2: 50304 vs 50257) must not produce those ids."""
+    torch.manual_seed(0)
+    padded = GPT(GPTConfig(vocab_size=VOCAB + 43, block_size=BLOCK, n_layer=1, n_head=2, n_embd=32)).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+
+    def run(**kwargs):
+        generator = torch.Generator().manual_seed(0)
+        return _tokens(padded, prompt, 4 * BLOCK, temperature=2.0, generator=generator, **kwargs)
+
+    assert max(run()) >= VOCAB  # without the limit the padding ids do come up
+    limited = run(vocab_limit=VOCAB)
+    assert len(limited) == 4 * BLOCK and max(limited) < VOCAB
+    # Greedy and the penalty path too: the argmax is taken among the allowed ids only.
+    greedy = _tokens(padded, prompt, BLOCK, temperature=0.0, repetition_penalty=1.5, vocab_limit=VOCAB)
+    assert max(greedy) < VOCAB
+
+
+def test_huge_max_new_tokens_streams_without_allocating_for_it(model):
+    """Memory does not grow with max_new_tokens: 10**18 just means "until stopped"."""
+    tokens = sample_tokens(model, torch.tensor([[1, 2, 3]]), _options(10**18, temperature=0.0))
+    first = [int(t) for t in itertools.islice(tokens, 3 * BLOCK)]  # crosses block_size: slides
+    tokens.close()
+    assert first == _tokens(model, torch.tensor([[1, 2, 3]]), 3 * BLOCK, temperature=0.0)

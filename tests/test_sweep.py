@@ -2,8 +2,6 @@
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -32,22 +30,11 @@ def test_summary_ranks_jobs_by_val_loss_and_shows_only_what_differs(tmp_path):
 
 
 @pytest.mark.slow
-def test_multirun_writes_one_directory_per_job_and_the_summary(tmp_path, tiny_train_overrides, repo_root):
+def test_multirun_writes_one_directory_per_job_and_the_summary(tmp_path, tiny_train_overrides, run_cli):
     overrides = [o for o in tiny_train_overrides if not o.startswith("model.n_layer")]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "model.n_layer=1,2",
-            "trainer.max_steps=3",
-            *overrides,
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    result = run_cli(
+        "train.py", "-m", "model.n_layer=1,2", "trainer.max_steps=3", *overrides, sweep_dir, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "sweep"
@@ -56,3 +43,21 @@ def test_multirun_writes_one_directory_per_job_and_the_summary(tmp_path, tiny_tr
     rows = list(csv.DictReader((sweep / "sweep_summary.csv").open()))
     assert sorted(r["overrides"] for r in rows) == ["model.n_layer=1", "model.n_layer=2"]
     assert all(float(r["val_loss"]) > 0 and int(r["n_params"]) > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_train_overrides, run_cli):
+    """n_head=3 does not divide n_embd=32: job 1 fails, jobs 0 and 2 still run, and the summary says so."""
+    overrides = [o for o in tiny_train_overrides if not o.startswith("model.n_head")]
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    result = run_cli(
+        "train.py", "-m", "model.n_head=2,3,4", "trainer.max_steps=2", *overrides, sweep_dir, timeout=600
+    )
+    assert result.returncode == 2  # after the summary, so a script sees that something failed
+    assert "Traceback" not in result.stderr
+    assert "1 of 3 jobs failed (jobs 1)" in result.stderr
+    rows = {r["job"]: r for r in csv.DictReader((tmp_path / "sweep" / "sweep_summary.csv").open())}
+    assert rows["0"]["status"] == rows["2"]["status"] == "ok"
+    assert rows["1"]["status"] == "failed"
+    assert "n_embd=32 is not divisible by n_head=3" in rows["1"]["error"]
+    assert "n_embd=32 is not divisible by n_head=3" in (tmp_path / "sweep" / "1" / "error.txt").read_text()

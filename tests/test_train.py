@@ -3,8 +3,6 @@
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -161,29 +159,15 @@ def test_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
 
 
-def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path, repo_root):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "model.n_embd=33",
-            f"hydra.run.dir={tmp_path}",
-            f"data.cache_dir={tmp_path}",
-        ],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_cli_bad_value_exits_2_with_one_line_and_no_traceback(tmp_path, run_cli):
+    result = run_cli("train.py", "model.n_embd=33", f"hydra.run.dir={tmp_path}", f"data.cache_dir={tmp_path}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "error:" in result.stderr
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(
-    tmp_path, tiny_train_overrides, repo_root
-):
+def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, tiny_train_overrides, run_cli):
     """Two gloo processes: each rank sees its own windows; DDP keeps the weights identical."""
     script = tmp_path / "ddp_check.py"
     script.write_text(DDP_SCRIPT)
@@ -193,13 +177,7 @@ def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(
         "trainer.max_steps=4",
         "trainer.val_check_interval=1000",
     ]
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "run"), *overrides],
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_cli(str(script), str(tmp_path / "run"), *overrides, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [torch.load(tmp_path / "run" / f"rank{r}.pt") for r in range(2)]
     assert not torch.equal(seen[0]["first_batch"], seen[1]["first_batch"])
