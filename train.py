@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gptmini.common import GptMiniError, describe_os_error, is_environment_fault
+from gptmini.common import GptMiniError, user_error_message
 from gptmini.training.config import register_configs
 from gptmini.training.run import train
 from gptmini.training.sweep import in_multirun, record_failed_job
@@ -31,9 +31,9 @@ def main(cfg: DictConfig) -> float | None:
         )
         sys.exit(130)
     except (GptMiniError, OSError) as error:
-        if isinstance(error, OSError) and not is_environment_fault(error):
-            raise  # any other OSError is a bug: keep its traceback
-        message = str(error) if isinstance(error, GptMiniError) else describe_os_error(error, "a file")
+        message = user_error_message(error)
+        if message is None:
+            raise  # a bug: keep its traceback
         print(f"error: {message}", file=sys.stderr)
         if in_multirun():
             record_failed_job(message)  # the sweep goes on; its summary lists this job as failed

@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Run as a script from a clone (no install needed): make the repo root importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from gptmini.model.attention import ATTENTION_CLASSES  # noqa: E402
+from gptmini.common import pick_device
+from gptmini.model.attention import ATTENTION_CLASSES
 
 
 class BareSDPA(nn.Module):
@@ -51,7 +48,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, help="tokens per sequence (default 1024, or 256 with --small)")
     parser.add_argument("--embd", type=int, help="model width (default 768, or 256 with --small)")
     parser.add_argument("--heads", type=int, help="attention heads (default 12, or 4 with --small)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (kernel selection, caches)")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs; the median is reported")
@@ -64,15 +61,12 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def pick_device_and_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """auto: CUDA if present; bf16 on CUDA where supported, fp32 on a CPU (bf16 matmuls are slow there)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+def pick_dtype(dev: torch.device, dtype: str) -> torch.dtype:
+    """auto: bf16 on CUDA where supported, else fp32 (bf16 matmuls are slow on a CPU)."""
     if dtype == "auto":
         use_bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
-        return dev, torch.bfloat16 if use_bf16 else torch.float32
-    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        return torch.bfloat16 if use_bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 def device_name(dev: torch.device) -> str:
@@ -103,6 +97,8 @@ def median_ms(fn: Callable[[], object], dev: torch.device, warmup: int, repeats:
         else:
             t0 = time.perf_counter()
             fn()
+            if dev.type == "mps":  # auto picks MPS on a Mac: wait for its queue as for CUDA's
+                torch.mps.synchronize()
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
 
@@ -129,7 +125,8 @@ def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dev, dtype = pick_device_and_dtype(args.device, args.dtype)
+    dev = pick_device(args.device)
+    dtype = pick_dtype(dev, args.dtype)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seq, args.embd, device=dev, dtype=dtype, requires_grad=True)
     # Every model variant with the constructor the model uses: (n_embd, n_head, block_size, dropout, bias).

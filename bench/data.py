@@ -31,9 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-# Run as a script from a clone (no install needed): make the repo root importable.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 # tiktoken's GPT-2 files, when a shared copy sits beside the repository (as in tests/conftest.py).
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (REPO_ROOT.parent / "shared" / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(REPO_ROOT.parent / "shared" / "tiktoken_cache")
@@ -87,13 +85,14 @@ def measure(
 ) -> dict:
     """Everything for one corpus, in this (child) process; throughputs are the best of ``repeats`` runs."""
     import gptmini.data as data
+    from gptmini.data.encode import bpe_sample, encode_corpus, encode_threads
     from gptmini.data.tokenizer import TokenizerConfig, load_encoding, train_bpe
 
     rss_after_import = peak_rss_mb()
     cfg = data.DataConfig(name=corpus, path=path, cache_dir=cache_dir)
     files = data.resolve_corpus(cfg).files
     total = sum(p.stat().st_size for p in files)
-    threads = data._encode_threads()
+    threads = encode_threads()
     out = {"corpus": corpus, "files": len(files), "mb": total / MB, "threads": threads}
     out["rss_after_import_mb"] = rss_after_import
 
@@ -111,7 +110,7 @@ def measure(
 
     # The parts on their own: the same calls prepare_cache makes.
     start = time.perf_counter()
-    enc = train_bpe(data._bpe_sample(files, cfg.val_fraction), vocab_size)
+    enc = train_bpe(bpe_sample(files, cfg.val_fraction), vocab_size)
     out["bpe_train_s"] = time.perf_counter() - start
     encodings = {"bpe": enc}
     if with_gpt2:
@@ -125,7 +124,7 @@ def measure(
         for _ in range(repeats):
             with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
                 start = time.perf_counter()
-                data._tokenize(Path(scratch), files, cfg.val_fraction, encoding, f"tokenizing ({name})")
+                encode_corpus(Path(scratch), files, cfg.val_fraction, encoding, f"tokenizing ({name})")
                 pipeline_s = min(pipeline_s, time.perf_counter() - start)
             baseline_s = min(baseline_s, baseline_encode(encoding, files, threads))
         out[f"{name}_pipeline_mb_s"] = total / MB / pipeline_s

@@ -14,14 +14,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-
-from gptmini import GPT, GPTConfig  # noqa: E402
-from gptmini.generation.sampling import generate_tokens  # noqa: E402
+from gptmini import GPT, GPTConfig
+from gptmini.common import pick_device
+from gptmini.generation.sampling import SamplingOptions, sample_tokens
+from gptmini.model.config import MODEL_SIZES
 
 TARGETS = {"default": 3.0, "gpt2-small": 5.0}  # required speed-up of the cache
 
@@ -35,9 +34,9 @@ def parse_args() -> argparse.Namespace:
         "--default-shape",
         nargs=5,
         type=int,
-        default=[4, 4, 128, 128, 4096],  # configs/model/tiny.yaml with the 4096-token BPE
+        default=[*(MODEL_SIZES["tiny"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")), 4096],
         metavar=("N_LAYER", "N_HEAD", "N_EMBD", "BLOCK", "VOCAB"),
-        help="the default model's shape (default: 4 4 128 128 4096)",
+        help="the default model's shape (default: model.size=tiny with the 4096-token BPE)",
     )
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length")
@@ -49,14 +48,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -66,12 +57,12 @@ def synchronize(device: torch.device) -> None:
 
 def time_decode(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool, repeats: int) -> float:
     """Best tokens/s over ``repeats`` greedy runs, reading every token as the CLI does (one sync per step)."""
-    best = 0.0
+    best, greedy = 0.0, SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
     for _ in range(repeats):
         synchronize(prompt.device)
         start = time.perf_counter()
         n = 0
-        for token in generate_tokens(model, prompt, new_tokens, temperature=0.0, use_cache=use_cache):
+        for token in sample_tokens(model, prompt, greedy, use_cache=use_cache):
             int(token)  # read each token as the CLI does: one device sync per step
             n += 1
         synchronize(prompt.device)
@@ -110,7 +101,7 @@ def main() -> None:
     n_layer, n_head, n_embd, block, vocab = args.default_shape
     shapes = {"default": GPTConfig(vocab, block, n_layer, n_head, n_embd)}
     if not args.skip_gpt2:
-        shapes["gpt2-small"] = GPTConfig(50257, 1024, 12, 12, 768)
+        shapes["gpt2-small"] = GPTConfig.from_name("gpt2", vocab_size=50257)
     rows = []
     for name, config in shapes.items():
         rows.append(bench_shape(name, config, device, args))

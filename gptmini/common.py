@@ -54,6 +54,8 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
+        # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would.
+        os.chmod(tmp_name, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
             handle.flush()
@@ -62,6 +64,13 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -104,6 +113,19 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 def is_environment_fault(error: BaseException) -> bool:
     """Whether ``error`` is a full disk or a permission problem (answered in one line, no traceback)."""
     return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one line a command prints for ``error``, or None when it is a bug (which keeps its traceback).
+
+    The boundary rule of train.py and generate.py: a ``GptMiniError`` says what was wrong and the fix; a full
+    disk or a permission problem is a fault of the machine, named as such.
+    """
+    if isinstance(error, GptMiniError):
+        return str(error)
+    if is_environment_fault(error):
+        return describe_os_error(error, "a file")
+    return None
 
 
 def describe_os_error(error: OSError, what: str) -> str:

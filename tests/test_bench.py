@@ -3,6 +3,7 @@
 The chunked loss the training benchmark measures is tested in test_loss.py.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +53,38 @@ def check_train_summary(summary: dict, loops: tuple[str, ...] = ("plain", "light
             assert row[loop]["tokens_per_s"] > 0
         if set(loops) == {"plain", "lightning"}:
             assert row["lightning_over_plain"] > 0
+
+
+def load_bench(name: str):
+    """bench/<name>.py imported as a module (the bench folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO_ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("argv", "n_settings"),
+    [
+        ([], 1),
+        (["--nanogpt-cpu"], 1),
+        (["--smoke"], 1),
+        (["--gpt2"], 6),
+        (["--gpt2", "--small", "--compile", "off"], 3),
+    ],
+)
+def test_train_bench_settings_compose(argv, n_settings):
+    """Every setting of every mode is a valid config and model, without running a step."""
+    from gptmini.training.run import model_config_from
+
+    bench = load_bench("train")
+    args = bench.parse_args([*argv, "--device", "cpu"])
+    settings = bench.settings_for(args)
+    assert len(settings) == n_settings
+    for _, overrides in settings:
+        cfg = bench.train_config(overrides, args, torch.device("cpu"))
+        assert cfg.trainer.accelerator == "cpu" and cfg.callbacks.model_checkpoint is None
+        model_config_from(cfg, cfg.model.vocab_size)
 
 
 @pytest.mark.slow

@@ -115,7 +115,8 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
         ("model.size=huge", "unknown model size 'huge'; valid: tiny"),
         ("sample.top_k=0", "sample.top_k must be >= 1"),
         ("sample.temperature=-1", "sample.temperature must be >= 0"),
-        ("sample.max_new_tokens=-3", "sample.max_new_tokens must be >= 0"),
+        ("sample.max_new_tokens=-3", "sample.max_new_tokens must be a whole number >= 0"),
+        ("sample.max_new_tokens=100000", "sample.max_new_tokens=100000 is too long for a sample"),
         ("threads=0", "threads=0 must be >= 1"),
     ],
 )

@@ -1,6 +1,8 @@
-"""Choosing the next token, and the decoding loop that feeds a GPT one token at a time.
+"""Choosing the next token, and ``sample_tokens``: the one decoding loop that feeds a GPT one token at a time.
 
-Pure computation: no files, no printing. ``generation.py`` does the I/O around it.
+Pure computation: no files, no printing, no config loading; ``text`` does the I/O around it and the training
+samples call it too. Imports only torch and ``gptmini.common``; must not import ``training``, ``checkpoint``
+or ``data`` (the model is passed in).
 
 The loop uses the model's KV cache: one forward pass over the prompt ("prefill"), then one single-token
 pass per new token. A GPT cannot see more than ``block_size`` positions, so when the context is full it
@@ -8,6 +10,10 @@ pass per new token. A GPT cannot see more than ``block_size`` positions, so when
 Keeping half a block (not ``block_size - 1`` tokens) means a re-prefill every ``block_size // 2`` steps
 instead of every step. ``use_cache=False`` runs the full window at every step with the same sliding rule,
 so both modes see the same context and greedy decoding gives identical tokens.
+
+Memory does not grow with ``max_new_tokens``: the loop keeps only the window the model sees and, for the
+repetition penalty, one flag per vocabulary entry saying whether it has appeared. A huge ``max_new_tokens``
+therefore just means "until <|endoftext|>, a stop string or Ctrl-C".
 """
 
 from __future__ import annotations
@@ -40,7 +46,10 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
-            raise GptMiniError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+            raise GptMiniError(
+                f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens}. "
+                "Try max_new_tokens=200."
+            )
         if self.temperature < 0:
             raise GptMiniError(
                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}. Try temperature=0.8."
@@ -65,19 +74,26 @@ class SamplingOptions:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float
-) -> torch.Tensor:
-    """Make every token in ``previous_tokens`` (B, n) less likely (CTRL-style penalty).
+def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Make every token flagged in ``seen`` (B, V) bool less likely (CTRL-style penalty).
 
     A positive logit is divided by ``penalty`` and a negative one multiplied by it, so for ``penalty > 1``
     a seen token always loses probability whatever the sign of its logit.
     """
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, previous_tokens: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """``penalize_seen`` for the token ids ``previous_tokens`` (B, n); a token seen twice counts once."""
     if penalty == 1.0 or previous_tokens.numel() == 0:
         return logits
-    seen = logits.gather(1, previous_tokens)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(1, previous_tokens, seen)  # a token seen twice gets the same value twice
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, previous_tokens, True)
+    return penalize_seen(logits, seen, penalty)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,6 +132,17 @@ def sample_next_token(
     logits = logits.float()  # softmax and the filters in fp32, whatever dtype the model ran in
     if previous_tokens is not None:
         logits = apply_repetition_penalty(logits, previous_tokens, repetition_penalty)
+    return _draw(logits, temperature, top_k, top_p, generator)
+
+
+def _draw(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Temperature, top-k and top-p on fp32 ``logits`` (B, V), then one draw per row: (B, 1)."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
     logits = logits / temperature
@@ -132,70 +159,77 @@ def sample_next_token(
 
 
 @torch.inference_mode()
-def generate_tokens(
+def sample_tokens(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
+    options: SamplingOptions,
+    *,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     eot_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield each new token, (B, 1), as soon as it is chosen.
 
     Args:
         model: an eval-mode GPT; ``model.config.block_size`` bounds the context.
         prompt_ids: (T,) or (B, T) token ids, at least one per row; only the last ``block_size`` are used.
-        max_new_tokens: how many tokens to produce at most.
-        temperature, top_k, top_p, repetition_penalty: see ``sample_next_token``.
+        options: how many tokens at most, and how each is chosen (see ``SamplingOptions``).
         use_cache: decode with the KV cache (fast) or recompute the whole window every step.
         generator: the random source for sampling (seed it for reproducible text).
         eot_id: stop once every row has produced this token; finished rows repeat it.
+        vocab_limit: never choose an id >= this. A model's vocabulary may be padded past its tokenizer's
+            (e.g. 50304 rows for GPT-2's 50257 tokens); pass the tokenizer's ``n_vocab`` so every id decodes.
 
     The caller may stop early (stop strings, Ctrl-C) by leaving the loop; no work is done ahead.
     """
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
     block_size = model.config.block_size
     keep = max(1, block_size // 2)  # tokens kept when the context slides
     ids = prompt_ids.view(1, -1) if prompt_ids.dim() == 1 else prompt_ids
     if ids.size(1) == 0:
         raise GptMiniError("the prompt has no tokens; start from <|endoftext|> for unconditional text.")
-    ids = ids[:, -block_size:]
-    batch, length = ids.shape
-    # Every token of the sequence, preallocated so a step appends without reallocating.
-    tokens = torch.empty(batch, length + max_new_tokens, dtype=torch.long, device=ids.device)
-    tokens[:, :length] = ids
-    start = 0  # the first position the model sees
+    context = ids[:, -block_size:]  # the tokens the model sees now: at most block_size
+    batch = context.size(0)
+    seen = None  # (B, V) bool: which tokens appeared, for the repetition penalty
+    if options.repetition_penalty != 1.0:
+        seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=ids.device)
+        seen.scatter_(1, context, True)
     finished = torch.zeros(batch, 1, dtype=torch.bool, device=ids.device)
     cache = model.new_kv_cache(batch, device=ids.device) if use_cache else None
-    logits = _last_logits(model, tokens[:, start:length], cache)
+    logits = model.next_token_logits(context, kv_cache=cache)
 
-    for step in range(max_new_tokens):
-        token = sample_next_token(
-            logits, temperature, top_k, top_p, repetition_penalty, tokens[:, :length], generator
-        )
+    for step in range(options.max_new_tokens):
+        token = _choose(logits, options, seen, generator, vocab_limit)
         if eot_id is not None:
             token = token.masked_fill(finished, eot_id)
             finished |= token == eot_id
-        tokens[:, length] = token[:, 0]
-        length += 1
+        if seen is not None:
+            seen.scatter_(1, token, True)
+        context = torch.cat([context, token], dim=1)
         yield token
-        if step == max_new_tokens - 1 or (eot_id is not None and bool(finished.all())):
+        if step == options.max_new_tokens - 1 or (eot_id is not None and bool(finished.all())):
             return
-        if length - start > block_size:
-            start = length - keep  # slide: the cache restarts from the kept tokens
+        if context.size(1) > block_size:
+            context = context[:, -keep:]  # slide: the cache restarts from the kept tokens
             if cache is not None:
                 cache.reset()
-                logits = _last_logits(model, tokens[:, start:length], cache)
+                logits = model.next_token_logits(context, kv_cache=cache)
                 continue
-        if cache is not None:
-            logits = _last_logits(model, token, cache)  # one position; the cache holds the rest
-        else:
-            logits = _last_logits(model, tokens[:, start:length], None)
+        # With the cache, one position (the cache holds the rest); without, the whole window again.
+        logits = model.next_token_logits(token if cache is not None else context, kv_cache=cache)
 
 
-def _last_logits(model: torch.nn.Module, idx: torch.Tensor, cache) -> torch.Tensor:
-    """The logits (B, V) that predict the token after ``idx``."""
-    return model.next_token_logits(idx, kv_cache=cache)
+def _choose(
+    logits: torch.Tensor,
+    options: SamplingOptions,
+    seen: torch.Tensor | None,
+    generator: torch.Generator | None,
+    vocab_limit: int | None,
+) -> torch.Tensor:
+    """The next token (B, 1) from the model's logits (B, V), never an id >= ``vocab_limit``."""
+    logits = logits[:, :vocab_limit].float()  # ids past the limit are simply not candidates
+    if seen is not None:
+        logits = penalize_seen(logits, seen[:, : logits.size(-1)], options.repetition_penalty)
+    return _draw(logits, options.temperature, options.top_k, options.top_p, generator)

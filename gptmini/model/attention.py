@@ -145,13 +145,7 @@ class StackedHeadsAttention(nn.Module):
     """The book's ``MultiHeadAttentionWrapper``: num_heads causal heads side by side, no output projection."""
 
     def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        context_length: int,
-        dropout: float,
-        num_heads: int,
-        qkv_bias: bool = False,
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias=False
     ):
         super().__init__()
         # new here: num_heads independent heads, built one after another (head 0's weights come first)
@@ -168,13 +162,7 @@ class CompactMultiHeadAttention(CausalAttention):
     """The book's ``MultiHeadAttention``: num_heads causal heads of d_out // num_heads features each."""
 
     def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        context_length: int,
-        dropout: float,
-        num_heads: int,
-        qkv_bias: bool = False,
+        self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int, qkv_bias=False
     ):
         if d_out % num_heads != 0:
             raise GptMiniError(f"d_out={d_out} is not divisible by num_heads={num_heads}")

@@ -108,6 +108,9 @@ class TrainerSchema:
             raise GptMiniError(f"trainer.deterministic={self.deterministic!r} must be true, false or warn.")
 
 
+MAX_SAMPLE_TOKENS = 4096
+
+
 @dataclass
 class SampleConfig(SamplingOptions):
     """The text sample printed at each validation: generate.py's sampling options plus a prompt."""
@@ -116,6 +119,15 @@ class SampleConfig(SamplingOptions):
     """Sample only among the k most likely tokens; null = no limit."""
     prompt: str = ""
     """The text to continue; "" starts a new document (from <|endoftext|>)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # generate.py may run until a stop; a sample at every validation must stay short.
+        if self.max_new_tokens > MAX_SAMPLE_TOKENS:
+            raise GptMiniError(
+                f"max_new_tokens={self.max_new_tokens} is too long for a sample at each validation (at most "
+                f"{MAX_SAMPLE_TOKENS}); use generate.py for long texts, or 0 to switch samples off."
+            )
 
 
 @dataclass
