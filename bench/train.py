@@ -28,7 +28,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -36,7 +35,7 @@ from gptmini import GPT
 from gptmini.common import pick_device
 from gptmini.training import run
 from gptmini.training.callbacks import LossHistory, StopAtMaxSteps, Throughput
-from gptmini.training.config import register_configs
+from gptmini.training.config import compose_config
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer
 from gptmini.training.perf import mfu, peak_flops
@@ -131,12 +130,6 @@ def run_plain(cfg, targs: dict, model_config, optim, loader, clock: StepClock, d
 def run_lightning(cfg, targs: dict, model_config, optim, loader, clock: StepClock, device, loss_kind: str):
     """GPTTrainingModule under a Trainer set up as gptmini.training.run.train sets it up."""
 
-    class Module(GPTTrainingModule):
-        def configure_model(self) -> None:
-            super().configure_model()  # compiles forward when asked: what the standard loss calls
-            if loss_kind == "standard":  # forward()'s loss (full logits) instead of the chunked one
-                self._train_loss = lambda x, y: self.model(x, y)[1]
-
     class Clock(L.Callback):  # a mark at the start, then one after every batch
         def on_train_start(self, *_) -> None:
             clock.stamp()
@@ -144,7 +137,13 @@ def run_lightning(cfg, targs: dict, model_config, optim, loader, clock: StepCloc
         def on_train_batch_end(self, *_) -> None:
             clock.stamp()
 
-    lit = Module(asdict(model_config), asdict(optim), compile=cfg.compile, compile_mode=cfg.compile_mode)
+    lit = GPTTrainingModule(
+        asdict(model_config),
+        asdict(optim),
+        compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
+        loss=loss_kind,
+    )
     callbacks = run.build_callbacks(cfg) + [Throughput(cfg.throughput_every_n_steps, cfg.peak_flops)]
     callbacks += [LossHistory(), StopAtMaxSteps(), Clock()]  # Clock last: after the others' end-of-batch work
     L.Trainer(**targs, callbacks=callbacks, logger=run.build_loggers(cfg)).fit(lit, loader)
@@ -157,9 +156,7 @@ def train_config(overrides: list[str], args: argparse.Namespace, device: torch.d
     mode = "null" if args.compile_mode == "default" else args.compile_mode
     ours = [f"trainer.accelerator={accelerator}", f"compile_mode={mode}", "callbacks.model_checkpoint=null"]
     ours.append(f"trainer.enable_progress_bar={args.progress_bar}")
-    register_configs()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base="1.3"):
-        return compose("train", [*overrides, *ours, *args.override])
+    return compose_config([*overrides, *ours, *args.override])
 
 
 def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
@@ -186,13 +183,15 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
     tokens = cfg.data.batch_size * model_config.block_size
     tokens_per_s = tokens * len(step_ms) / (sum(step_ms) / 1000)
     peak = peak_flops(device, targs["precision"], cfg.peak_flops)
-    cuda_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    if device.type == "cuda":  # this process's own peak: each run is a fresh process
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {
         "loop": loop, "step_ms": step_ms, "tokens_per_step": tokens, "tokens_per_s": tokens_per_s,
         "mfu": mfu(model.flops_per_token(model_config.block_size), tokens_per_s, peak),
         "first_step_s": clock.step_ms()[0] / 1000,  # compile, allocator and kernel selection
-        "precision": targs["precision"], "n_params": model.num_params(),
-        "peak_mem_mb": cuda_mb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "precision": targs["precision"], "n_params": model.num_params(), "peak_mem_mb": peak_mb,
     }  # fmt: skip
 
 

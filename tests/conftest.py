@@ -14,7 +14,6 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
-CONFIG_DIR = str(REPO_ROOT / "configs")
 
 # tiktoken downloads the GPT-2 files on first use; offline, use the copy in ../shared when there is one.
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
@@ -45,20 +44,12 @@ def gpt2_available() -> None:
         pytest.skip(f"tiktoken's gpt2 files are not available offline ({type(exc).__name__})")
 
 
-def _compose_train(overrides: list[str] | None = None):
-    from hydra import compose, initialize_config_dir
-
-    from gptmini.training.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides or [])
-
-
 @pytest.fixture
 def compose_train():
     """``compose_train(overrides)``: configs/train.yaml composed exactly as train.py composes it."""
-    return _compose_train
+    from gptmini.training.config import compose_config
+
+    return compose_config
 
 
 def _write_corpus(folder: Path, n_bytes: int = 60_000, seed: int = 0) -> Path:

@@ -370,9 +370,9 @@ def test_walkthrough_prints_the_books_numbers(capsys):
     assert printed.count("[-0.4519, 0.2216, 0.4772, 0.1063]") == 4  # the book's heads, then 3 fused classes
 
 
-def test_attention_module_runs_the_walkthrough():
+def test_walkthrough_module_runs_as_a_script():
     result = subprocess.run(
-        [sys.executable, "-m", "gptmini.model.attention"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "gptmini.model.walkthrough"], capture_output=True, text=True, check=True
     )
     for text in _book_strings():
         assert text in result.stdout, text

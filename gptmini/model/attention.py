@@ -16,7 +16,7 @@ order of building weights, so the book's seeds give the book's numbers; ``# new 
    constructor ``(n_embd, n_head, block_size, dropout, bias)``: n_embd = d_in = d_out, n_head = num_heads,
    block_size = context_length, bias = qkv_bias (and proj's bias). A state_dict loads into each of them.
 
-``python -m gptmini.model.attention`` runs the worked example with the book's numbers (``walkthrough``).
+``python -m gptmini.model.walkthrough`` runs the worked example with the book's numbers.
 """
 
 import math
@@ -383,10 +383,3 @@ ATTENTION_CLASSES: dict[str, type[_FusedMultiHead]] = {
     "mha": MultiHeadAttention,
     "sdpa": CausalSelfAttention,
 }
-
-
-if __name__ == "__main__":
-    # Imported here, not at the top: the walkthrough imports this module.
-    from gptmini.model.walkthrough import main
-
-    main()

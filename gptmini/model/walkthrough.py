@@ -3,7 +3,7 @@
 Each step builds its module right after the book's ``torch.manual_seed`` call, in the book's order, so the
 random initial weights -- and therefore the printed context vectors -- are the ones a reader of chapter 3
 sees. ``chapter3_numbers`` computes them (the tests pin them); ``main`` prints them. Run it with
-``python -m gptmini.model.walkthrough`` or ``python -m gptmini.model.attention``.
+``python -m gptmini.model.walkthrough``.
 
 The model's multi-head classes store all heads in one fused ``qkv`` matrix; ``fused_from_stacked_heads``
 loads the book's separate heads into that layout, so the walkthrough can show both give the same numbers.

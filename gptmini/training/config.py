@@ -8,9 +8,11 @@ happen in each config's ``__post_init__`` when ``train()`` builds the real objec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
 from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig
@@ -162,6 +164,19 @@ class TrainConfig:
     """A label stored in the checkpoint and the summary."""
     run_dir: str = "${hydra:runtime.output_dir}"
     """Where the run writes everything; Hydra's run directory (train(cfg, out_dir=...) sets it)."""
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
+    """``configs/<config_name>.yaml`` composed exactly as train.py composes it, for tests, notebooks and
+    benchmarks: ``train(compose_config(["debug=smoke"]), out_dir="runs/x")``."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides or []))
 
 
 def register_configs() -> None:

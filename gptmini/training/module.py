@@ -33,6 +33,8 @@ class GPTTrainingModule(L.LightningModule):
         val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
         compile: compile the GPT in place with ``torch.compile`` (checkpoint keys do not change).
         compile_mode: ``torch.compile`` mode (None = default, "max-autotune", "reduce-overhead").
+        loss: the training step's loss: "chunked" (the LM head in chunks, no full logits tensor) or
+            "standard" (``forward``'s full logits; bench/train.py compares the two).
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
         run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
     """
@@ -44,6 +46,7 @@ class GPTTrainingModule(L.LightningModule):
         val_bytes_per_token: float | None = None,
         compile: bool = False,
         compile_mode: str | None = None,
+        loss: str = "chunked",
         tokenizer_spec: dict | None = None,
         run_info: dict | None = None,
     ) -> None:
@@ -57,7 +60,10 @@ class GPTTrainingModule(L.LightningModule):
         self.run_info = run_info or {}
         self._compile = compile
         self._compile_mode = compile_mode
-        self._train_loss = self.model.loss  # the chunked LM-head loss; compiled in configure_model
+        if loss not in ("chunked", "standard"):
+            raise GptMiniError(f"loss={loss!r} must be 'chunked' or 'standard'")
+        self._loss_kind = loss
+        self._train_loss = self._chosen_loss()  # compiled in configure_model when asked
         # Non-finite losses are detected on the device and checked only on logging steps and before each
         # checkpoint, so the training step never waits for the host (no .item() per step). Both counters
         # count micro-batches, so gradient accumulation needs no special case.
@@ -73,8 +79,16 @@ class GPTTrainingModule(L.LightningModule):
             # In place: parameters keep their names, so checkpoints carry no "_orig_mod." prefix.
             # Module.compile covers forward (validation); the training step's loss is its own method.
             self.model.compile(mode=self._compile_mode)
-            self._train_loss = torch.compile(self.model.loss, mode=self._compile_mode)
+            chunked = self._loss_kind == "chunked"
+            self._train_loss = (
+                torch.compile(self.model.loss, mode=self._compile_mode) if chunked else self._chosen_loss()
+            )
             self.model._compiled_in_place = True
+
+    def _chosen_loss(self):
+        if self._loss_kind == "chunked":
+            return self.model.loss
+        return lambda x, y: self.model(x, y)[1]  # forward's loss: it runs compiled once forward is
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim, self.device)
