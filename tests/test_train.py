@@ -250,3 +250,49 @@ def test_compiled_training_saves_plain_keys_that_load_uncompiled(
     loaded = load_checkpoint(tmp_path / "run")  # a plain, uncompiled GPT
     logits, _ = loaded.model(torch.zeros(1, 4, dtype=torch.long))
     assert torch.isfinite(logits).all()
+
+
+def test_a_fresh_run_warns_about_nothing_it_does_itself(
+    tmp_path, tiny_train_overrides, compose_train, recwarn
+):
+    """Lightning's CSVLogger used to warn that the (fresh) run directory "exists and is not empty" and that
+    earlier logs "will be deleted": the run directory always holds Hydra's .hydra/ first."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    train(compose_train(tiny_train_overrides), out_dir=run)
+    messages = [str(w.message) for w in recwarn]
+    assert not [m for m in messages if "exists and is not empty" in m or "will be deleted" in m], messages
+
+
+def test_model_summary_counts_real_flops(tiny_train_overrides, compose_train):
+    """The model summary's FLOPs column read 0: Lightning counts them only with an example input."""
+    from dataclasses import asdict
+
+    from lightning.pytorch.utilities.model_summary import ModelSummary
+
+    from gptmini.training.module import GPTTrainingModule
+
+    config = model_config_from(compose_train(tiny_train_overrides), tokenizer_vocab=300)
+    module = GPTTrainingModule(asdict(config))
+    # At least the matmuls of every layer's weights, once per position of one context.
+    assert (
+        ModelSummary(module).total_flops
+        >= 2 * config.block_size * module.model.num_params(non_embedding=True) // 2
+    )
+
+
+def test_the_loss_plot_leaves_matplotlibs_backend_alone(tmp_path):
+    import matplotlib
+
+    from gptmini.training.callbacks import LossHistory
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        history = LossHistory()
+        history.train, history.val = [(0, 5.0), (100, 4.0)], [(100, 4.2)]
+        path = history.plot(tmp_path / "curve.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.get_backend().lower() == "pdf"
+    finally:
+        matplotlib.use(before)
