@@ -140,8 +140,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
 
     trainer = rustbpe.Tokenizer()
     # One id is reserved for <|endoftext|>, so rustbpe learns vocab_size - 1 byte-level tokens.
-    with _quiet_rustbpe():
-        trainer.train_from_iterator(iter(texts), vocab_size - 1, pattern=PATTERNS[pattern])
+    try:
+        with _quiet_rustbpe():
+            trainer.train_from_iterator(iter(texts), vocab_size - 1, pattern=PATTERNS[pattern])
+    except SystemError as error:
+        # rustbpe calls back into Python (the text iterator, logging). What is raised there, Ctrl-C's
+        # KeyboardInterrupt or a read error, comes back wrapped in a SystemError: hand on the real one.
+        cause = error.__cause__ or error.__context__
+        if cause is None:
+            raise
+        raise cause from None
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     if len(ranks) + 1 < vocab_size:
         warnings.warn(

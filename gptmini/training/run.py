@@ -67,7 +67,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     apply_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    # text → tokenizer → token cache. A fine-tune tokenizes with its checkpoint's tokenizer.
+    # text → tokenizer → token cache, here rather than in a DataModule's prepare_data hook: the model's
+    # vocabulary comes from the tokenizer. A fine-tune tokenizes with its checkpoint's tokenizer.
     if init is not None:
         say(f"init_from: weights and tokenizer ({init.tokenizer.name}) of {init.path}; tokenizer.* is unused")
     cache = open_cache(prepare_cache(settings.data, settings.tokenizer, init.tokenizer if init else None))
