@@ -61,12 +61,13 @@ run() {
 if [ $SMALL = 1 ]; then
     run attention 120 $PY bench/attention.py --small --device cpu --batch 1 --seq 64 --embd 64 --heads 2 \
         --warmup 1 --repeats 3
-    run train_gpt2 240 $PY bench/train.py --gpt2 --small --device cpu --threads 1 --batches 1,2 \
-        --compile off --time-budget 150
+    # The plumbing of every part, not figures: one batch size and a few steps each.
+    run train_gpt2 240 $PY bench/train.py --gpt2 --small --device cpu --threads 1 --batches 1 \
+        --compile off --steps 2 --warmup 1 --time-budget 150
     run train_sdpa_math 120 $PY bench/train.py --gpt2 --small --device cpu --threads 1 --batches 1 \
-        --compile off --loops plain --sdpa-backend math
+        --compile off --steps 2 --warmup 1 --loops plain --sdpa-backend math
     run train_standard_loss 120 $PY bench/train.py --gpt2 --small --device cpu --threads 1 --batches 1 \
-        --compile off --loops plain,lightning --loss standard
+        --compile off --steps 2 --warmup 1 --loops plain --loss standard
     run generate 120 $PY bench/generate.py --device cpu --skip-gpt2 --default-shape 2 2 64 64 256 \
         --new-tokens 16 --prompt-tokens 4
 else

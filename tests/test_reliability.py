@@ -400,7 +400,7 @@ def test_checkpoint_with_unexpected_contents_names_the_key_and_the_version(
 
 @pytest.mark.slow
 def test_ctrl_c_while_tokenizing_exits_130_with_one_line_and_leaves_no_cache(tmp_path, run_cli, write_corpus):
-    corpus = write_corpus(tmp_path / "big", n_bytes=40_000_000)
+    corpus = write_corpus(tmp_path / "big", n_bytes=12_000_000)  # a few seconds of BPE training
     cache = tmp_path / "cache"
     command = [
         "debug=smoke",
