@@ -105,8 +105,12 @@ class GPTTrainingModule(L.LightningModule):
         return max_steps
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Next-token logits (B, T, vocab_size); what the model summary runs on ``example_input_array``."""
-        return self.model(idx)[0]
+        """Next-token logits (B, T, vocab_size); what the model summary runs on ``example_input_array``.
+
+        Eager even when the model is compiled: one batch-1 call must not compile a graph for its shape.
+        """
+        with torch.compiler.set_stance("force_eager"):
+            return self.model(idx)[0]
 
     # ----- steps --------------------------------------------------------------------------------------------
 
