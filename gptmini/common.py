@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -54,9 +55,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
-        # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would.
-        os.chmod(tmp_name, 0o666 & ~_umask())
         with os.fdopen(fd, mode, encoding=encoding) as handle:
+            # mkstemp makes the file owner-only (0600); give it the permissions a plain open() would.
+            os.chmod(tmp_name, 0o666 & ~_umask())
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -90,8 +91,6 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 
     Only files older than a minute go, so a write in progress in another process is left alone.
     """
-    import time
-
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
@@ -107,7 +106,13 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
 
 
 # Full disk, quota, read-only file system, no permission: faults of the machine, not bugs of the program.
-ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    getattr(errno, "EDQUOT", errno.ENOSPC),
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+}
 
 
 def is_environment_fault(error: BaseException) -> bool:
