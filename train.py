@@ -24,9 +24,9 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     try:
         summary = train(cfg)
-    except KeyboardInterrupt:  # before training started (e.g. while tokenizing): nothing to resume
+    except KeyboardInterrupt:  # outside the training loop (e.g. while tokenizing): nothing to resume
         print(
-            "\ninterrupted: nothing was trained; no cache or checkpoint was left half-written.",
+            "\ninterrupted: no cache or checkpoint was left half-written.",
             file=sys.stderr,
         )
         sys.exit(130)

@@ -33,7 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmini import GPT
 from gptmini.common import pick_device
-from gptmini.training import run
+from gptmini.training import run, settings
 from gptmini.training.callbacks import LossHistory, StopAtMaxSteps, Throughput
 from gptmini.training.config import compose_config
 from gptmini.training.module import GPTTrainingModule
@@ -162,9 +162,9 @@ def train_config(overrides: list[str], args: argparse.Namespace, device: torch.d
 def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
     """One (setting, loop) run in this process; returns its figures."""
     device = pick_device(args.device)
-    run.apply_threads(args.threads or None)  # on a shared CPU, fewer threads than cores can be faster
+    settings.apply_threads(args.threads or None)  # on a shared CPU, fewer threads than cores can be faster
     cfg = train_config(overrides, args, device)
-    model_config = run.model_config_from(cfg, cfg.model.vocab_size)
+    model_config = settings.model_config_from(cfg, cfg.model.vocab_size)
     torch.manual_seed(cfg.seed)
     batches = RandomBatches(model_config.vocab_size, cfg.data.batch_size, model_config.block_size)
     # As TextDataModule.train_dataloader: whole batches, the main process, pinned memory on CUDA.
@@ -174,7 +174,7 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
     clock = StepClock(device)
     with tempfile.TemporaryDirectory(prefix="gptmini-bench-") as run_dir, sdpa:
         cfg = run.with_run_dir(cfg, Path(run_dir))  # what the loggers write goes there
-        targs = run.trainer_arguments(cfg, Path(run_dir))  # only training steps: no validation, no summary
+        targs = settings.trainer_arguments(cfg, Path(run_dir))  # training steps only: no validation/summary
         targs.update(max_steps=args.warmup + args.steps, limit_val_batches=0, enable_model_summary=False)
         run_loop = run_plain if loop == "plain" else run_lightning
         model = run_loop(cfg, targs, model_config, OptimConfig(**cfg.optim), loader, clock, device, args.loss)

@@ -75,7 +75,7 @@ def load_bench(name: str):
 )
 def test_train_bench_settings_compose(argv, n_settings):
     """Every setting of every mode is a valid config and model, without running a step."""
-    from gptmini.training.run import model_config_from
+    from gptmini.training.settings import model_config_from
 
     bench = load_bench("train")
     args = bench.parse_args([*argv, "--device", "cpu"])

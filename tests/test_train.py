@@ -12,7 +12,8 @@ from hydra.errors import ConfigCompositionException
 from gptmini.checkpoint import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.training.optim import OptimConfig, lr_at
-from gptmini.training.run import model_config_from, train
+from gptmini.training.run import train
+from gptmini.training.settings import model_config_from
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml"))
 
@@ -129,7 +130,7 @@ def test_nonsensical_values_raise_clear_errors(
 
 
 def test_precision_auto_is_full_precision_on_the_cpu():
-    from gptmini.training.run import resolve_precision
+    from gptmini.training.settings import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "32-true"
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit choice is kept

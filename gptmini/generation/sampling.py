@@ -191,7 +191,10 @@ def sample_tokens(
     if ids.size(1) == 0:
         raise GptMiniError("the prompt has no tokens; start from <|endoftext|> for unconditional text.")
     context = ids[:, -block_size:]  # the tokens the model sees now: at most block_size
-    batch = context.size(0)
+    batch, length = context.shape
+    # The visible window, preallocated once (one spare slot): a step writes its token, never allocates.
+    window = torch.empty(batch, block_size + 1, dtype=context.dtype, device=context.device)
+    window[:, :length] = context
     seen = None  # (B, V) bool: which tokens appeared, for the repetition penalty
     if options.repetition_penalty != 1.0:
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.bool, device=ids.device)
@@ -207,18 +210,21 @@ def sample_tokens(
             finished |= token == eot_id
         if seen is not None:
             seen.scatter_(1, token, True)
-        context = torch.cat([context, token], dim=1)
+        window[:, length] = token[:, 0]
+        length += 1
         yield token
         if step == options.max_new_tokens - 1 or (eot_id is not None and bool(finished.all())):
             return
-        if context.size(1) > block_size:
-            context = context[:, -keep:]  # slide: the cache restarts from the kept tokens
+        if length > block_size:
+            # Slide: keep the last ``keep`` tokens at the front; the cache restarts from them.
+            window[:, :keep] = window[:, length - keep : length].clone()
+            length = keep
             if cache is not None:
                 cache.reset()
-                logits = model.next_token_logits(context, kv_cache=cache)
+                logits = model.next_token_logits(window[:, :length], kv_cache=cache)
                 continue
         # With the cache, one position (the cache holds the rest); without, the whole window again.
-        logits = model.next_token_logits(token if cache is not None else context, kv_cache=cache)
+        logits = model.next_token_logits(token if cache is not None else window[:, :length], kv_cache=cache)
 
 
 def _choose(

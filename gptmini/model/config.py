@@ -78,7 +78,10 @@ class GPTConfig:
     def from_name(cls, name: str, **overrides) -> GPTConfig:
         """The config of a named size (a row of ``MODEL_SIZES``); any field in ``overrides`` wins over it."""
         if name not in MODEL_SIZES:
-            raise GptMiniError(f"unknown model size {name!r}; valid: {', '.join(MODEL_SIZES)}")
+            raise GptMiniError(
+                f"unknown model size {name!r}; valid: {', '.join(MODEL_SIZES)}. "
+                "Pick one (model.size=tiny), then change any field (model.n_layer=6)."
+            )
         valid = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - valid)
         if unknown:

@@ -89,14 +89,9 @@ def check_run_directory(run_dir: Path, resume_from: Path | None) -> None:
     )
 
 
-def resume_step(ckpt_path: Path) -> int:
-    """The optimizer step a checkpoint was written at (0 when it does not say)."""
-    step = read_checkpoint(ckpt_path, mmap=True).get("global_step", 0)
-    return int(step) if isinstance(step, int) else 0
-
-
-def check_resumable(ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: dict) -> None:
-    """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer."""
+def check_resumable(ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: dict) -> int:
+    """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer;
+    return the optimizer step it was written at."""
     checkpoint = read_checkpoint(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
     gptmini_info(checkpoint, ckpt_path)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
@@ -110,6 +105,8 @@ def check_resumable(ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: di
             "other text): its token ids would mean other things. Resume with the run's data and tokenizer "
             "settings."
         )
+    step = checkpoint.get("global_step", 0)
+    return int(step) if isinstance(step, int) else 0
 
 
 @dataclass

@@ -36,18 +36,11 @@ from gptmini.training.checkpointing import (
     check_resumable,
     check_run_directory,
     read_init_source,
-    resume_step,
 )
 from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint, say
-from gptmini.training.settings import (  # noqa: F401 - re-exported: bench/train.py builds from these too
-    apply_threads,
-    check_settings,
-    model_config_from,
-    resolve_precision,
-    trainer_arguments,
-)
+from gptmini.training.settings import apply_threads, check_settings, model_config_from
 
 
 def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: list | None = None) -> dict:
@@ -86,9 +79,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     if init is not None:
         load_weights(module.model, init.state, source=init.path)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, model_config, cache.tokenizer_spec)
+        step = check_resumable(ckpt_path, model_config, cache.tokenizer_spec)
         # Rows logged after that checkpoint belong to steps this run trains again.
-        trim_history(run_dir / METRICS_FILE, after_step=resume_step(ckpt_path))
+        trim_history(run_dir / METRICS_FILE, after_step=step)
 
     ckpt_dir = run_dir / "checkpoints"
     interrupt, history, saved = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory(), LastSavedStep()

@@ -136,26 +136,26 @@ def check_trainer_arguments(args: dict) -> None:
         quiet.setLevel(level)
 
 
-# Words in Lightning's messages and the trainer key each points at, most specific first (a message about
-# devices also names the accelerator).
+# Words in Lightning's messages, the trainer key each points at (most specific first: a message about
+# devices also names the accelerator) and a value that works.
 _KEY_HINTS = [
-    ("Timer", "max_time"),
-    ("devices", "devices"),
-    ("num_nodes", "num_nodes"),
-    ("recision", "precision"),
-    ("strategy", "strategy"),
-    ("torch_xla", "accelerator"),
-    ("ccelerator", "accelerator"),
-    ("gpu", "accelerator"),
+    ("Timer", "max_time", 'trainer.max_time="00:01:00:00" (DD:HH:MM:SS) or null'),
+    ("devices", "devices", "trainer.devices=1"),
+    ("num_nodes", "num_nodes", "trainer.num_nodes=1"),
+    ("recision", "precision", "trainer.precision=auto"),
+    ("strategy", "strategy", "trainer.strategy=auto"),
+    ("torch_xla", "accelerator", "trainer.accelerator=auto"),
+    ("ccelerator", "accelerator", "trainer.accelerator=auto"),
+    ("gpu", "accelerator", "trainer.accelerator=auto"),
 ]
 
 
 def _first_line(error: BaseException) -> str:
-    """Lightning's first line, plus the ``trainer.`` key it is about."""
+    """Lightning's first line, the ``trainer.`` key it is about, and a value that works."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    for hint, key in _KEY_HINTS:
+    for hint, key, fix in _KEY_HINTS:
         if hint in text:
-            return f"{text} (trainer.{key})"
+            return f"{text} (trainer.{key}); try {fix}."
     return text
 
 
