@@ -2,10 +2,12 @@
 
 One module per concern, each importing only the ones before it:
 
-    corpus       which files are the corpus, the train/val split, reading text in pieces
+    corpus       which files are the corpus, the train/val split, reading text in pieces; DataConfig
     tokenizer    tiktoken encodings and trained BPEs, saved and carried in checkpoints as specs
     encode       streaming a corpus through a tokenizer into token files
-    token_cache  the cache folder: key, lock, atomic build, meta.json, ``open_cache`` (checked)
+    hf_source    data=hf: a Hugging Face datasets source as batches of documents, the seeded val split
+    shards       data=hf: parallel, resumable building of a sharded cache (docs/data.md)
+    token_cache  the cache folder: key, lock, atomic build, meta.json, ``open_cache`` (checked), TokenStream
     datamodule   the LightningDataModule over an opened cache: training and validation windows
 
 A run does ``cache = open_cache(prepare_cache(data, tokenizer))`` then
@@ -21,6 +23,7 @@ _PUBLIC = {
     "prepare_cache": "gptmini.data.token_cache",
     "open_cache": "gptmini.data.token_cache",
     "TokenCache": "gptmini.data.token_cache",
+    "TokenStream": "gptmini.data.token_cache",
     "read_meta": "gptmini.data.token_cache",
     "load_cached_tokenizer": "gptmini.data.token_cache",
     "TextDataModule": "gptmini.data.datamodule",

@@ -30,15 +30,22 @@ import sysconfig
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gptmini.common import GptMiniError, atomic_write_bytes, describe_os_error, remove_stale_temp_files
+from gptmini.common import (
+    GptMiniError,
+    as_config,
+    atomic_write_bytes,
+    describe_os_error,
+    remove_stale_temp_files,
+)
 
 log = logging.getLogger(__name__)
 
-CORPORA = ("pystdlib", "shakespeare", "text")
+CORPORA = ("pystdlib", "shakespeare", "text", "hf")
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "data"
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -62,11 +69,46 @@ _SAFE_CUT = re.compile(r"\n(?=[A-Za-z0-9])")
 
 
 @dataclass
+class HFConfig:
+    """A Hugging Face ``datasets`` source (the ``data.hf`` node, read when ``data.name=hf``).
+
+    The first five fields are ``datasets.load_dataset``'s own arguments, passed as they are.
+    """
+
+    path: str | None = None
+    """A Hub dataset ("HuggingFaceFW/fineweb-edu"), or a builder for local files: json, parquet, arrow."""
+    name: str | None = None
+    """The Hub dataset's configuration ("sample-10BT"); null for none."""
+    split: str = "train"
+    """The split to read; validation is carved out of it by documents (``data.val_fraction``)."""
+    data_files: Any = None
+    """Local files for a builder: a path, a glob ("corpus/*.jsonl") or a list of them."""
+    revision: str | None = None
+    """A Hub revision (branch, tag or commit) to pin the data; null = the default branch."""
+    text_field: str = "text"
+    """The column that holds each document's text."""
+    streaming: bool = True
+    """Read as a stream (constant memory, no Arrow copy of the corpus); false downloads and converts first."""
+    split_seed: int = 1337
+    """Which documents go to validation: a fixed function of this seed and the document's index."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise GptMiniError(f"data.hf.text_field={self.text_field!r} must name a column; try text.")
+        if not isinstance(self.split_seed, int) or self.split_seed < 0:
+            raise GptMiniError(f"data.hf.split_seed={self.split_seed!r} must be a non-negative integer.")
+
+
+# Tokens per shard file of a sharded cache (data=hf): 2**25 ids = 64 MiB as uint16, ~300 files for 10B tokens.
+DEFAULT_SHARD_TOKENS = 2**25
+
+
+@dataclass
 class DataConfig:
     """Which corpus to train on and how to batch it (the ``data`` config group)."""
 
     name: str = "pystdlib"
-    """The corpus: "pystdlib" (the running Python's standard library), "shakespeare" or "text"."""
+    """The corpus: "pystdlib" (the running Python's standard library), "shakespeare", "text" or "hf"."""
 
     path: str | None = None
     """shakespeare: a local copy of input.txt (skips the download); text: a file, directory or glob."""
@@ -75,13 +117,22 @@ class DataConfig:
     """Sequences per batch."""
 
     val_fraction: float = 0.1
-    """Fraction of the corpus (the last part, by bytes) held out for validation; 0 disables validation."""
+    """Held out for validation: the last part by bytes (text corpora) or these documents, by seed (hf)."""
 
     num_workers: int = 0
     """DataLoader worker processes; 0 loads in the main process (fast enough for memmapped tokens)."""
 
     cache_dir: str | None = None
     """Where token caches and downloads go; default: the repository's data/ folder (not the cwd)."""
+
+    hf: HFConfig | None = None
+    """data.name=hf: the Hugging Face source (``HFConfig``); unused by the other corpora."""
+
+    max_tokens: int | None = None
+    """hf only: stop tokenizing after this many tokens (train and validation together); null = all."""
+
+    shard_tokens: int = DEFAULT_SHARD_TOKENS
+    """hf only: tokens per shard file of the cache."""
 
     def __post_init__(self) -> None:
         if self.name not in CORPORA:
@@ -94,6 +145,23 @@ class DataConfig:
             raise GptMiniError(f"data.val_fraction={self.val_fraction!r} must be in [0, 1); try 0.1.")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise GptMiniError(f"data.num_workers={self.num_workers!r} must be 0 or more.")
+        if isinstance(self.hf, Mapping):
+            self.hf = as_config(dict(self.hf), HFConfig, "data.hf")
+        if self.name == "hf" and (self.hf is None or not self.hf.path):
+            raise GptMiniError(
+                "data=hf needs data.hf.path: a Hub dataset (data.hf.path=HuggingFaceFW/fineweb-edu) or a "
+                "builder with local files (data.hf.path=json data.hf.data_files=corpus/*.jsonl)."
+            )
+        if self.max_tokens is not None:
+            if self.name != "hf":
+                raise GptMiniError(
+                    f"data.max_tokens={self.max_tokens} only applies to data=hf; leave it null for "
+                    f"data={self.name} (cut the text itself instead)."
+                )
+            if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+                raise GptMiniError(f"data.max_tokens={self.max_tokens!r} must be an integer >= 1, or null.")
+        if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
+            raise GptMiniError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer.")
 
 
 def cache_root(data: DataConfig) -> Path:

@@ -10,6 +10,9 @@ Decisions worth knowing:
 - **Training windows.** Batch ``k`` of rank ``r`` holds random windows drawn from ``(seed, r, k)`` alone, so
   ranks draw disjoint streams, any number of loader workers gives the same batches in the same order, and
   resuming at batch ``k`` (``state_dict``) continues the stream exactly.
+- **Shards.** A split's files (one, or the shards of a ``data=hf`` cache) are read as one token sequence
+  (``TokenStream``): a window start is drawn uniformly over the whole sequence and may run on into the next
+  shard, so every window is equally likely and a one-file cache draws exactly what it always drew.
 - **Validation windows.** Non-overlapping windows of ``block_size`` targets tile the split from its start;
   only the final remainder of fewer than ``block_size`` targets is dropped. A split shorter than one window
   gives a single shorter window.
@@ -27,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from gptmini.common import GptMiniError, as_config
 from gptmini.data.corpus import DataConfig
-from gptmini.data.token_cache import TokenCache, open_tokens
+from gptmini.data.token_cache import TokenCache, TokenStream
 
 # ------------------------------------------------------------------------------------------------------------
 # Datasets
@@ -37,30 +40,27 @@ class TrainBatches(IterableDataset):
     """An endless stream of training batches of random windows; batch k depends only on (seed, rank, k)."""
 
     def __init__(
-        self, path: Path, dtype: str, block_size: int, batch_size: int, seed: int, rank: int, start: int
+        self,
+        path: Path | list[Path],
+        dtype: str,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        start: int,
     ):
         super().__init__()
-        self.path, self.dtype = path, dtype
+        # The stream pickles as paths: workers open their own memmaps instead of copying the token files.
+        self.stream = TokenStream.from_files(path, dtype)
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.rank = seed, rank
         self.start = start  # the first batch index; the DataModule moves it forward as batches are consumed
-        self._tokens = None
-
-    def __getstate__(self) -> dict:
-        # Workers open their own memmap; pickling one would copy the whole token file.
-        return {**self.__dict__, "_tokens": None}
-
-    def tokens(self) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = open_tokens(self.path, self.dtype)
-        return self._tokens
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``k``: (x, y) int64 tensors of shape (B, block_size), y shifted by one."""
-        tokens = self.tokens()
         rng = np.random.default_rng([self.seed, self.rank, k])
-        starts = rng.integers(0, len(tokens) - self.block_size, size=self.batch_size)
-        windows = tokens[starts[:, None] + np.arange(self.block_size + 1)].astype(np.int64)  # (B, T+1)
+        starts = rng.integers(0, len(self.stream) - self.block_size, size=self.batch_size)
+        windows = self.stream.gather(starts, self.block_size + 1).astype(np.int64)  # (B, T+1)
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
         return x, y
@@ -78,13 +78,13 @@ class TrainBatches(IterableDataset):
 class ValWindows(Dataset):
     """Non-overlapping windows tiling the validation split: every target is predicted once."""
 
-    def __init__(self, path: Path, dtype: str, n_tokens: int, block_size: int):
+    def __init__(self, path: Path | list[Path], dtype: str, n_tokens: int, block_size: int):
         super().__init__()
         self.path, self.dtype = path, dtype
         # A split shorter than one window gives one shorter window.
         self.window = min(block_size, n_tokens - 1) if n_tokens >= 2 else 0
         self.count = (n_tokens - 1) // self.window if self.window else 0
-        self._tokens = None
+        self._tokens: TokenStream | None = None  # opened on first use, in the process that reads
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokens": None}
@@ -96,9 +96,9 @@ class ValWindows(Dataset):
         if not 0 <= i < self.count:
             raise IndexError(i)
         if self._tokens is None:
-            self._tokens = open_tokens(self.path, self.dtype)
+            self._tokens = TokenStream.from_files(self.path, self.dtype)
         start = i * self.window
-        window = torch.from_numpy(self._tokens[start : start + self.window + 1].astype(np.int64))
+        window = torch.from_numpy(self._tokens.read(start, start + self.window + 1).astype(np.int64))
         return window[:-1].clone(), window[1:].clone()
 
 
@@ -159,7 +159,7 @@ class TextDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         """Whole batches from an endless stream that starts after the batches already consumed."""
         self._train_batches = TrainBatches(
-            self.cache.token_file("train"),
+            self.cache.token_files("train"),
             self.cache.meta["dtype"],
             self.block_size,
             self.data_config.batch_size,
@@ -172,7 +172,8 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """The validation windows in order (the same every time)."""
         meta = self.cache.meta
-        windows = ValWindows(self.cache.token_file("val"), meta["dtype"], meta["val_tokens"], self.block_size)
+        files = self.cache.token_files("val")
+        windows = ValWindows(files, meta["dtype"], meta["val_tokens"], self.block_size)
         return DataLoader(
             windows, batch_size=self.data_config.batch_size, shuffle=False, **self._loader_kwargs()
         )

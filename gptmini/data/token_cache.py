@@ -6,7 +6,9 @@ DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``.
 
 A cache is a folder ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` holding ``train.bin`` and ``val.bin``
 (see ``gptmini.data.encode``), ``meta.json`` (counts, dtype, tokenizer, source fingerprint) and, for a BPE,
-its vocabulary in tiktoken's text format.
+its vocabulary in tiktoken's text format. ``data=hf`` caches are *sharded* instead (``meta["layout"] ==
+"shards"``): ``train_000000.bin``, ``train_000001.bin``, ... built and resumed by ``gptmini.data.shards``
+(docs/data.md). Both open as a ``TokenCache``; ``TokenStream`` reads a split's files as one sequence.
 
 Decisions worth knowing:
 
@@ -70,6 +72,8 @@ CACHE_VERSION = 3
 TOKEN_DTYPES = ("uint16", "uint32")
 # Tokens per step of the out-of-range check on open: a few MB at a time, whatever the split's size.
 ID_CHECK_CHUNK = 2**22
+# Tokens at the head of each shard whose ids are checked when a sharded cache is opened.
+SHARD_ID_CHECK = 2**16
 MB = 1e6
 
 # ------------------------------------------------------------------------------------------------------------
@@ -217,6 +221,10 @@ def prepare_cache(
     tokenizer = as_config(tokenizer, TokenizerConfig, "tokenizer")
     if encoding is not None:
         _check_encoding(encoding)
+    if data.name == "hf":  # a stream of documents, not files: built into shards, resumably
+        from gptmini.data.shards import prepare_sharded_cache
+
+        return prepare_sharded_cache(data, tokenizer, encoding)
     corpus = resolve_corpus(data)
     if sum(path.stat().st_size for path in corpus.files) == 0:
         raise GptMiniError(
@@ -289,15 +297,37 @@ def read_meta(folder: Path) -> dict:
         raise _damaged(folder, "meta.json does not say which tokenizer made it")
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
-        try:
-            size = (folder / f"{split}.bin").stat().st_size
-        except OSError:
-            raise _damaged(folder, f"{split}.bin is missing") from None
-        if size != meta[f"{split}_tokens"] * itemsize:
-            raise _damaged(
-                folder, f"{split}.bin has {size} bytes, meta.json says {meta[f'{split}_tokens']} tokens"
-            )
+        lengths = _shard_lengths(folder, meta, split)
+        for path, length in zip(token_files(folder, meta, split), lengths, strict=True):
+            try:
+                size = path.stat().st_size
+            except OSError:
+                raise _damaged(folder, f"{path.name} is missing") from None
+            if size != length * itemsize:
+                raise _damaged(folder, f"{path.name} has {size} bytes, meta.json says {length} tokens")
     return meta
+
+
+def _shard_lengths(folder: Path, meta: dict, split: str) -> list[int]:
+    """The token count of each of a split's files, checked against the split's total."""
+    if meta.get("layout") != "shards":
+        return [meta[f"{split}_tokens"]]
+    lengths = (meta.get("shards") or {}).get(split) if isinstance(meta.get("shards"), dict) else None
+    if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
+        raise _damaged(folder, f"meta.json has no valid shard lengths for {split}")
+    if sum(lengths) != meta[f"{split}_tokens"]:
+        said = meta[f"{split}_tokens"]
+        raise _damaged(folder, f"the {split} shards hold {sum(lengths)} tokens, meta.json says {said}")
+    return lengths
+
+
+def token_files(folder: Path, meta: dict, split: str) -> list[Path]:
+    """A split's token files in order: ``<split>.bin``, or its shards for a sharded cache."""
+    if meta.get("layout") != "shards":
+        return [Path(folder) / f"{split}.bin"]
+    from gptmini.data.shards import shard_name
+
+    return [Path(folder) / shard_name(split, i) for i in range(len(meta["shards"][split]))]
 
 
 def load_cached_tokenizer(folder: Path, meta: dict | None = None) -> tiktoken.Encoding:
@@ -320,6 +350,63 @@ def open_tokens(path: Path, dtype: str) -> np.ndarray:
     if Path(path).stat().st_size == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TokenStream:
+    """A split's token files read as one sequence: ``len``, slices and ``gather`` of windows.
+
+    Each file is memory-mapped on first use (so a pickled stream carries only paths), and a slice that
+    crosses from one file into the next is joined: the files are consecutive pieces of one token stream.
+    """
+
+    def __init__(self, paths: list[Path], lengths: list[int], dtype: str):
+        self.paths, self.lengths, self.dtype = [Path(p) for p in paths], list(lengths), dtype
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+        self._maps: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def from_files(cls, paths: Path | list[Path], dtype: str) -> TokenStream:
+        """A stream over ``paths`` (one path or several), their lengths read from the file sizes."""
+        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+        itemsize = np.dtype(dtype).itemsize
+        return cls(paths, [Path(p).stat().st_size // itemsize for p in paths], dtype)
+
+    def __getstate__(self) -> dict:
+        # Workers open their own memmaps; pickling them would copy the token files.
+        return {**self.__dict__, "_maps": {}}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def part(self, i: int) -> np.ndarray:
+        """File ``i``'s tokens, memory-mapped."""
+        if i not in self._maps:
+            self._maps[i] = open_tokens(self.paths[i], self.dtype)
+        return self._maps[i]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens ``[start, stop)`` of the whole stream, as an array."""
+        first = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            begin = start - int(self.offsets[first])
+            end = min(stop, int(self.offsets[first + 1])) - int(self.offsets[first])
+            pieces.append(self.part(first)[begin:end])
+            start += end - begin
+            first += 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("a TokenStream takes contiguous slices only")
+        start, stop, _ = index.indices(len(self))
+        return self.read(start, max(start, stop))
+
+    def gather(self, starts: np.ndarray, length: int) -> np.ndarray:
+        """Windows of ``length`` tokens at ``starts``: a (len(starts), length) array."""
+        if len(self.paths) == 1:  # one file: a single fancy index, as the DataModule always did
+            return self.part(0)[starts[:, None] + np.arange(length)]
+        return np.stack([self.read(int(s), int(s) + length) for s in starts])
 
 
 def _largest_id(tokens: np.ndarray) -> int:
@@ -348,19 +435,40 @@ class TokenCache:
         """The tokenizer as plain values, for checkpoints (see ``tokenizer_to_spec``)."""
         return tokenizer_to_spec(self.tokenizer)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the splits are sharded (``data=hf``) rather than one file each."""
+        return self.meta.get("layout") == "shards"
+
     def token_file(self, split: str) -> Path:
-        """The path of a split's token file (``train.bin`` or ``val.bin``)."""
+        """The path of a split's token file (``train.bin`` or ``val.bin``); sharded caches have several."""
         if split not in SPLITS:
             raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
+        if self.sharded:
+            raise GptMiniError(f"{self.folder} is sharded: use token_files({split!r}) or stream({split!r})")
         return self.folder / f"{split}.bin"
 
-    def tokens(self, split: str) -> np.ndarray:
-        """A split's tokens, memory-mapped (an empty array for an empty split)."""
+    def token_files(self, split: str) -> list[Path]:
+        """A split's token files, in order (one for an unsharded cache; none for an empty sharded split)."""
+        if split not in SPLITS:
+            raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
+        return token_files(self.folder, self.meta, split)
+
+    def stream(self, split: str) -> TokenStream:
+        """A split's tokens as one ``TokenStream``, whatever the layout."""
+        files = self.token_files(split)
+        return TokenStream(files, _shard_lengths(self.folder, self.meta, split), self.meta["dtype"])
+
+    def tokens(self, split: str) -> np.ndarray | TokenStream:
+        """A split's tokens: memory-mapped (an empty array for an empty split), or a ``TokenStream`` over
+        the shards of a sharded cache."""
+        if self.sharded:
+            return self.stream(split)
         return open_tokens(self.token_file(split), self.meta["dtype"])
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes per token of a split (NaN when empty): bits/byte = loss / ln 2 / bytes_per_token."""
-        self.token_file(split)  # checks the name
+        self.token_files(split)  # checks the name
         tokens = self.meta[f"{split}_tokens"]
         return self.meta[f"{split}_bytes"] / tokens if tokens else math.nan
 
@@ -385,9 +493,13 @@ def open_cache(folder: Path) -> TokenCache:
         raise _damaged(folder, f"dtype {meta['dtype']} cannot hold {tokenizer.n_vocab} ids")
     cache = TokenCache(folder, meta, tokenizer)
     for split in SPLITS:
-        largest = _largest_id(cache.tokens(split))
-        if largest >= tokenizer.n_vocab:
-            raise _damaged(
-                folder, f"{split}.bin holds token id {largest}, the tokenizer has {tokenizer.n_vocab}"
-            )
+        for path in cache.token_files(split):
+            tokens = open_tokens(path, meta["dtype"])
+            # A sharded cache (billions of tokens) checks the head of each shard: reading every id of 20 GB
+            # on every open (and on every rank) would cost minutes; a garbage shard shows at its head.
+            largest = _largest_id(tokens[:SHARD_ID_CHECK] if cache.sharded else tokens)
+            if largest >= tokenizer.n_vocab:
+                raise _damaged(
+                    folder, f"{path.name} holds token id {largest}, the tokenizer has {tokenizer.n_vocab}"
+                )
     return cache

@@ -1,0 +1,355 @@
+"""data=hf: local jsonl/parquet through datasets, the validation split by documents, sharded caches (resume
+after an interruption included), the DataModule across shards, and bad input. Hub tests skip offline."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import gptmini.data.hf_source as hf_source
+import gptmini.data.shards as shards_mod
+from gptmini.common import GptMiniError
+from gptmini.data.corpus import DataConfig, HFConfig
+from gptmini.data.datamodule import TextDataModule, TrainBatches, ValWindows
+from gptmini.data.token_cache import open_cache, prepare_cache, read_meta
+from gptmini.data.tokenizer import TokenizerConfig
+
+pytest.importorskip("datasets")
+
+GPT2 = TokenizerConfig(name="gpt2")
+WORDS = "river stone light over under quick brown lazy fox dog ünï 42 the a of".split()
+
+
+def documents(n: int = 120, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"doc {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(3, 30)))) for i in range(n)]
+
+
+def write_jsonl(path, texts, field="text"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({field: text, "id": i}) + "\n")
+    return path
+
+
+def hf_data(tmp_path, files, **kwargs) -> DataConfig:
+    hf = {"path": "json", "data_files": str(files), **kwargs.pop("hf", {})}
+    kwargs.setdefault("shard_tokens", 200)
+    kwargs.setdefault("val_fraction", 0.2)
+    return DataConfig(name="hf", hf=hf, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def expected_split(enc, texts, val_fraction=0.2, seed=1337):
+    """What the cache must hold: <|endoftext|> + tokens per document, each split's by the seeded mask."""
+    mask = hf_source.val_mask(0, len(texts), val_fraction, seed)
+    out = {"train": [], "val": []}
+    for text, is_val in zip(texts, mask, strict=True):
+        out["val" if is_val else "train"] += [enc.eot_token, *enc.encode_ordinary(text)]
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _gpt2(gpt2_available):
+    """Every test here encodes with tiktoken's gpt2 (exact tokens to compare against)."""
+
+
+# --- reading local files ---
+
+
+def test_local_jsonl_tokenized_into_shards_by_documents(tmp_path):
+    texts = documents()
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "c" / "a.jsonl", texts))
+    cache = open_cache(prepare_cache(data, GPT2))
+    expected = expected_split(cache.tokenizer, texts)
+    meta = cache.meta
+    assert meta["layout"] == "shards" and meta["train_documents"] + meta["val_documents"] == len(texts)
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == expected[split]
+        lengths = meta["shards"][split]
+        assert all(n == 200 for n in lengths[:-1]) and 0 < lengths[-1] <= 200 and len(lengths) >= 2
+        assert [p.stat().st_size for p in cache.token_files(split)] == [2 * n for n in lengths]
+    assert meta["train_bytes"] == sum(
+        len(t.encode()) for t, v in zip(texts, hf_source.val_mask(0, 120, 0.2, 1337), strict=True) if not v
+    )
+    # Prepared again: the same folder, nothing rebuilt.
+    assert prepare_cache(data, GPT2) == cache.folder
+
+
+def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = documents(60)
+    pq.write_table(pa.table({"body": texts}), tmp_path / "c.parquet")
+    parquet = hf_data(tmp_path, tmp_path / "c.parquet", hf={"path": "parquet", "text_field": "body"})
+    jsonl = hf_data(tmp_path, write_jsonl(tmp_path / "c.jsonl", texts))
+    a, b = open_cache(prepare_cache(parquet, GPT2)), open_cache(prepare_cache(jsonl, GPT2))
+    assert a.folder != b.folder
+    for split in ("train", "val"):
+        assert a.stream(split)[:].tolist() == b.stream(split)[:].tolist()
+
+
+def test_validation_documents_are_fixed_by_the_seed(tmp_path):
+    mask = hf_source.val_mask(0, 10_000, 0.1, 7)
+    assert np.array_equal(mask, hf_source.val_mask(0, 10_000, 0.1, 7))
+    assert not np.array_equal(mask, hf_source.val_mask(0, 10_000, 0.1, 8))
+    assert 0.08 < mask.mean() < 0.12
+    # Any window of the index range gives the same answer as the whole: it depends on the index alone.
+    assert np.array_equal(hf_source.val_mask(4000, 300, 0.1, 7), mask[4000:4300])
+    assert not hf_source.val_mask(0, 100, 0.0, 7).any()
+
+
+def test_max_tokens_caps_the_cache_exactly(tmp_path):
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents()), max_tokens=555)
+    meta = open_cache(prepare_cache(data, GPT2)).meta
+    assert meta["train_tokens"] + meta["val_tokens"] == 555
+
+
+# --- resume after an interruption ---
+
+
+class Interrupt(BaseException):
+    """Stands for Ctrl-C or kill -9 in the middle of a build."""
+
+
+def _interrupt_after(monkeypatch, method: str, calls: int):
+    original = getattr(shards_mod.ShardWriter, method)
+    count = {"n": 0}
+
+    def wrapped(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        count["n"] += 1
+        if count["n"] == calls:
+            raise Interrupt
+        return result
+
+    monkeypatch.setattr(shards_mod.ShardWriter, method, wrapped)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["after a commit", "after a shard was renamed, before its commit"],
+)
+def test_an_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, monkeypatch, where):
+    texts = documents(400)
+    files = write_jsonl(tmp_path / "a.jsonl", texts)
+    reference = open_cache(prepare_cache(hf_data(tmp_path / "ref", files), GPT2))
+    data = hf_data(tmp_path, files)
+    monkeypatch.setattr(shards_mod, "BATCH_DOCS", 16)
+    monkeypatch.setattr(shards_mod, "COMMIT_EVERY_S", 0.0)
+    with monkeypatch.context() as patch:
+        if where == "after a commit":
+            original = shards_mod._write_progress
+            commits = {"n": 0}
+
+            def write_then_stop(*args):
+                original(*args)
+                commits["n"] += 1
+                if commits["n"] == 6:
+                    raise Interrupt
+
+            patch.setattr(shards_mod, "_write_progress", write_then_stop)
+        else:
+            _interrupt_after(patch, "_finish_shard", 3)
+        with pytest.raises(Interrupt):
+            prepare_cache(data, GPT2)
+    building = next((tmp_path / "cache" / "hf" / "json" / "gpt2").glob(".*.building"))
+    state = json.loads((building / "progress.json").read_text())
+    assert state["next_doc"] > 0
+    finished = {p.name: p.stat().st_ino for p in building.glob("train_*.bin")}
+    finished = {
+        name: ino
+        for name, ino in finished.items()
+        if int(name[6:12]) < len(state["splits"]["train"]["lengths"])
+    }
+    assert finished
+    starts = []
+    original_iter = hf_source.iter_text_batches
+    monkeypatch.setattr(
+        hf_source,
+        "iter_text_batches",
+        lambda ds, hf, start, n: starts.append(start) or original_iter(ds, hf, start, n),
+    )
+    cache = open_cache(prepare_cache(data, GPT2))
+    assert starts == [state["next_doc"]]  # reading resumed where the state says, not at document 0
+    for name, inode in finished.items():
+        assert (cache.folder / name).stat().st_ino == inode  # a finished shard is never written again
+    assert cache.meta["shards"] == reference.meta["shards"]
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == reference.stream(split)[:].tolist()
+    assert not list(cache.folder.glob("*.partial")) and not (cache.folder / "progress.json").exists()
+
+
+# --- the DataModule across shards ---
+
+
+def test_windows_span_shards_and_keep_the_resume_and_rank_guarantees(tmp_path):
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(300)), batch_size=8, shard_tokens=97)
+    cache = open_cache(prepare_cache(data, GPT2))
+    whole = np.asarray(cache.stream("train")[:])
+    assert len(cache.token_files("train")) > 5
+    stream = TrainBatches(cache.token_files("train"), "uint16", 16, 8, seed=3, rank=0, start=0)
+    crossing = 0
+    for k in range(20):
+        x, y = stream.batch(k)
+        rng = np.random.default_rng([3, 0, k])
+        starts = rng.integers(0, len(whole) - 16, size=8)
+        assert x.tolist() == [whole[s : s + 16].tolist() for s in starts]
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        crossing += sum((s // 97) != ((s + 16) // 97) for s in starts)
+    assert crossing > 0  # some windows ran on into the next shard
+    other_rank = TrainBatches(cache.token_files("train"), "uint16", 16, 8, seed=3, rank=1, start=0)
+    assert not torch.equal(other_rank.batch(0)[0], stream.batch(0)[0])
+    dm = TextDataModule(cache, data, block_size=16, seed=3)
+    batches = iter(dm.train_dataloader())
+    first = [next(batches)[0] for _ in range(3)]
+    resumed = TextDataModule(cache, data, block_size=16, seed=3)
+    resumed.load_state_dict({"batches_consumed": 2})
+    assert torch.equal(next(iter(resumed.train_dataloader()))[0], first[2])
+    val = np.asarray(cache.stream("val")[:])
+    windows = ValWindows(cache.token_files("val"), "uint16", len(val), 16)
+    covered = [t for i in range(len(windows)) for t in windows[i][1].tolist()]
+    assert covered == val[1 : 1 + len(covered)].tolist() and len(val) - 1 - len(covered) < 16
+
+
+def test_a_damaged_shard_is_named(tmp_path):
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents()))
+    folder = prepare_cache(data, GPT2)
+    (folder / "train_000001.bin").write_bytes(b"\0\0")
+    with pytest.raises(
+        GptMiniError, match=r"damaged \(train_000001.bin has 2 bytes, meta.json says 200 tokens\)"
+    ):
+        read_meta(folder)
+    (folder / "train_000001.bin").unlink()
+    with pytest.raises(GptMiniError, match=r"damaged \(train_000001.bin is missing\); delete that folder"):
+        open_cache(folder)
+
+
+# --- bad input ---
+
+
+def test_bad_hf_settings_are_one_line(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", documents(10))
+    with pytest.raises(GptMiniError, match="data=hf needs data.hf.path"):
+        DataConfig(name="hf")
+    with pytest.raises(GptMiniError, match="data.max_tokens=5 only applies to data=hf"):
+        DataConfig(name="text", path="x", max_tokens=5)
+    with pytest.raises(GptMiniError, match="data.shard_tokens=0 must be"):
+        DataConfig(shard_tokens=0)
+    with pytest.raises(GptMiniError, match="data.hf.text_field='' must name a column"):
+        HFConfig(path="json", text_field="")
+    with pytest.raises(GptMiniError, match=r"data.hf.data_files='.*nothing\*.jsonl' matches no files"):
+        prepare_cache(hf_data(tmp_path, tmp_path / "nothing*.jsonl"), GPT2)
+    with pytest.raises(
+        GptMiniError, match="data.hf.text_field='body' is not a column .* its columns are: text, id"
+    ):
+        prepare_cache(hf_data(tmp_path, tmp_path / "a.jsonl", hf={"text_field": "body"}), GPT2)
+    write_jsonl(tmp_path / "empty.jsonl", [""] * 5)
+    with pytest.raises(GptMiniError, match="gave no training text"):
+        prepare_cache(hf_data(tmp_path, tmp_path / "empty.jsonl", val_fraction=0.0), GPT2)
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
+    with pytest.raises(GptMiniError, match="failed|cannot load"):
+        prepare_cache(hf_data(tmp_path, tmp_path / "bad.jsonl"), GPT2)
+    assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = DataConfig(name="hf", hf={"path": "gptmini-tests/no-such-dataset"}, cache_dir=str(tmp_path))
+    with pytest.raises(
+        GptMiniError, match=r"offline and not cached .* or use local files: data.hf.path=json"
+    ) as info:
+        prepare_cache(data, GPT2)
+    assert "\n" not in str(info.value)
+
+
+def test_compose_data_hf_and_typos(compose_train):
+    cfg = compose_train(["data=hf", "data.hf.path=json", "data.hf.data_files=[a.jsonl,b.jsonl]"])
+    assert cfg.data.hf.data_files == ["a.jsonl", "b.jsonl"] and cfg.data.hf.text_field == "text"
+    with pytest.raises(Exception, match="pth"):
+        compose_train(["data=hf", "data.hf.pth=json"])
+
+
+def _hub_online() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_hub_dataset_streams(tmp_path):
+    if not _hub_online():
+        pytest.skip("the Hugging Face Hub is not reachable (offline)")
+    hf = {"path": "HuggingFaceFW/fineweb-edu", "name": "sample-10BT"}
+    data = DataConfig(name="hf", hf=hf, max_tokens=20_000, shard_tokens=4096, cache_dir=str(tmp_path))
+    meta = open_cache(prepare_cache(data, GPT2)).meta
+    assert meta["train_tokens"] + meta["val_tokens"] == 20_000
+
+
+@pytest.mark.slow
+def test_kill_9_mid_build_then_resume_in_a_new_process(tmp_path):
+    """A real SIGKILL (no cleanup code runs) between commits; the next process finishes the same cache."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    files = write_jsonl(tmp_path / "a.jsonl", documents(600))
+    reference = open_cache(prepare_cache(hf_data(tmp_path / "ref", files), GPT2))
+    script = f"""
+import time
+import gptmini.data.hf_source as hf_source, gptmini.data.shards as shards
+from gptmini.data.corpus import DataConfig
+from gptmini.data.token_cache import prepare_cache
+from gptmini.data.tokenizer import TokenizerConfig
+shards.BATCH_DOCS, shards.COMMIT_EVERY_S = 8, 0.0
+original = hf_source.iter_text_batches
+def slow(*args):
+    for batch in original(*args):
+        time.sleep(0.05)
+        yield batch
+hf_source.iter_text_batches = slow
+data = DataConfig(name="hf", hf={{"path": "json", "data_files": {str(files)!r}}}, shard_tokens=200,
+                  val_fraction=0.2, cache_dir={str(tmp_path / "cache")!r})
+prepare_cache(data, TokenizerConfig(name="gpt2"))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 120
+    progress = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((tmp_path / "cache").glob("hf/json/gpt2/.*.building/progress.json"))
+        if found and json.loads(found[0].read_text()).get("next_doc", 0) > 200:
+            progress = found[0]
+            break
+        time.sleep(0.05)
+    assert progress is not None, "the build did not get far enough to be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_shard = (progress.parent / "train_000000.bin").stat().st_ino
+    cache = open_cache(prepare_cache(hf_data(tmp_path, files), GPT2))
+    assert (cache.folder / "train_000000.bin").stat().st_ino == first_shard  # kept, not rebuilt
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == reference.stream(split)[:].tolist()
+
+
+def test_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(5)))
+    with pytest.raises(
+        GptMiniError, match=r"data=hf needs the datasets package: pip install -e '.\[datasets\]'"
+    ):
+        prepare_cache(data, GPT2)
