@@ -4,6 +4,10 @@ A gptmini checkpoint is a Lightning checkpoint with one extra entry, ``checkpoin
 everything generation needs besides the weights: the model config and the tokenizer (a trained BPE's ranks
 included). So ``generate.py`` needs only the file — no dataset, no Hydra run directory.
 
+``read_source`` also reads what is not a gptmini checkpoint but holds the same model: a Hugging Face GPT-2
+(``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` or a local folder; ``gptmini.hf``), and a LoRA
+checkpoint, which holds only adapters and names its base: the base is read and the adapters merged in.
+
 Every value in the file is a tensor or a plain Python value, so it loads with
 ``torch.load(weights_only=True)``: opening a checkpoint someone sent you never runs pickled code.
 """
@@ -23,6 +27,8 @@ from gptmini.common import GptMiniError, atomic_file
 FORMAT_VERSION = 1
 GPTMINI_KEY = "gptmini"
 MODEL_PREFIX = "model."  # the LightningModule keeps the GPT as `self.model`
+HUB_NAMES = "gpt2, gpt2-medium, gpt2-large, gpt2-xl"  # gptmini.hf.hub.HUB_MODELS, for messages
+GPT2_TOKENIZER = {"kind": "tiktoken", "name": "gpt2"}  # every imported GPT-2 speaks GPT-2's tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,7 +56,10 @@ def resolve_checkpoint(spec: str | os.PathLike, search_root: str | os.PathLike |
             "Pass a .ckpt file or the directory of a run that saved one."
         )
     if not path.is_file():
-        raise GptMiniError(f"checkpoint not found: {path}. Pass a .ckpt file, a run directory, or 'latest'.")
+        raise GptMiniError(
+            f"checkpoint not found: {path}. Pass a .ckpt file, a run directory, 'latest', a Hugging Face "
+            f"folder or a GPT-2 name ({HUB_NAMES})."
+        )
     return path
 
 
@@ -204,11 +213,26 @@ class LoadedCheckpoint:
     global_step: int | None
 
 
-def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Load a self-contained checkpoint into an eval-mode GPT on ``device``, plus its tokenizer."""
-    from gptmini import GPT
-    from gptmini.data.tokenizer import tokenizer_from_spec
+@dataclass
+class SourceWeights:
+    """Plain ``GPT`` weights from anywhere ``read_source`` reads, with their config and tokenizer."""
 
+    spec: str  # how to name it again from any directory: an absolute path, or a Hub name
+    path: Path  # the file the weights came from
+    state: dict[str, torch.Tensor]
+    model_config: Any  # GPTConfig
+    tokenizer_spec: dict
+    info: dict  # the gptmini entry (for an imported model: the config, tokenizer and where it came from)
+    global_step: int | None = None
+
+
+def read_source(spec: str | os.PathLike) -> SourceWeights:
+    """Read weights to generate from or fine-tune: a gptmini checkpoint, run dir or ``latest``; a LoRA
+    checkpoint (merged into its base); or a Hugging Face GPT-2 (a Hub name or a folder)."""
+    from gptmini.hf.hub import is_hf_spec
+
+    if is_hf_spec(spec):
+        return _read_hf(spec)
     path = resolve_checkpoint(spec)
     checkpoint = read_checkpoint(path, map_location="cpu")
     info = gptmini_info(checkpoint, path)
@@ -218,11 +242,63 @@ def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu")
             f"{path} has no tokenizer information, so its token ids cannot be turned into text. "
             "Use a checkpoint written by gptmini's train.py."
         )
-    tokenizer = tokenizer_from_spec(info["tokenizer"])
-    model = GPT(config)
-    load_weights(model, model_state_dict(checkpoint), source=path)
+    state = model_state_dict(checkpoint)
+    if info.get("lora"):
+        state = _merged_with_base(state, info["lora"], config, path)
+    step = checkpoint.get("global_step")
+    return SourceWeights(str(path.resolve()), path, state, config, info["tokenizer"], info, step)
+
+
+def _read_hf(spec: str | os.PathLike) -> SourceWeights:
+    """A Hugging Face GPT-2 as gptmini weights (the layout conversion is ``gptmini.hf.convert``)."""
+    from gptmini.hf.convert import config_from_hf, read_hf_weights, state_dict_from_hf
+    from gptmini.hf.hub import resolve_hf
+
+    files = resolve_hf(spec)
+    config = config_from_hf(files.config, files.source)
+    state = state_dict_from_hf(read_hf_weights(files.weights), config)
+    path = Path(spec).expanduser()
+    canonical = str(path.resolve()) if path.exists() else str(spec)
+    info = {"model_config": dataclasses.asdict(config), "tokenizer": dict(GPT2_TOKENIZER), "hf": canonical}
+    return SourceWeights(canonical, files.weights, state, config, dict(GPT2_TOKENIZER), info)
+
+
+def _merged_with_base(adapters: dict, lora: dict, config: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters merged into the weights of the base it names."""
+    from gptmini.model.lora import merge_adapters
+
+    base_spec = lora.get("base")
+    try:
+        base = read_source(base_spec)
+    except GptMiniError as error:
+        raise GptMiniError(
+            f"{path} is a LoRA checkpoint that holds only adapters, and its base {base_spec!r} cannot be "
+            f"read ({error}). Put the base back at that path (or in the HF cache) to load it."
+        ) from None
+    state = crop_positions(base.state, config.block_size)
+    return merge_adapters({**state, **adapters}, float(lora["alpha"]) / int(lora["rank"]))
+
+
+def crop_positions(state: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
+    """Weights for a shorter context: the first ``block_size`` rows of the position embedding (as nanoGPT's
+    ``crop_block_size``); the other weights do not depend on the context length."""
+    wpe = state.get("wpe.weight")
+    if wpe is None or wpe.size(0) <= block_size:
+        return state
+    return {**state, "wpe.weight": wpe[:block_size]}
+
+
+def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
+    """Load weights (anything ``read_source`` reads) into an eval-mode GPT on ``device``, + tokenizer."""
+    from gptmini import GPT
+    from gptmini.data.tokenizer import tokenizer_from_spec
+
+    source = read_source(spec)
+    tokenizer = tokenizer_from_spec(source.tokenizer_spec)
+    model = GPT(source.model_config)
+    load_weights(model, source.state, source=source.path)
     model.to(device).eval()
-    return LoadedCheckpoint(path, model, tokenizer, info, checkpoint.get("global_step"))
+    return LoadedCheckpoint(source.path, model, tokenizer, source.info, source.global_step)
 
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
@@ -233,7 +309,13 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 def check_weights_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """Raise a clear error unless ``state`` has exactly the model's tensor names and shapes."""
-    own = _uncompiled(model).state_dict()
+    check_state_fits(_uncompiled(model).state_dict(), state, source)
+
+
+def check_state_fits(
+    own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: Path | str
+) -> None:
+    """Raise a clear error unless ``state`` has exactly the names and shapes of ``own``."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [

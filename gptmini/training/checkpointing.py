@@ -6,13 +6,18 @@
 - ``check_run_directory``: a run never writes over another run's checkpoints. A resumed run may continue in
   its own directory; there, ``last.ckpt`` is overwritten in place (ModelCheckpoint's version counter is off
   in configs/callbacks), so the newest step is always ``last.ckpt``.
-- ``check_resumable`` and ``read_init_source``: the checks for ``ckpt_path`` and ``init_from``.
+- ``check_resumable`` and ``read_init_source``: the checks for ``ckpt_path`` and ``init_from``. ``init_from``
+  reads anything ``gptmini.checkpoint.read_source`` reads: a gptmini checkpoint, a Hugging Face GPT-2 (a
+  Hub name or a folder) or a LoRA checkpoint (merged into its base).
+- ``finetune_from`` and ``load_init_weights``: full fine-tuning or LoRA (``gptmini.model.lora``). A LoRA
+  run's checkpoints hold only the adapters and name their base, so a resume reads the base again.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import tiktoken
@@ -22,17 +27,26 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from gptmini.checkpoint import (
     GPTMINI_KEY,
     atomic_torch_save,
-    check_weights_fit,
+    check_state_fits,
+    crop_positions,
     gptmini_info,
-    model_config_of,
+    load_weights,
     model_state_dict,
     read_checkpoint,
+    read_source,
     resolve_checkpoint,
 )
-from gptmini.common import GptMiniError, describe_os_error, is_environment_fault, remove_stale_temp_files
+from gptmini.common import (
+    GptMiniError,
+    as_config,
+    describe_os_error,
+    is_environment_fault,
+    remove_stale_temp_files,
+)
 from gptmini.data.tokenizer import tokenizer_from_spec
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
+from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora, is_adapter_key
 
 LAST = "last.ckpt"
 
@@ -89,14 +103,27 @@ def check_run_directory(run_dir: Path, resume_from: Path | None) -> None:
     )
 
 
-def check_resumable(ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: dict) -> int:
+def check_resumable(
+    ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: dict, finetune: FinetuneConfig | None = None
+) -> int:
     """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer;
-    return the optimizer step it was written at."""
+    return the optimizer step it was written at. A LoRA run's checkpoint is checked against its adapters."""
+    finetune = finetune or FinetuneConfig()
     checkpoint = read_checkpoint(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
-    gptmini_info(checkpoint, ckpt_path)
+    info = gptmini_info(checkpoint, ckpt_path)
+    is_lora = bool(info.get("lora"))
+    if is_lora != (finetune.method == "lora"):
+        saved = "a LoRA run's (adapters only)" if is_lora else "a full run's"
+        raise GptMiniError(
+            f"{ckpt_path} is {saved} checkpoint, but this run has finetune.method={finetune.method}; resume "
+            "with the finetune settings the run was started with."
+        )
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(model_config)
-    check_weights_fit(model, model_state_dict(checkpoint), source=ckpt_path)
+        if is_lora:
+            add_lora(model, finetune)
+    own = model.state_dict()
+    check_state_fits(adapter_state(own) if is_lora else own, model_state_dict(checkpoint), ckpt_path)
     saved_spec = checkpoint[GPTMINI_KEY].get("tokenizer")
     if saved_spec and saved_spec != tokenizer_spec:
         raise GptMiniError(
@@ -111,28 +138,87 @@ def check_resumable(ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: di
 
 @dataclass
 class InitSource:
-    """The checkpoint a fine-tune starts from: its weights, its model config and its tokenizer."""
+    """The weights a fine-tune starts from: their model config and tokenizer, and how to name them again."""
 
     path: Path
     state: dict[str, torch.Tensor]
     model_config: GPTConfig
     tokenizer: tiktoken.Encoding
+    spec: str = ""  # an absolute path or a Hub name: what a LoRA checkpoint records as its base
 
 
 def read_init_source(spec: str) -> InitSource:
-    """Read ``init_from``: a fine-tune keeps the checkpoint's tokenizer, or its token ids would mean other
+    """Read ``init_from``: a fine-tune keeps the source's tokenizer, or its token ids would mean other
     things to the weights."""
-    path = resolve_checkpoint(spec)
-    checkpoint = read_checkpoint(path)
-    info = gptmini_info(checkpoint, path)
-    if not info.get("tokenizer"):
-        raise GptMiniError(
-            f"{path} has no tokenizer information, so fine-tuning cannot tokenize new text the way its "
-            "weights expect. Use a checkpoint written by gptmini's train.py."
-        )
+    source = read_source(spec)
     return InitSource(
-        path,
-        model_state_dict(checkpoint),
-        model_config_of(info, path),
-        tokenizer_from_spec(info["tokenizer"]),
+        source.path,
+        source.state,
+        source.model_config,
+        tokenizer_from_spec(source.tokenizer_spec),
+        source.spec,
     )
+
+
+def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource | None:
+    """The weights a run starts from: ``init_from``; or, resuming a LoRA run without it, the base its
+    checkpoint names (the checkpoint holds only the adapters)."""
+    if init_from:
+        return read_init_source(init_from)
+    if ckpt_path is not None:
+        lora = _entry(ckpt_path).get("lora")
+        if lora:
+            return read_init_source(lora["base"])
+    return None
+
+
+def _entry(ckpt_path: Path) -> dict:
+    return gptmini_info(read_checkpoint(ckpt_path, mmap=True), ckpt_path)
+
+
+def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
+    """``ckpt_path`` with ``init_from`` is a resume of a fine-tune only when the checkpoint's run started from
+    that same ``init_from`` (so the same command plus ``ckpt_path=`` resumes it); otherwise it is refused."""
+    try:
+        started_from = _entry(resolve_checkpoint(ckpt_path)).get("init_from")
+    except GptMiniError:
+        started_from = None
+    if started_from is None or started_from != init_from:
+        raise GptMiniError(
+            "ckpt_path and init_from are both set: ckpt_path resumes a run (weights, optimizer, step, data "
+            "order), init_from starts a new run from weights only. Keep the one you mean (both are accepted "
+            "only to resume a fine-tune that started from that same init_from)."
+        )
+
+
+def finetune_from(cfg: Any) -> FinetuneConfig:
+    """The checked ``finetune`` settings; LoRA needs weights to adapt (``init_from``, or a LoRA resume)."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("finetune") if hasattr(cfg, "get") else None
+    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    finetune = as_config(values, FinetuneConfig, "finetune")
+    if finetune.method == "lora" and not (cfg.init_from or cfg.ckpt_path):
+        raise GptMiniError(
+            "finetune=lora adapts pretrained weights, but no init_from is set; add init_from=gpt2 (or a "
+            "checkpoint, run directory or Hugging Face folder)."
+        )
+    return finetune
+
+
+def load_init_weights(model: torch.nn.Module, init: InitSource, model_config: GPTConfig) -> None:
+    """Put the source's weights into the run's model: the position table cropped to the run's context, and
+    a LoRA model's adapters left as they are (B = 0: the model starts exactly at the source)."""
+    state = crop_positions(init.state, model_config.block_size)
+    own_adapters = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+    load_weights(model, {**state, **own_adapters}, source=init.path)
+
+
+def finetune_info(init_from: str | None, init: InitSource | None, finetune: FinetuneConfig) -> dict:
+    """What a run's checkpoints record about where its weights came from: ``init_from`` as typed (so the same
+    command plus ``ckpt_path=`` resumes it) and, for LoRA, the adapters' settings and their base."""
+    info: dict = {"init_from": init_from} if init_from else {}
+    if finetune.method == "lora" and init is not None:
+        lora = {"rank": finetune.rank, "alpha": finetune.alpha, "dropout": finetune.dropout}
+        info["lora"] = {**lora, "targets": list(finetune.targets), "base": init.spec}
+    return info

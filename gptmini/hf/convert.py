@@ -1,0 +1,234 @@
+"""GPT-2 between the Hugging Face layout and gptmini's ``GPT``: configs and state dicts, both directions.
+
+The two models compute the same function; only the storage differs:
+- HF keeps every projection in a ``Conv1D`` whose weight is (in, out); ``nn.Linear`` keeps (out, in), so
+  each of c_attn, c_proj, c_fc is transposed. c_attn's columns are [queries | keys | values], each split
+  by head in order, which is exactly the row layout of gptmini's fused ``qkv``.
+- The LM head is tied to the token embeddings in both: HF files usually leave ``lm_head.weight`` out.
+- gptmini pads the embedding to a multiple of 64 rows. The padding rows of a *trained* model are never
+  targets, but an imported GPT-2 has none to give them, and a zero row would score logit 0, far above GPT-2's
+  real logits, and swamp the softmax of a fine-tune's loss. So imports use ``pad_vocab_multiple=1`` (nanoGPT
+  does the same) and exports drop the padding rows.
+- Old HF files carry ``attn.bias`` / ``attn.masked_bias`` (the causal mask as a buffer) and keys without the
+  ``transformer.`` prefix; both are accepted.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from gptmini.common import GptMiniError
+from gptmini.model.config import GPTConfig
+
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which gptmini's blocks use, and GPT-2's
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # HF's names for GELU's tanh approximation
+# HF Conv1D modules and the gptmini Linear each becomes (within a block).
+BLOCK_LINEARS = {
+    "attn.c_attn": "attn.qkv",
+    "attn.c_proj": "attn.proj",
+    "mlp.c_fc": "mlp.fc",
+    "mlp.c_proj": "mlp.proj",
+}
+BLOCK_NORMS = ("ln_1", "ln_2")
+# GPTConfig switches GPT-2's format cannot express, with GPT-2's value (read with getattr, so configs
+# written before a switch existed still answer).
+GPT2_SWITCHES = {
+    "pos_emb": "learned",
+    "norm": "layernorm",
+    "qk_norm": False,
+    "mlp": "gelu",
+    "tie_embeddings": True,
+    "logit_softcap": None,
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face → gptmini
+# ---------------------------------------------------------------------------------------------------------
+
+
+def config_from_hf(hf: dict, source: str) -> GPTConfig:
+    """The ``GPTConfig`` of an HF GPT-2 config.json; anything gptmini would compute differently is refused."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise GptMiniError(
+            f"{source} is a {model_type!r} model; gptmini imports GPT-2 models only (model_type 'gpt2')."
+        )
+    n_embd = _int(hf, "n_embd", source)
+    checks = [
+        ("activation_function", hf.get("activation_function", "gelu_new") in TANH_GELUS, "gelu_new"),
+        (
+            "layer_norm_epsilon",
+            math.isclose(hf.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS),
+            "1e-05",
+        ),
+        ("n_inner", hf.get("n_inner") in (None, 4 * n_embd), "null (4 x n_embd)"),
+        ("tie_word_embeddings", hf.get("tie_word_embeddings", True) is True, "true"),
+        ("scale_attn_weights", hf.get("scale_attn_weights", True) is True, "true"),
+        ("scale_attn_by_inverse_layer_idx", not hf.get("scale_attn_by_inverse_layer_idx", False), "false"),
+        ("add_cross_attention", not hf.get("add_cross_attention", False), "false"),
+    ]
+    for key, ok, gpt2_value in checks:
+        if not ok:
+            raise GptMiniError(
+                f"{source}: config.json has {key}={hf.get(key)!r}, which gptmini's GPT cannot reproduce "
+                f"exactly (it computes GPT-2's {key}={gpt2_value}); use a standard GPT-2 model."
+            )
+    return GPTConfig(
+        vocab_size=_int(hf, "vocab_size", source),
+        block_size=_int(hf, "n_positions", source, fallback="n_ctx"),
+        n_layer=_int(hf, "n_layer", source),
+        n_head=_int(hf, "n_head", source),
+        n_embd=n_embd,
+        bias=True,
+        pad_vocab_multiple=1,  # no padding rows: see the module docstring
+    )
+
+
+def _int(hf: dict, key: str, source: str, fallback: str | None = None) -> int:
+    value = hf.get(key, hf.get(fallback) if fallback else None)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise GptMiniError(
+            f"{source}: config.json has {key}={value!r}; a GPT-2 config needs a positive integer."
+        )
+    return value
+
+
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of model.safetensors, or of pytorch_model.bin loaded with ``weights_only=True``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except ImportError:
+        raise GptMiniError(f'reading {path.name} needs safetensors: pip install -e ".[hf]"') from None
+    except Exception as exc:  # noqa: BLE001 - every parser error means "damaged file"
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise GptMiniError(
+            f"cannot read the weights {path} ({reason}): the file is truncated or corrupt; "
+            "download or save it again."
+        ) from None
+    if not isinstance(state, dict):
+        raise GptMiniError(f"{path} holds no state dict of tensors; save the model with save_pretrained.")
+    return state
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """gptmini ``GPT`` weights from an HF GPT-2 state dict (keys with or without ``transformer.``).
+
+    Unknown or missing names are left for ``check_weights_fit`` to list; the causal-mask buffers of old files
+    are dropped.
+    """
+    state = {}
+    for key, tensor in hf_state.items():
+        key = key.removeprefix("transformer.")
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # mask buffers; the head is tied to wte below
+        state[_gptmini_name(key)] = _to_linear(key, tensor)
+    if "wte.weight" in state:
+        state["lm_head.weight"] = state["wte.weight"]  # tied, as GPT's own state dict lists it
+    return state
+
+
+def _gptmini_name(key: str) -> str:
+    if not key.startswith("h."):
+        return key  # wte, wpe, ln_f: the same names
+    _, layer, rest = key.split(".", 2)
+    module, _, param = rest.rpartition(".")
+    return f"blocks.{layer}.{BLOCK_LINEARS.get(module, module)}.{param}"
+
+
+def _to_linear(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Conv1D weights (in, out) become Linear weights (out, in); everything else is unchanged."""
+    is_conv1d = (
+        key.startswith("h.") and key.endswith(".weight") and any(f".{m}." in key for m in BLOCK_LINEARS)
+    )
+    return tensor.t().contiguous() if is_conv1d else tensor
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gptmini → Hugging Face
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_exportable(config: GPTConfig) -> None:
+    """Refuse, naming the option, a model GPT-2's format cannot express exactly."""
+    for name, gpt2_value in GPT2_SWITCHES.items():
+        value = getattr(config, name, gpt2_value)
+        if value != gpt2_value:
+            raise GptMiniError(
+                f"model.{name}={value!r} cannot be expressed in GPT-2's Hugging Face format (it needs "
+                f"{name}={gpt2_value!r}); export only GPT-2-layout models."
+            )
+    kv_heads = getattr(config, "n_kv_head", None)
+    if kv_heads not in (None, config.n_head):
+        raise GptMiniError(
+            f"model.n_kv_head={kv_heads} (grouped-query attention) cannot be expressed in GPT-2's "
+            "Hugging Face format (one key/value head per query head); export only GPT-2-layout models."
+        )
+
+
+def hf_config_from(config: GPTConfig, eot_id: int) -> dict:
+    """An HF ``config.json`` for ``GPT2LMHeadModel`` with this shape."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": LAYER_NORM_EPS,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
+    """HF GPT2LMHeadModel weights (``transformer.`` keys, Conv1D layout, tied head left out).
+
+    The padding rows of the embedding are dropped. A model without biases gets zero biases, which compute
+    exactly the same (HF's GPT-2 always has them).
+    """
+    out = {
+        "transformer.wte.weight": state["wte.weight"][: config.vocab_size],
+        "transformer.wpe.weight": state["wpe.weight"],
+    }
+    for norm in ("ln_f",):
+        out.update(_norm(state, norm, f"transformer.{norm}", config.n_embd))
+    for layer in range(config.n_layer):
+        ours, theirs = f"blocks.{layer}", f"transformer.h.{layer}"
+        for norm in BLOCK_NORMS:
+            out.update(_norm(state, f"{ours}.{norm}", f"{theirs}.{norm}", config.n_embd))
+        for hf_name, name in BLOCK_LINEARS.items():
+            weight = state[f"{ours}.{name}.weight"]
+            out[f"{theirs}.{hf_name}.weight"] = weight.t()  # (out, in) -> Conv1D's (in, out)
+            bias = state.get(f"{ours}.{name}.bias")
+            out[f"{theirs}.{hf_name}.bias"] = bias if bias is not None else weight.new_zeros(weight.size(0))
+    # safetensors wants contiguous tensors that share no memory with one another.
+    return {key: tensor.detach().to("cpu", torch.float32).contiguous().clone() for key, tensor in out.items()}
+
+
+def _norm(state: dict, ours: str, theirs: str, n_embd: int) -> dict[str, torch.Tensor]:
+    weight = state[f"{ours}.weight"]
+    bias = state.get(f"{ours}.bias")
+    return {
+        f"{theirs}.weight": weight,
+        f"{theirs}.bias": bias if bias is not None else weight.new_zeros(n_embd),
+    }

@@ -1,0 +1,164 @@
+"""LoRA: the layer, the frozen base, and a LoRA fine-tune that trains, resumes, exports and generates."""
+
+import csv
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from gptmini.checkpoint import load_checkpoint, read_checkpoint
+from gptmini.common import GptMiniError
+from gptmini.model.config import GPTConfig
+from gptmini.model.gpt import GPT
+from gptmini.model.lora import FinetuneConfig, LoRALinear, add_lora, merge_adapters, trainable_fraction
+
+
+def test_lora_linear_starts_at_its_base_and_merges_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20)
+    x = torch.randn(3, 5, 12)
+    expected = base(x)
+    lora = LoRALinear(base, rank=4, alpha=8.0)
+    assert torch.equal(lora(x), expected)  # B = 0: exactly the base
+    with torch.no_grad():
+        lora.lora_b.normal_()
+    state = merge_adapters(lora.state_dict(), scale=lora.scale)
+    assert set(state) == {"weight", "bias"}
+    merged = nn.Linear(12, 20)
+    merged.load_state_dict(state)
+    assert torch.allclose(merged(x), lora(x), atol=1e-5)
+    assert not torch.allclose(merged(x), expected, atol=1e-3)
+
+
+def test_only_the_adapters_train_and_gpt2_small_at_rank_8_is_under_one_percent():
+    with torch.device("meta"):  # GPT-2 small's shapes, no memory
+        model = GPT(GPTConfig(pad_vocab_multiple=1))
+        names = add_lora(model, FinetuneConfig(method="lora", rank=8))
+    assert len(names) == 12 * 4  # qkv, proj, fc, proj in each of 12 blocks
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith((".lora_a", ".lora_b")) for n in trainable)
+    n_trainable, n_all = trainable_fraction(model)
+    assert n_trainable / n_all < 0.01
+
+
+def test_adapters_leave_the_model_unchanged_until_trained():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 100, (2, 16))
+    before = model(idx)[0]
+    add_lora(model.train(False), FinetuneConfig(method="lora", targets=["qkv", "mlp"]))
+    assert torch.equal(model(idx)[0], before)
+    assert isinstance(model.blocks[0].attn.qkv, LoRALinear) and not isinstance(
+        model.blocks[0].attn.proj, LoRALinear
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"rank": 0}, r"finetune.rank=0 must be an integer >= 1"),
+        ({"targets": ["ffn"]}, r"finetune.targets=\['ffn'\] must be a non-empty list of: qkv, proj, mlp"),
+        ({"method": "qlora"}, r"finetune.method='qlora' is unknown; use one of: full, lora"),
+    ],
+)
+def test_bad_finetune_settings(values, message):
+    with pytest.raises(GptMiniError, match=message):
+        FinetuneConfig(**values)
+
+
+def test_lora_cannot_adapt_the_stacked_heads_variant():
+    model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16, attention="heads"))
+    with pytest.raises(GptMiniError, match=r"finetune=lora cannot train model.attention='heads'"):
+        add_lora(model, FinetuneConfig(method="lora"))
+
+
+def test_lora_without_weights_to_adapt_is_refused(tiny_train_overrides, compose_train, tmp_path):
+    from gptmini.training.run import train
+
+    with pytest.raises(
+        GptMiniError, match=r"finetune=lora adapts pretrained weights, but no init_from is set"
+    ):
+        train(compose_train(tiny_train_overrides + ["finetune=lora"]), out_dir=tmp_path / "run")
+
+
+class SignalAtStep(L.Callback):
+    """A real SIGINT while step ``step`` runs, as Ctrl-C would send."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def train_losses(run_dir) -> list[float]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
+
+
+def test_lora_fine_tune_trains_resumes_exports_and_generates(
+    tmp_path, tiny_train_overrides, compose_train, capsys, gpt2_available
+):
+    transformers = pytest.importorskip("transformers")
+    from gptmini.export import export
+    from gptmini.generation.text import GenerateTextConfig, generate_text
+    from gptmini.training.run import train
+
+    torch.manual_seed(0)
+    # Large random embeddings: the frozen (tied) head can then score tokens apart, so adapters can learn.
+    hf_config = transformers.GPT2Config(
+        vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2, initializer_range=0.2
+    )
+    base = tmp_path / "base"
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(base)
+    run = tmp_path / "run"
+    overrides = tiny_train_overrides + [
+        f"init_from={base}",
+        "finetune=lora",
+        "optim.lr=1e-2",
+        "optim.min_lr=1e-2",
+        "optim.warmup_steps=0",
+        "trainer.max_steps=10",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=2",
+        "sample.max_new_tokens=0",
+    ]
+    with pytest.raises(SystemExit):  # Ctrl-C at step 4: a resumable checkpoint
+        train(compose_train(overrides), out_dir=run, extra_callbacks=[SignalAtStep(4)])
+    saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == 4
+    assert saved["state_dict"] and all(k.endswith((".lora_a", ".lora_b")) for k in saved["state_dict"])
+    assert saved["gptmini"]["lora"]["base"] == str(base) and saved["gptmini"]["lora"]["rank"] == 8
+    assert (run / "checkpoints" / "last.ckpt").stat().st_size < (
+        base / "model.safetensors"
+    ).stat().st_size / 10
+
+    with pytest.raises(GptMiniError, match=r"is a LoRA run's \(adapters only\) checkpoint, but this run has"):
+        train(compose_train(overrides + [f"ckpt_path={run}", "finetune=none"]), out_dir=run)
+    # The same command plus ckpt_path resumes it (init_from names the base the checkpoint was started from).
+    summary = train(compose_train(overrides + [f"ckpt_path={run}"]), out_dir=run)
+    assert summary["steps"] == 10
+    losses = train_losses(run)
+    assert max(losses[-3:]) < min(losses[:3]) - 0.1  # it learns (from 10.8 nats, a random base)
+
+    loaded = load_checkpoint(run)  # merged into the base
+    adapters = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    assert any(v.abs().sum() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+    idx = torch.randint(0, 50257, (1, 16))
+    export(str(run), tmp_path / "hf_out")
+    exported = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf_out").eval()
+    with torch.no_grad():
+        assert (exported(idx).logits - loaded.model(idx)[0]).abs().max() <= 1e-4
+    texts = generate_text(GenerateTextConfig(ckpt=str(run), prompt="alpha", max_new_tokens=5, device="cpu"))
+    assert texts and capsys.readouterr().out
+
+    base.rename(tmp_path / "moved")
+    with pytest.raises(
+        GptMiniError, match=r"is a LoRA checkpoint that holds only adapters, and its base .*base"
+    ):
+        load_checkpoint(run)
