@@ -1,17 +1,20 @@
-"""Decoding speed with and without the KV cache: greedy, random weights, on one device.
+"""Decoding speed without the KV cache, with it, and with the compiled one-token step: greedy, random weights.
 
     python bench/generate.py                      # default shape and GPT-2 small, on the best device
-    python bench/generate.py --device cpu --skip-gpt2
+    python bench/generate.py --device cpu --skip-gpt2 --threads auto
     python bench/generate.py --default-shape 4 4 128 128 4096   # n_layer n_head n_embd block_size vocab
 
-Prints a table, then one JSON line with every figure. Targets at 256 new tokens: the cache at least 5x
-faster for GPT-2 small and 3x for the default shape.
+The modes alternate over ``--repeats`` runs (medians are reported), so a shared machine's changing load
+hits them alike. Prints a table, then one JSON line with every figure. Targets at 256 new tokens: the cache
+at least 5x faster than recomputation for GPT-2 small and 3x for the default shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import time
 
@@ -21,6 +24,7 @@ from gptmini import GPT, GPTConfig
 from gptmini.common import pick_device
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.model.config import MODEL_SIZES
+from gptmini.threads import AUTO, apply_threads
 
 TARGETS = {"default": 3.0, "gpt2-small": 5.0}  # required speed-up of the cache
 
@@ -40,10 +44,20 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per run")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="random prompt length")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per setting (the best is kept)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per setting, cache and no cache alternating"
+    )
+    parser.add_argument(
+        "--threads",
+        default="0",
+        type=lambda v: v if v == AUTO else int(v),
+        help="CPU threads: a number, auto (timed on cached decoding, as generate.py does) or 0 (torch's)",
+    )
     parser.add_argument(
         "--skip-gpt2", action="store_true", help="only the default shape (GPT-2 is slow on CPU)"
+    )
+    parser.add_argument(
+        "--compile", default="on", choices=["on", "off"], help="also time the compiled decoding step"
     )
     return parser.parse_args()
 
@@ -55,48 +69,70 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def time_decode(model: GPT, prompt: torch.Tensor, new_tokens: int, use_cache: bool, repeats: int) -> float:
-    """Best tokens/s over ``repeats`` greedy runs, reading every token as the CLI does (one sync per step)."""
-    best, greedy = 0.0, SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
-    for _ in range(repeats):
-        synchronize(prompt.device)
-        start = time.perf_counter()
-        n = 0
-        for token in sample_tokens(model, prompt, greedy, use_cache=use_cache):
-            int(token)  # read each token as the CLI does: one device sync per step
-            n += 1
-        synchronize(prompt.device)
-        best = max(best, n / (time.perf_counter() - start))
-    return best
+# The decoding modes compared, by name: (use_cache, compile).
+MODES = {"cache": (True, False), "compiled": (True, True), "no_cache": (False, False)}
+
+
+def time_decode(model: GPT, prompt: torch.Tensor, new_tokens: int, mode: str) -> float:
+    """Tokens/s of one greedy run, reading every token as the CLI does (one device sync per step)."""
+    greedy = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
+    use_cache, compile = MODES[mode]
+    synchronize(prompt.device)
+    start = time.perf_counter()
+    n = 0
+    for token in sample_tokens(model, prompt, greedy, use_cache=use_cache, compile=compile):
+        int(token)
+        n += 1
+    synchronize(prompt.device)
+    return n / (time.perf_counter() - start)
 
 
 def bench_shape(name: str, config: GPTConfig, device: torch.device, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device=device)
-    time_decode(model, prompt, 8, True, 1)  # warm-up: kernels, allocator, lazy init
-    time_decode(model, prompt, 8, False, 1)
-    cached = time_decode(model, prompt, args.new_tokens, True, args.repeats)
-    uncached = time_decode(model, prompt, args.new_tokens, False, args.repeats)
+    modes = [m for m in MODES if args.compile == "on" or m != "compiled"]
+    # As generate.py: "auto" times cached decoding of this model with 1, 2, 4 ... threads (CPU only).
+    auto = args.threads == AUTO and device.type == "cpu"
+    probe = (lambda: time_decode(model, prompt, 16, "cache")) if auto else None
+    threads = apply_threads(None if args.threads in (0, AUTO) and not auto else args.threads, probe)
+    started = time.perf_counter()
+    for mode in modes:  # warm-up: kernels, allocator, lazy init; the compiled step compiles here
+        time_decode(model, prompt, 8, mode)
+        if mode == "compiled":
+            compile_s = time.perf_counter() - started
+        started = time.perf_counter()
+    # Alternate the modes, so a load that comes and goes on a shared machine hits them all alike.
+    runs = {mode: [] for mode in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            runs[mode].append(time_decode(model, prompt, args.new_tokens, mode))
+    tok_s = {mode: statistics.median(values) for mode, values in runs.items()}
+    cached, uncached = tok_s["cache"], tok_s["no_cache"]
+    compiled = tok_s.get("compiled")
     return {
         "model": name,
         "shape": f"{config.n_layer}L/{config.n_head}H/{config.n_embd}, block {config.block_size}, "
         f"vocab {config.vocab_size}",
         "params_M": round(model.num_params() / 1e6, 2),
+        "threads": threads.threads,
+        "threads_how": threads.how,
         "cache_tok_s": round(cached, 1),
         "no_cache_tok_s": round(uncached, 1),
         "speedup": round(cached / uncached, 2),
+        "compiled_tok_s": None if compiled is None else round(compiled, 1),
+        "compiled_speedup": None if compiled is None else round(compiled / uncached, 2),
+        "compile_s": round(compile_s, 1) if compiled is not None else None,
+        "runs_tok_s": {mode: [round(x, 1) for x in values] for mode, values in runs.items()},
         "target": TARGETS[name],
         "meets_target": cached / uncached >= TARGETS[name],
+        "compiled_meets_target": compiled is not None and compiled / uncached >= TARGETS[name],
     }
 
 
 def main() -> None:
     args = parse_args()
     device = pick_device(args.device)
-    if args.threads:
-        # On a shared CPU, fewer threads than cores avoids stalls in spin-waiting worker threads.
-        torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("high")
     n_layer, n_head, n_embd, block, vocab = args.default_shape
     shapes = {"default": GPTConfig(vocab, block, n_layer, n_head, n_embd)}
@@ -108,20 +144,32 @@ def main() -> None:
         print(f"... {name} done", file=sys.stderr, flush=True)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    threads = torch.get_num_threads()
+    load = [round(x, 2) for x in os.getloadavg()]
     print(
-        f"device: {card}, {threads} threads; {args.new_tokens} new tokens, {args.prompt_tokens}-token prompt"
+        f"device: {card}, threads {args.threads or 'default'}, load {load}; {args.new_tokens} new tokens, "
+        f"{args.prompt_tokens}-token prompt, median of {args.repeats} runs each"
     )
-    header = f"{'model':<11} {'shape':<36} {'params':>8} {'cache tok/s':>12} {'no cache':>10} {'speed-up':>9}"
+    header = (
+        f"{'model':<11} {'shape':<36} {'params':>8} {'threads':>7} {'no cache':>9} {'cache':>8} "
+        f"{'speed-up':>9} {'compiled':>9} {'speed-up':>9} {'compile s':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        verdict = "ok" if r["meets_target"] else f"< {r['target']}x"
+        verdict = "cache " + ("ok" if r["meets_target"] else f"< {r['target']}x")
+        if r["compiled_tok_s"] is not None:
+            verdict += ", compiled " + ("ok" if r["compiled_meets_target"] else f"< {r['target']}x")
+        compiled = "" if r["compiled_tok_s"] is None else (
+            f" {r['compiled_tok_s']:>9.1f} {r['compiled_speedup']:>8.2f}x {r['compile_s']:>9.1f}"
+        )  # fmt: skip
         print(
-            f"{r['model']:<11} {r['shape']:<36} {r['params_M']:>7.2f}M {r['cache_tok_s']:>12.1f} "
-            f"{r['no_cache_tok_s']:>10.1f} {r['speedup']:>8.2f}x {verdict}"
+            f"{r['model']:<11} {r['shape']:<36} {r['params_M']:>7.2f}M {r['threads']:>7} "
+            f"{r['no_cache_tok_s']:>9.1f} {r['cache_tok_s']:>8.1f} {r['speedup']:>8.2f}x{compiled}  {verdict}"
         )
-    summary = {"device": str(device), "threads": torch.get_num_threads(), "new_tokens": args.new_tokens}
+    summary = {
+        "bench": "generate", "device": card, "threads": args.threads or "default", "load_avg": load,
+        "new_tokens": args.new_tokens, "repeats": args.repeats,
+    }  # fmt: skip
     print(json.dumps({**summary, "results": rows}))
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark session in one command: attention kernels, the GPT-2 small training step (Lightning and a
-# plain loop, compile on/off, three batch sizes, SDPA backends, the chunked loss) and KV-cache decoding.
+# plain loop, compile on/off, two batch sizes, a kernel profile, SDPA backends, the chunked loss) and KV-cache
+# decoding.
 #
 #   bash bench/gpu.sh            # on one H100/H200: about 6 minutes, at most 8 (each bench has a deadline)
 #   bash bench/gpu.sh --small    # tiny sizes on a CPU in a couple of minutes (automatic without a GPU)
@@ -15,7 +16,7 @@ OUT_DIR=${OUT:-/tmp/gptmini-bench}
 mkdir -p "$OUT_DIR"
 rm -f "$OUT_DIR"/*.json  # this run's results only
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_BENCH_SECONDS:-460}))  # leaves a margin under 8 minutes
+DEADLINE=$((START + ${GPU_BENCH_SECONDS:-450}))  # leaves a margin under 8 minutes
 
 SMALL=0
 [ "${1:-}" = "--small" ] && SMALL=1
@@ -68,22 +69,27 @@ if [ $SMALL = 1 ]; then
         --compile off --steps 2 --warmup 1 --loops plain --sdpa-backend math
     run train_standard_loss 120 $PY bench/train.py --gpt2 --small --device cpu --threads 1 --batches 1 \
         --compile off --steps 2 --warmup 1 --loops plain --loss standard
+    run profile_step 60 $PY bench/profile_step.py --small --device cpu --compile off --steps 1 \
+        --profile-steps 1 --top 5
     run generate 120 $PY bench/generate.py --device cpu --skip-gpt2 --default-shape 2 2 64 64 256 \
-        --new-tokens 16 --prompt-tokens 4
+        --new-tokens 16 --prompt-tokens 4 --repeats 1 --compile off
 else
-    # Headline first: GPT-2 small, Lightning vs plain, compiled and eager, largest batch first.
-    run train_gpt2 300 $PY bench/train.py --gpt2 --batches 32,16,8 --compile both --time-budget 220
-    run attention 60 $PY bench/attention.py
+    # Headline first: GPT-2 small at B=32 (nanoGPT's reference batch), Lightning vs plain, compiled and eager;
+    # then B=16 if time allows.
+    run train_gpt2 240 $PY bench/train.py --gpt2 --batches 32,16 --compile both --time-budget 150
+    # Where the compiled B=32 step spends its time (kernel table and shares by kind).
+    run profile_step 90 $PY bench/profile_step.py --batch 32 --compile on
+    # The standard loss (forward's full logits) against the chunked one train.py uses (the rows above):
+    # time and peak memory at B=32, compiled.
+    run train_standard_loss 90 $PY bench/train.py --gpt2 --batches 32 --compile on --loops plain \
+        --loss standard --steps 20
     # SDPA backends forced one at a time (plain loop, eager, B=16): which kernel Hopper should use.
-    for backend in flash cudnn efficient; do
-        run "train_sdpa_$backend" 40 $PY bench/train.py --gpt2 --batches 16 --compile off --loops plain \
+    for backend in cudnn flash; do
+        run "train_sdpa_$backend" 30 $PY bench/train.py --gpt2 --batches 16 --compile off --loops plain \
             --sdpa-backend "$backend" --steps 20
     done
-    # The standard loss (forward's full logits) against the chunked one train.py uses (the rows above):
-    # time and peak memory at B=32.
-    run train_standard_loss 120 $PY bench/train.py --gpt2 --batches 32 --compile both --loops plain \
-        --loss standard --steps 20
-    run generate 60 $PY bench/generate.py --device cuda
+    run generate 45 $PY bench/generate.py --device cuda --repeats 3
+    run attention 45 $PY bench/attention.py
     if [ "${GPU_BENCH_AUTOTUNE:-0}" = 1 ]; then
         run train_autotune 400 $PY bench/train.py --gpt2 --batches 32 --compile on --loops plain \
             --compile-mode max-autotune-no-cudagraphs

@@ -33,12 +33,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmini import GPT
 from gptmini.common import pick_device
+from gptmini.threads import AUTO, apply_threads
 from gptmini.training import run, settings
 from gptmini.training.callbacks import LossHistory, StopAtMaxSteps, Throughput
 from gptmini.training.config import compose_config
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer
-from gptmini.training.perf import mfu, peak_flops
+from gptmini.training.perf import mfu, peak_flops, training_step_probe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = {"cpu_default": (15, 3), "nanogpt_cpu": (60, 10), "gpt2": (30, 5), "smoke": (3, 1)}  # steps, warmup
@@ -162,9 +163,13 @@ def train_config(overrides: list[str], args: argparse.Namespace, device: torch.d
 def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
     """One (setting, loop) run in this process; returns its figures."""
     device = pick_device(args.device)
-    settings.apply_threads(args.threads or None)  # on a shared CPU, fewer threads than cores can be faster
     cfg = train_config(overrides, args, device)
     model_config = settings.model_config_from(cfg, cfg.model.vocab_size)
+    # As train.py: "auto" times this setting's own step with 1, 2, 4 ... threads on a CPU.
+    auto = args.threads == AUTO and device.type == "cpu"
+    precision = settings.resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    probe = training_step_probe(GPT(model_config), cfg.data.batch_size, precision) if auto else None
+    threads = apply_threads(None if args.threads in (0, AUTO) and not auto else args.threads, probe)
     torch.manual_seed(cfg.seed)
     batches = RandomBatches(model_config.vocab_size, cfg.data.batch_size, model_config.block_size)
     # As TextDataModule.train_dataloader: whole batches, the main process, pinned memory on CUDA.
@@ -177,7 +182,8 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
         targs = settings.trainer_arguments(cfg, Path(run_dir))  # training steps only: no validation/summary
         targs.update(max_steps=args.warmup + args.steps, limit_val_batches=0, enable_model_summary=False)
         run_loop = run_plain if loop == "plain" else run_lightning
-        model = run_loop(cfg, targs, model_config, OptimConfig(**cfg.optim), loader, clock, device, args.loss)
+        loss = settings.resolve_loss(args.loss, cfg.trainer.accelerator)
+        model = run_loop(cfg, targs, model_config, OptimConfig(**cfg.optim), loader, clock, device, loss)
 
     step_ms = clock.step_ms(args.warmup)  # the timed steps, after the warmup
     tokens = cfg.data.batch_size * model_config.block_size
@@ -192,6 +198,7 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
         "mfu": mfu(model.flops_per_token(model_config.block_size), tokens_per_s, peak),
         "first_step_s": clock.step_ms()[0] / 1000,  # compile, allocator and kernel selection
         "precision": targs["precision"], "n_params": model.num_params(), "peak_mem_mb": peak_mb,
+        "threads": threads.threads, "threads_how": threads.how,
     }  # fmt: skip
 
 
@@ -217,6 +224,8 @@ def summarise(runs: list[dict]) -> dict:
         "tokens_per_s_median": tokens / statistics.median(steps) * 1000,
         "mfu": statistics.fmean(mfus) if mfus else None, "first_step_s": max(r["first_step_s"] for r in runs),
         "peak_mem_mb": max(r["peak_mem_mb"] for r in runs), "precision": runs[0]["precision"],
+        # Each run's own thread count ("1,2" when auto chose differently between rounds).
+        "threads": ",".join(str(n) for n in sorted({r["threads"] for r in runs})),
         "n_params": runs[0]["n_params"],
     }  # fmt: skip
 
@@ -226,7 +235,7 @@ def machine(threads: int) -> dict:
     cpus = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     return {
         "torch": torch.__version__, "python": platform.python_version(), "lightning": L.__version__,
-        "threads": threads or torch.get_num_threads(),  # the runs' threads (set in each child process)
+        "threads": threads or torch.get_num_threads(),  # asked for; each run's own is in its row
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else (cpus or ["cpu"])[0],
         "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
@@ -237,6 +246,7 @@ COLUMNS = [
     ("ms/step", "ms_per_step_median", 8, ".1f"), ("mean", "ms_per_step_mean", 8, ".1f"),
     ("p10", "ms_per_step_p10", 8, ".1f"), ("tokens/s", "tokens_per_s", 10, ",.0f"), ("MFU", "mfu", 6, ".1%"),
     ("peak MB", "peak_mem_mb", 8, ".0f"), ("1st step s", "first_step_s", 10, ".2f"),
+    ("threads", "threads", 7, "s"),
 ]  # fmt: skip
 
 
@@ -265,14 +275,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--warmup", type=int, help="untimed steps first (default depends on the mode)")
     add("--rounds", type=int, help="alternating runs per loop (default 4 on a CPU, 1 on a GPU)")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1")
-    add("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    add("--threads", default="0", type=lambda v: v if v == AUTO else int(v),
+        help="CPU threads: a number, auto (timed per setting, as train.py does) or 0 (torch's default)")
     add("--batches", default="8,16,32", help="--gpt2 batch sizes (comma-separated)")
     add("--compile", default="both", choices=["both", "on", "off"], help="--gpt2 compile")
     add("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",
         "max-autotune-no-cudagraphs"])  # fmt: skip
     add("--sdpa-backend", default="auto", choices=["auto", "flash", "efficient", "cudnn", "math"])
-    add("--loss", default="chunked", choices=["standard", "chunked"],
-        help="chunked: GPT.loss, as train.py's step; standard: forward()'s full logits")  # fmt: skip
+    add("--loss", default="auto", choices=["auto", "standard", "chunked"],
+        help="auto: as train.py (standard on a GPU, chunked else); chunked: GPT.loss; standard: forward()'s "
+        "full logits")  # fmt: skip
     add("--loops", default="plain,lightning", help="which loops to run (comma-separated)")
     add("--progress-bar", action="store_true", help="keep the Rich progress bar (Lightning)")
     add("--override", action="append", default=[], help="an extra Hydra override (repeatable)")

@@ -117,10 +117,15 @@ def test_attention_bench_smallest():
 def test_generate_bench_smallest():
     summary = run_script(
         sys.executable, "bench/generate.py", "--device", "cpu", "--skip-gpt2", "--default-shape", "2", "2",
-        "32", "32", "128", "--new-tokens", "4", "--prompt-tokens", "2",
+        "32", "32", "128", "--new-tokens", "4", "--prompt-tokens", "2", "--repeats", "2", "--compile", "off",
+        "--threads", "auto",
     )  # fmt: skip
-    assert {"device", "new_tokens", "results"} <= set(summary)
-    assert {"cache_tok_s", "no_cache_tok_s", "speedup"} <= set(summary["results"][0])
+    assert {"device", "new_tokens", "results", "load_avg"} <= set(summary)
+    row = summary["results"][0]
+    assert {"cache_tok_s", "no_cache_tok_s", "speedup"} <= set(row)
+    assert row["threads_how"] == "auto" and row["threads"] >= 1  # the count it ran with is reported
+    assert len(row["runs_tok_s"]["cache"]) == len(row["runs_tok_s"]["no_cache"]) == 2
+    assert row["compiled_tok_s"] is None  # --compile off
 
 
 @pytest.mark.slow
@@ -129,7 +134,8 @@ def test_gpu_script_small_mode(tmp_path):
     summary = run_script("bash", "bench/gpu.sh", "--small", env={"OUT": str(tmp_path)}, timeout=900)
     assert summary["bench"] == "gpu" and summary["small"] is True
     results = summary["results"]
-    assert {"attention", "train_gpt2", "train_sdpa_math", "train_standard_loss", "generate"} <= set(results)
+    expected = {"attention", "train_gpt2", "train_sdpa_math", "train_standard_loss", "profile_step", "generate"}
+    assert expected <= set(results)
     failed = {name: r for name, r in results.items() if "error" in r or "skipped" in r}
     assert not failed, failed
     check_train_summary(results["train_gpt2"])

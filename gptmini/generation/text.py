@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -26,8 +26,9 @@ from gptmini.common import GptMiniError, as_config, pick_device
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
 from gptmini.generation.prompt import encode_prompt, read_prompt
-from gptmini.generation.sampling import SamplingOptions, sample_tokens
+from gptmini.generation.sampling import SamplingOptions, decode_probe, sample_tokens
 from gptmini.generation.streaming import StopFilter, StreamDecoder
+from gptmini.threads import AUTO, apply_threads, check_threads_setting
 
 SCHEMA_NAME = "generate_schema"
 
@@ -41,7 +42,9 @@ class GenerateTextConfig(SamplingOptions):
     """
 
     ckpt: str = "latest"
-    """A .ckpt file, a run directory (its checkpoints/last.ckpt), or ``latest`` (newest under outputs/)."""
+    """A .ckpt file, a run directory (its checkpoints/last.ckpt), ``latest`` (newest under outputs/), a GPT-2
+    name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; from the Hugging Face cache) or a Hugging Face folder. A
+    LoRA checkpoint is merged into its base."""
     prompt: str = ""
     """The text to continue; ``@file.txt`` reads a file, ``-`` reads stdin, empty starts a new document."""
     stop: list[str] = field(default_factory=list)
@@ -56,6 +59,12 @@ class GenerateTextConfig(SamplingOptions):
     """Print text as it is produced (false: print each sample when it is complete)."""
     use_cache: bool = True
     """Decode with the KV cache; false recomputes the whole context for every token (slow, for checking)."""
+    compile: bool = False
+    """Compile the one-token decoding step (torch.compile; CUDA graphs on a GPU). Compiling takes seconds to
+    a minute once; each token then costs less. Worth it for long texts, many samples or interactive use."""
+    threads: Any = "auto"
+    """CPU threads: auto (time a few decoding steps with 1, 2, 4 … threads and keep the fastest), a number,
+    or null (torch's default: one per core). A busy CPU can make torch's default many times slower."""
     interactive: bool = False
     """Ask for prompts in a loop, keeping the model loaded; an empty line or Ctrl-D quits."""
     attention_plot: Optional[str] = None  # noqa: UP045
@@ -64,6 +73,7 @@ class GenerateTextConfig(SamplingOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_threads_setting(self.threads)
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise GptMiniError(f"num_samples must be >= 1, got {self.num_samples}. Try num_samples=1.")
 
@@ -99,6 +109,9 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
     model = _cacheable(loaded.model) if cfg.use_cache else loaded.model
     step = f"step {loaded.global_step}, " if loaded.global_step is not None else ""
     info(f"loaded {loaded.path} ({step}{model.num_params() / 1e6:.2f}M parameters) on {device}")
+    if device.type == "cpu":  # on a GPU the CPU threads barely matter
+        probe = decode_probe(model) if cfg.threads == AUTO else None
+        info(apply_threads(cfg.threads, probe).describe())
     generator = torch.Generator(device=device)
     if cfg.seed is None:
         generator.seed()
@@ -189,6 +202,7 @@ class _Session:
             prompt_ids,
             cfg,  # the config is a SamplingOptions: passed whole
             use_cache=cfg.use_cache,
+            compile=cfg.compile and cfg.use_cache,
             generator=self.generator,
             eot_id=self.eot_id,
             vocab_limit=self.enc.n_vocab,  # a padded model vocabulary must not yield undecodable ids

@@ -1,0 +1,127 @@
+"""How many CPU threads torch should use, decided by timing (``threads=auto``), not by counting cores.
+
+torch starts with one thread per core. On a quiet machine that is right; on a busy one (a browser, another
+training job on the same two cores) its worker threads spin-wait for each other and a step can take several
+times longer than with fewer threads. Core counts cannot tell the two cases apart, a stopwatch can:
+``choose_threads`` runs the caller's own step (a training step, a decoding step) a few times with each
+candidate count and keeps the fastest.
+
+Used by training and generation; imports only torch and ``gptmini.common``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from gptmini.common import GptMiniError
+
+AUTO = "auto"
+
+
+@dataclass
+class ThreadChoice:
+    """The thread count in use and how it was decided."""
+
+    threads: int
+    how: str
+    """"auto" (timed), "set" (the config named it), "default" (torch's), or "checkpoint" (a resumed run's)."""
+    step_ms: dict[int, float] = field(default_factory=dict)
+    """Median milliseconds of the timed step per candidate thread count (``how == "auto"`` only)."""
+
+    def describe(self) -> str:
+        """One line for the run's log, e.g. ``threads=auto: 1 (1: 41 ms/step, 2: 95 ms/step)``."""
+        if self.how != "auto":
+            return f"threads: {self.threads} ({self.how})"
+        timings = ", ".join(f"{n}: {ms:.1f} ms" for n, ms in sorted(self.step_ms.items()))
+        return f"threads=auto: {self.threads} (timed per step: {timings})"
+
+    def as_dict(self) -> dict:
+        """For summary.json."""
+        step_ms = {str(n): ms for n, ms in self.step_ms.items()}  # JSON keys are strings
+        return {"threads": self.threads, "how": self.how, "step_ms": step_ms}
+
+
+def check_threads_setting(value, key: str = "threads") -> None:
+    """``auto``, null (torch's default) or a positive whole number; anything else is one line."""
+    if value is None or value == AUTO:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GptMiniError(
+            f"{key}={value!r} must be auto (timed), null (torch's default) or a whole number >= 1; "
+            f"try {key}=auto."
+        )
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def thread_candidates(cores: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to ``cores``, and ``cores`` itself: few enough to time in a second or two."""
+    cores = available_cores() if cores is None else cores
+    candidates, n = [], 1
+    while n < cores:
+        candidates.append(n)
+        n *= 2
+    return [*candidates, cores]
+
+
+def time_step(step: Callable[[], object], threads: int, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of ``step()`` with ``threads`` threads, after ``warmup`` untimed calls."""
+    torch.set_num_threads(threads)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def choose_threads(
+    step: Callable[[], object], candidates: list[int] | None = None, repeats: int = 3
+) -> ThreadChoice:
+    """Time ``step`` with each candidate count, set torch to the fastest and return the choice.
+
+    ``step`` must be the work that will follow (same model, same shapes): its own speed is what is compared.
+    Candidates are timed in two interleaved passes, so a load that comes and goes during the measurement
+    hits them all alike; each count keeps its faster pass.
+    """
+    candidates = thread_candidates() if candidates is None else candidates
+    if len(candidates) == 1:
+        torch.set_num_threads(candidates[0])
+        return ThreadChoice(candidates[0], "auto", {})
+    seconds: dict[int, float] = {}
+    for _ in range(2):
+        for n in candidates:
+            measured = time_step(step, n, repeats)
+            seconds[n] = min(seconds.get(n, measured), measured)
+    best = min(candidates, key=lambda n: seconds[n])
+    torch.set_num_threads(best)
+    return ThreadChoice(best, "auto", {n: round(s * 1000, 2) for n, s in seconds.items()})
+
+
+def apply_threads(setting, probe: Callable[[], object] | None = None) -> ThreadChoice:
+    """Apply ``threads=<n> | null | auto``; ``auto`` times ``probe`` (on a CPU) to choose the count.
+
+    Without a probe (e.g. the model runs on a GPU, where torch's CPU threads barely matter), ``auto`` keeps
+    torch's default.
+    """
+    check_threads_setting(setting)
+    if isinstance(setting, int):
+        torch.set_num_threads(setting)
+        return ThreadChoice(setting, "set")
+    if setting == AUTO and probe is not None:
+        return choose_threads(probe)
+    return ThreadChoice(torch.get_num_threads(), "default")
