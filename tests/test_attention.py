@@ -16,15 +16,18 @@ from gptmini.model.attention import (
     CausalAttention,
     CausalSelfAttention,
     CompactMultiHeadAttention,
+    GroupedQueryAttention,
     KVCache,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention,
     SelfAttentionV1,
     StackedHeadsAttention,
+    apply_rope,
+    rope_tables,
     simplified_self_attention,
 )
-from gptmini.model.walkthrough import chapter3_numbers, fused_from_stacked_heads, main
+from gptmini.model.walkthrough import chapter3_numbers, fused_from_stacked_heads, gqa_numbers, main
 
 KINDS = list(ATTENTION_CLASSES)
 
@@ -376,3 +379,126 @@ def test_walkthrough_module_runs_as_a_script():
     )
     for text in _book_strings():
         assert text in result.stdout, text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grouped-query attention (the rung after multi-head attention) and the switches beyond GPT-2
+# ---------------------------------------------------------------------------------------------------------
+
+SWITCHES = [
+    {"n_kv_head": 2},
+    {"n_kv_head": 1},
+    {"rope_base": 10000.0},
+    {"qk_norm": True},
+    {"n_kv_head": 2, "rope_base": 100.0, "qk_norm": True},
+]
+
+
+def test_gqa_with_as_many_groups_as_heads_is_multi_head_attention():
+    torch.manual_seed(0)
+    mha = CompactMultiHeadAttention(6, 8, 10, 0.0, num_heads=4, qkv_bias=True).eval()
+    gqa = GroupedQueryAttention(6, 8, 10, 0.0, num_heads=4, num_kv_groups=4, qkv_bias=True).eval()
+    gqa.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 10, 6)
+    torch.testing.assert_close(gqa(x), mha(x))
+
+
+def test_gqa_equals_multi_head_attention_with_each_groups_keys_repeated():
+    """A query head of group g reads key/value head g: MHA whose heads copy their group's keys and values."""
+    torch.manual_seed(0)
+    gqa = GroupedQueryAttention(6, 8, 10, 0.0, num_heads=4, num_kv_groups=2).eval()
+    mha = CompactMultiHeadAttention(6, 8, 10, 0.0, num_heads=4).eval()
+    state = gqa.state_dict()
+    for name in ("W_key.weight", "W_value.weight"):  # (2 groups · 2, 6) -> (4 heads · 2, 6): groups 0,0,1,1
+        state[name] = state[name].view(2, 2, 6).repeat_interleave(2, dim=0).reshape(8, 6)
+    mha.load_state_dict(state)
+    x = torch.randn(2, 10, 6)
+    torch.testing.assert_close(gqa(x), mha(x))
+    assert gqa.kv_cache_floats_per_token() * 2 == 2 * 8  # half the cache of 4 key/value heads
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gqa_rung_is_causal(groups):
+    torch.manual_seed(0)
+    module = GroupedQueryAttention(6, 8, 16, 0.0, num_heads=4, num_kv_groups=groups)
+    _assert_causal(module, torch.randn(2, 12, 6), t=4)
+
+
+def test_gqa_rung_bad_group_count():
+    with pytest.raises(GptMiniError, match="num_heads by num_kv_groups=3"):
+        GroupedQueryAttention(6, 8, 16, 0.0, num_heads=4, num_kv_groups=3)
+
+
+def test_walkthrough_shows_the_gqa_rung(capsys):
+    numbers = gqa_numbers()
+    torch.testing.assert_close(numbers["gqa_2_groups_row1"], chapter3_numbers()["compact_row1"])
+    assert (numbers["cache_floats_mha"], numbers["cache_floats_mqa"]) == (4, 2)
+    main()
+    printed = capsys.readouterr().out
+    assert "5. Grouped-query attention" in printed
+    assert "[" + ", ".join(f"{v:.4f}" for v in numbers["gqa_1_group_row1"].tolist()) + "]" in printed
+
+
+@pytest.mark.parametrize("kind", ["mha", "sdpa"])
+@pytest.mark.parametrize("switches", SWITCHES, ids=str)
+def test_every_switch_keeps_attention_causal(kind, switches):
+    torch.manual_seed(0)
+    module = ATTENTION_CLASSES[kind](32, 4, 16, 0.0, True, **switches)
+    _assert_causal(module, torch.randn(2, 12, 32), t=5)
+    weights = module.attention_weights(torch.randn(2, 7, 32))
+    assert weights.shape == (2, 4, 7, 7)
+    assert torch.all(weights.triu(diagonal=1) == 0)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=str)
+def test_sdpa_and_explicit_attention_agree_with_every_switch(switches):
+    torch.manual_seed(0)
+    sdpa = CausalSelfAttention(32, 4, 16, 0.0, True, **switches).eval()
+    mha = MultiHeadAttention(32, 4, 16, 0.0, True, **switches).eval()
+    mha.load_state_dict(sdpa.state_dict())
+    x = torch.randn(2, 12, 32)
+    torch.testing.assert_close(sdpa(x), mha(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("switches", SWITCHES, ids=str)
+def test_kv_cache_matches_full_forward_with_every_switch(switches):
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(32, 4, 16, 0.0, True, **switches).eval()
+    x = torch.randn(2, 12, 32)
+    cache = KVCache(1, 2, 4, 16, 8, n_kv_head=attn.n_kv_head)
+    outputs = []
+    with torch.no_grad():
+        expected = attn(x)
+        for lo, hi in [(0, 5), (5, 8), (8, 9), (9, 10), (10, 12)]:
+            outputs.append(attn(x[:, lo:hi], kv_cache=cache.layer(0)))
+            cache.length = hi
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_holds_only_the_key_value_heads():
+    mha, gqa = KVCache(2, 3, 4, 16, 8), KVCache(2, 3, 4, 16, 8, n_kv_head=1)
+    assert mha.keys[0].shape == (3, 4, 16, 8) and gqa.keys[0].shape == (3, 1, 16, 8)
+    assert gqa.nbytes * 4 == mha.nbytes == 2 * 2 * 3 * 4 * 16 * 8 * 4
+
+
+def test_rope_scores_depend_on_relative_position_only():
+    """q·k after RoPE at positions (p, p') equals the same q·k at (p + s, p' + s)."""
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 32, 10000.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(p: int, p2: int) -> torch.Tensor:
+        return (
+            apply_rope(q, cos[p : p + 1], sin[p : p + 1]) * apply_rope(k, cos[p2 : p2 + 1], sin[p2 : p2 + 1])
+        ).sum()
+
+    torch.testing.assert_close(score(5, 2), score(20, 17))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    torch.testing.assert_close(apply_rope(q, cos[:1], sin[:1]), q)  # position 0 is not rotated
+
+
+def test_stacked_heads_refuse_the_switches():
+    with pytest.raises(GptMiniError, match="attention='heads' has GPT-2's attention only"):
+        MultiHeadAttentionWrapper(32, 4, 16, 0.0, True, n_kv_head=2)
+    with pytest.raises(GptMiniError, match="n_head=4 is not divisible by n_kv_head=3"):
+        CausalSelfAttention(32, 4, 16, n_kv_head=3)

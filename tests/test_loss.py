@@ -49,3 +49,24 @@ def test_chunked_loss_without_grad_and_under_bf16_autocast():
     torch.testing.assert_close(loss, expected_bf16.float(), atol=2e-2, rtol=1e-2)
     loss.backward()
     assert model.wte.weight.grad.dtype == torch.float32
+
+
+def test_chunked_loss_with_logit_softcap_matches_forward():
+    """The cap c·tanh(z/c) is applied inside the chunks too, with its derivative in the gradients."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, logit_softcap=2.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits large enough that the cap bends them
+    twin = copy.deepcopy(model)
+    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    logits, expected = model(idx, targets)
+    assert logits.abs().max() <= 2.0
+    expected.backward()
+    loss = twin.loss(idx, targets, chunk_rows=5)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, msg=name)
+    uncapped = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    uncapped.load_state_dict(model.state_dict())
+    assert not torch.allclose(uncapped(idx, targets)[1], expected)  # the cap changed the loss

@@ -10,11 +10,14 @@ order of building weights, so the book's seeds give the book's numbers; ``# new 
 4. Multi-head as the book writes it: ``StackedHeadsAttention`` (the book's ``MultiHeadAttentionWrapper``)
    concatenates causal heads; ``CompactMultiHeadAttention`` (the book's ``MultiHeadAttention``) splits one
    projection per query/key/value into heads by reshaping and mixes them with ``out_proj``.
-5. The model's classes, by name in ``ATTENTION_CLASSES``: ``MultiHeadAttentionWrapper`` ("heads"),
+5. ``GroupedQueryAttention``: several query heads share one key/value head, so a KV cache holds fewer heads.
+6. The model's classes, by name in ``ATTENTION_CLASSES``: ``MultiHeadAttentionWrapper`` ("heads"),
    ``MultiHeadAttention`` ("mha") and ``CausalSelfAttention`` ("sdpa": PyTorch's fused kernel, a KV cache).
    They share ONE weight layout -- ``qkv`` (3·n_embd, n_embd), ``proj`` (n_embd, n_embd) -- and one
    constructor ``(n_embd, n_head, block_size, dropout, bias)``: n_embd = d_in = d_out, n_head = num_heads,
    block_size = context_length, bias = qkv_bias (and proj's bias). A state_dict loads into each of them.
+   "mha" and "sdpa" also take the switches beyond GPT-2 as keywords: ``n_kv_head`` (grouped-query keys and
+   values; ``qkv`` then has n_embd + 2·n_kv_head·hs rows), ``rope_base`` (rotary positions) and ``qk_norm``.
 
 ``python -m gptmini.model.walkthrough`` runs the worked example with the book's numbers.
 """
@@ -188,8 +191,90 @@ class CompactMultiHeadAttention(CausalAttention):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. The model-facing multi-head attention: one weight layout, three ways to compute it
+# 5. Grouped-query attention: fewer key/value heads than query heads
 # ---------------------------------------------------------------------------------------------------------
+
+
+class GroupedQueryAttention(nn.Module):
+    """``CompactMultiHeadAttention`` with ``num_kv_groups`` key/value heads shared by ``num_heads`` queries.
+
+    Why: when a model generates, it keeps every past token's keys and values (the KV cache) and reads all of
+    them for each new token. Decoding is bound by that memory traffic more than by arithmetic. Query heads
+    in a group of num_heads // num_kv_groups share one key head and one value head, so the cache, and the
+    bytes read per generated token, shrink by that factor; the queries keep their full variety. One group is
+    multi-query attention (MQA); num_kv_groups = num_heads is multi-head attention again, and then this
+    module computes exactly what ``CompactMultiHeadAttention`` does with the same weights.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_out: int,
+        context_length: int,
+        dropout: float,
+        num_heads: int,
+        num_kv_groups: int,
+        qkv_bias=False,
+    ):
+        super().__init__()
+        if d_out % num_heads != 0 or num_heads % num_kv_groups != 0:
+            raise GptMiniError(
+                f"d_out={d_out} must be divisible by num_heads={num_heads}, and num_heads by "
+                f"num_kv_groups={num_kv_groups}"
+            )
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.num_kv_groups, self.group_size = num_kv_groups, num_heads // num_kv_groups
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        # new here: keys and values are only num_kv_groups heads wide
+        self.W_key = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, num_kv_groups * self.head_dim, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
+        self.out_proj = nn.Linear(d_out, d_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map (B, T, d_in) to (B, T, d_out)."""
+        B, T, _ = x.shape
+        queries = self.W_query(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        kv_shape = (B, T, self.num_kv_groups, self.head_dim)
+        keys = self.W_key(x).view(kv_shape).transpose(1, 2)  # (B, ng, T, hd)
+        values = self.W_value(x).view(kv_shape).transpose(1, 2)  # (B, ng, T, hd)
+        # new here: each key/value head serves group_size consecutive query heads (query head h uses group
+        # h // group_size); repeating them lines the groups up with the queries for one batched matmul.
+        keys = keys.repeat_interleave(self.group_size, dim=1)  # (B, nh, T, hd)
+        values = values.repeat_interleave(self.group_size, dim=1)  # (B, nh, T, hd)
+        scores = queries @ keys.transpose(2, 3)  # (B, nh, T, T)
+        scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
+        weights = self.dropout(torch.softmax(scores / math.sqrt(self.head_dim), dim=-1))
+        context = (weights @ values).transpose(1, 2).contiguous().view(B, T, self.d_out)  # (B, T, d_out)
+        return self.out_proj(context)
+
+    def kv_cache_floats_per_token(self) -> int:
+        """Numbers a KV cache keeps per token: keys and values of num_kv_groups heads (num_heads in MHA)."""
+        return 2 * self.num_kv_groups * self.head_dim
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The model-facing multi-head attention: one weight layout, three ways to compute it
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rope_tables(head_size: int, length: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of the rotary angles, each (length, head_size // 2): position p, pair i: p·base^(-2i/hs)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)  # (hs/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (length, hs/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate feature pairs (i, i + hs/2) of x (B, h, T, hs) by each position's angles, cos/sin (T, hs/2).
+
+    A rotation by an angle proportional to the position makes the query·key product depend on the two
+    positions only through their difference: attention sees relative positions, and no learned table caps
+    the length.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hs/2) each
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, h, T, hs)
 
 
 class _FusedMultiHead(nn.Module):
@@ -199,30 +284,72 @@ class _FusedMultiHead(nn.Module):
     features h·hs to (h+1)·hs where hs = n_embd // n_head. ``proj`` mixes the concatenated heads.
     """
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        block_size: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        n_kv_head: int | None = None,
+        rope_base: float | None = None,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         if n_embd % n_head != 0:
             raise GptMiniError(
                 f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head that divides n_embd"
             )
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_head % n_kv_head != 0:
+            raise GptMiniError(f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}")
         self.n_embd = n_embd
         self.n_head = n_head
+        self.n_kv_head = n_kv_head
         self.head_size = n_embd // n_head
+        self.kv_size = n_kv_head * self.head_size  # features of all key (or value) heads together
         self.block_size = block_size
         self.dropout = dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.qk_norm = qk_norm
+        self.rope = rope_base is not None
+        self.qkv = nn.Linear(n_embd, n_embd + 2 * self.kv_size, bias=bias)  # [queries | keys | values]
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
+        if self.rope:
+            if self.head_size % 2:
+                raise GptMiniError(f"RoPE needs an even head size, got {self.head_size}")
+            # Rebuilt from the config, so not saved: checkpoints hold weights only.
+            cos, sin = rope_tables(self.head_size, block_size, rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs/2)
 
-    def _heads_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Project (B, T, C) once and split into per-head queries, keys, values, each (B, nh, T, hs)."""
+    def _heads_qkv(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """Project (B, T, C) once and split into per-head queries (B, nh, T, hs) and keys, values
+        (B, n_kv_head, T, hs); ``start`` is the position of the first token (for RoPE)."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(self.n_embd, dim=2)  # (B, T, C) each
+        q, k, v = self.qkv(x).split([self.n_embd, self.kv_size, self.kv_size], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            # Unit RMS per head: the query·key logits can no longer grow without bound as weights grow.
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
+        if self.rope:
+            if isinstance(start, Tensor):  # a decoding step's position, as a tensor (see GPT.decode_step)
+                cos, sin = (table.index_select(0, start.view(1)) for table in (self.rope_cos, self.rope_sin))
+            else:
+                cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs/2)
+            cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # under autocast q may be bf16
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
+
+    def _repeat_kv(self, k: Tensor) -> Tensor:
+        """(B, nkv, T, hs) to (B, nh, T, hs): query head h reads key/value head h // (nh // nkv)."""
+        if self.n_kv_head == self.n_head:
+            return k
+        return k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
 
     def _merge_heads(self, y: Tensor) -> Tensor:
         """(B, nh, T, hs) back to (B, T, C), then the output projection and residual dropout."""
@@ -239,8 +366,8 @@ class _FusedMultiHead(nn.Module):
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """Softmax attention weights (B, nh, T, T), computed explicitly and before dropout: attention maps."""
-        q, k, _ = self._heads_qkv(x)  # (B, nh, T, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, nh, T, T)
+        q, k, _ = self._heads_qkv(x)  # (B, nh, T, hs), (B, nkv, T, hs)
+        scores = q @ self._repeat_kv(k).transpose(-2, -1) / math.sqrt(self.head_size)  # (B, nh, T, T)
         scores = scores.masked_fill(causal_mask(x.size(1), x.device), float("-inf"))
         return torch.softmax(scores, dim=-1)
 
@@ -253,7 +380,15 @@ class MultiHeadAttentionWrapper(_FusedMultiHead):
     the walkthrough loads the book's heads into it). Slow on purpose: n_head small matmuls instead of one.
     """
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
+    def __init__(
+        self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True, **switches
+    ):
+        grouped = switches.get("n_kv_head") not in (None, n_head)
+        if grouped or switches.get("rope_base") is not None or switches.get("qk_norm"):
+            raise GptMiniError(
+                "attention='heads' has GPT-2's attention only; use 'mha' or 'sdpa' for n_kv_head, "
+                "RoPE or qk_norm"
+            )
         super().__init__(n_embd, n_head, block_size, dropout, bias)
         self.register_buffer("mask", causal_mask(block_size), persistent=False)
 
@@ -279,15 +414,18 @@ class MultiHeadAttentionWrapper(_FusedMultiHead):
 class MultiHeadAttention(_FusedMultiHead):
     """``CompactMultiHeadAttention`` on the shared layout: one fused projection, heads batched together."""
 
-    def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True):
-        super().__init__(n_embd, n_head, block_size, dropout, bias)
+    def __init__(
+        self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = True, **switches
+    ):
+        super().__init__(n_embd, n_head, block_size, dropout, bias, **switches)
         self.register_buffer("mask", causal_mask(block_size), persistent=False)
 
     def forward(self, x: Tensor, kv_cache: "LayerKVCache | None" = None) -> Tensor:
         """Map (B, T, C) to (B, T, C); no key/value cache."""
         self._no_cache(kv_cache)
         T = x.size(1)
-        q, k, v = self._heads_qkv(x)  # (B, nh, T, hs)
+        q, k, v = self._heads_qkv(x)  # (B, nh, T, hs), (B, nkv, T, hs)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, nh, T, hs)
         scores = q @ k.transpose(-2, -1)  # (B, nh, T, T): all heads in one batched matmul
         scores = scores.masked_fill(self.mask[:T, :T], float("-inf"))
         weights = self.attn_dropout(torch.softmax(scores / math.sqrt(self.head_size), dim=-1))
@@ -298,24 +436,35 @@ class MultiHeadAttention(_FusedMultiHead):
 class LayerKVCache:
     """One layer's view of a ``KVCache``: where new keys/values go and what the queries may attend to."""
 
-    keys: Tensor  # (B, nh, max_length, hs), preallocated
-    values: Tensor  # (B, nh, max_length, hs), preallocated
-    start: int  # positions already filled before this forward call
+    keys: Tensor  # (B, nkv, max_length, hs), preallocated
+    values: Tensor  # (B, nkv, max_length, hs), preallocated
+    start: int | Tensor  # positions already filled before this forward call
+    visible: Tensor | None = None
+    """For a one-token decoding step whose position ``start`` is a 0-dim tensor: (1, 1, 1, max_length), True
+    up to that position. Attention then reads the whole buffer under this mask: every step has the same
+    shapes, which is what lets ``torch.compile`` (and CUDA graphs) capture the step once."""
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, T, hs) at positions start..start+T; return all keys/values so far."""
+        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values so far (the whole
+        buffer when ``start`` is a tensor: ``visible`` says which positions count)."""
+        if isinstance(self.start, Tensor):
+            self.keys.index_copy_(2, self.start.view(1), k.to(self.keys.dtype))
+            self.values.index_copy_(2, self.start.view(1), v.to(self.values.dtype))
+            return self.keys.to(k.dtype), self.values.to(v.dtype)  # (B, nkv, max_length, hs)
         end = self.start + k.size(2)
         self.keys[:, :, self.start : end] = k
         self.values[:, :, self.start : end] = v
         # .to() is a no-op unless the cache was made in another dtype (e.g. fp32 cache under bf16 autocast).
-        return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)  # (B, nh, end, hs)
+        return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)  # (B, nkv, end, hs)
 
 
 class KVCache:
     """Keys and values of every layer for the tokens processed so far, so generation does not recompute them.
 
-    Preallocated (B, nh, max_length, hs) tensors per layer; ``length`` counts the filled positions. The model
-    hands each layer ``layer(i)`` and advances ``length`` after a forward pass. Use under ``torch.no_grad()``.
+    Preallocated (B, nkv, max_length, hs) tensors per layer; ``length`` counts the filled positions. The
+    model hands each layer ``layer(i)`` and advances ``length`` after a forward pass. Use under
+    ``torch.no_grad()``. With grouped-query attention it holds only the ``n_kv_head`` key/value heads
+    (``n_kv_head=None``: all ``n_head``), so its memory shrinks by n_head / n_kv_head.
     """
 
     def __init__(
@@ -327,21 +476,32 @@ class KVCache:
         head_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        n_kv_head: int | None = None,
     ):
-        shape = (batch_size, n_head, max_length, head_size)
+        shape = (batch_size, n_head if n_kv_head is None else n_kv_head, max_length, head_size)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.batch_size = batch_size
         self.max_length = max_length
         self.length = 0
+        self.positions = torch.arange(max_length, device=device)  # for decoding steps' visibility masks
 
     def layer(self, i: int) -> LayerKVCache:
         """The view that layer i reads and writes during the current forward pass."""
         return LayerKVCache(self.keys[i], self.values[i], self.length)
 
+    def visible_through(self, position: Tensor) -> Tensor:
+        """(1, 1, 1, max_length) bool mask of the positions up to ``position`` (a 0-dim tensor)."""
+        return (self.positions <= position).view(1, 1, 1, -1)
+
     def reset(self) -> None:
         """Forget all cached tokens (the tensors are reused, not reallocated)."""
         self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the cache holds, keys and values of every layer."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class CausalSelfAttention(_FusedMultiHead):
@@ -357,23 +517,28 @@ class CausalSelfAttention(_FusedMultiHead):
         With ``kv_cache`` the T new tokens sit at positions cache.start..cache.start+T: their keys/values are
         appended and the queries attend to every cached position plus the new ones up to themselves.
         """
-        q, k, v = self._heads_qkv(x)  # (B, nh, T, hs)
-        start = 0
+        start = 0 if kv_cache is None else kv_cache.start
+        q, k, v = self._heads_qkv(x, start)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
-            start = kv_cache.start
-            k, v = kv_cache.append(k, v)  # (B, nh, start+T, hs)
+            k, v = kv_cache.append(k, v)  # (B, nkv, start+T, hs)
         dropout_p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head  # SDPA lines key/value head h // group up with query head h
         T = q.size(2)
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if kv_cache is not None and kv_cache.visible is not None:
+            # A decoding step with fixed shapes: the whole cache buffer, its unfilled positions masked.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.visible, enable_gqa=gqa)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
         elif T == 1:
             # One new token is the latest position: it may see everything, so no mask is needed.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
         else:
             # Several new tokens after a cached prefix: is_causal would align the triangle top-left (wrong
             # here), so spell out that query i (absolute position start+i) sees keys 0..start+i.
             visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=dropout_p)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=gqa
+            )
         return self._merge_heads(y)  # (B, nh, T, hs) -> (B, T, C)
 
 

@@ -12,6 +12,21 @@ from dataclasses import dataclass, fields
 from gptmini.common import GptMiniError
 from gptmini.model.attention import ATTENTION_CLASSES
 
+# The values of GPTConfig's switches (the first of each is GPT-2's).
+POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "relu2", "swiglu")
+
+
+def swiglu_hidden(n_embd: int) -> int:
+    """SwiGLU's hidden size: 8·C/3 rounded up to a multiple of 32.
+
+    SwiGLU has three C x hidden matrices where GELU's MLP has two C x 4·C ones; 8·C/3 gives both the same
+    parameters and FLOPs (LLaMA's rule). Rounding up keeps the matmuls on friendly sizes (C=768 gives 2048).
+    """
+    return (8 * n_embd + 95) // 96 * 32  # ceil(8·C / 3 / 32) · 32, in integers
+
+
 # Named model sizes: small ones that train in minutes on a laptop CPU, then GPT-2's four published sizes.
 # Fields not named here take GPTConfig's defaults (GPT-2's: biases, no dropout, sdpa attention).
 MODEL_SIZES: dict[str, dict] = {
@@ -50,6 +65,26 @@ class GPTConfig:
     All three share one weight layout, so a checkpoint loads into any of them."""
     pad_vocab_multiple: int = 64
     """Embedding/LM-head rows are padded up to a multiple of this (faster matmuls on GPUs); 1 = no padding."""
+    # Switches beyond GPT-2's 2019 recipe. Their defaults are GPT-2's, so old checkpoints and GPT-2's weights
+    # load unchanged; docs/ablations.md measures what each buys.
+    pos_emb: str = "learned"
+    """Positions: "learned" (GPT-2's table, ``wpe``) or "rope" (rotary, inside attention; no table)."""
+    rope_base: float = 10000.0
+    """RoPE's base: pair i of a head turns by position · base^(-2i/head_size) radians."""
+    norm: str = "layernorm"
+    """Normalisation: "layernorm" (GPT-2) or "rmsnorm" (no mean subtraction, no bias: cheaper, as LLaMA)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys before their dot product (bounds the attention logits)."""
+    mlp: str = "gelu"
+    """Feed-forward: "gelu" (GPT-2, hidden 4·C), "relu2" (ReLU squared, hidden 4·C) or "swiglu" (gated,
+    hidden ``swiglu_hidden(C)`` = 8·C/3 rounded up to a multiple of 32: three matrices of that size hold
+    about the parameters of GELU's two 4·C ones)."""
+    n_kv_head: int | None = None
+    """Key/value heads: None = n_head (multi-head); fewer = grouped-query (1 = multi-query)."""
+    tie_embeddings: bool = True
+    """The LM head reuses the token embedding matrix (GPT-2); false gives it its own weights."""
+    logit_softcap: float | None = None
+    """None, or a cap c: logits become c·tanh(logits / c), so none exceeds ±c (Gemma 2, modded-nanogpt)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
@@ -67,6 +102,46 @@ class GPTConfig:
             raise GptMiniError(
                 f"GPTConfig.attention={self.attention!r} is not known; valid: {', '.join(ATTENTION_CLASSES)}"
             )
+        self._check_switches()
+
+    def _check_switches(self) -> None:
+        """The switches beyond GPT-2: known names, and combinations that can be built."""
+        for name, valid in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in valid:
+                raise GptMiniError(
+                    f"GPTConfig.{name}={getattr(self, name)!r} is not known; valid: {', '.join(valid)}"
+                )
+        kv = self.n_kv_head
+        if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0):
+            raise GptMiniError(f"GPTConfig.n_kv_head={kv!r} must be a positive integer, or null for n_head")
+        if kv is not None and self.n_head % kv != 0:
+            raise GptMiniError(
+                f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={kv}; each key/value head "
+                "serves the same number of query heads (try a divisor of n_head, e.g. 1 or n_head // 2)"
+            )
+        head_size = self.n_embd // self.n_head
+        if self.pos_emb == "rope" and head_size % 2 != 0:
+            raise GptMiniError(
+                f"pos_emb='rope' needs an even head size, but n_embd // n_head = {head_size}; "
+                "choose n_embd and n_head so that n_embd // n_head is even"
+            )
+        if not self.rope_base > 0:
+            raise GptMiniError(f"GPTConfig.rope_base={self.rope_base!r} must be > 0; try 10000")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise GptMiniError(
+                f"GPTConfig.logit_softcap={self.logit_softcap!r} must be > 0, or null for no cap; try 15"
+            )
+        beyond_gpt2 = self.pos_emb != "learned" or self.qk_norm or self.kv_heads != self.n_head
+        if self.attention == "heads" and beyond_gpt2:
+            raise GptMiniError(
+                "attention='heads' has GPT-2's attention only (the ladder's stacked heads); with "
+                "pos_emb=rope, qk_norm or n_kv_head use attention='mha' or 'sdpa'"
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``n_kv_head``, or ``n_head`` when it is None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
     def padded_vocab_size(self) -> int:

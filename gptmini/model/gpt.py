@@ -13,28 +13,55 @@ from torch import Tensor, nn
 
 from gptmini.common import GptMiniError
 from gptmini.model.attention import ATTENTION_CLASSES, KVCache, LayerKVCache
-from gptmini.model.config import GPTConfig
+from gptmini.model.config import GPTConfig, swiglu_hidden
 from gptmini.model.loss import ChunkedLMHeadLoss
 
 
+def make_norm(config: GPTConfig) -> nn.Module:
+    """GPT-2's LayerNorm, or RMSNorm: scale by the root mean square only (no mean, no bias), one op less."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=1e-5)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def relu_squared(x: Tensor) -> Tensor:
+    """ReLU(x)²: as cheap as ReLU, smoother at 0, and sparse (modded-nanogpt, Primer)."""
+    return F.relu(x).square()
+
+
+def swiglu(x: Tensor) -> Tensor:
+    """SiLU(gate) · up, where ``fc`` produced [gate | up] side by side: (..., 2·H) to (..., H)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class FeedForward(nn.Module):
-    """Position-wise MLP: expand to 4·C, GELU, project back. Applied to each token independently."""
+    """Position-wise MLP: expand, non-linearity, project back. Applied to each token independently.
+
+    ``mlp="gelu"`` is GPT-2's (4·C hidden, tanh GELU), "relu2" swaps in ReLU², and "swiglu" gates: ``fc``
+    makes a gate and a value for each of ``swiglu_hidden(C)`` hidden units, and the gate's SiLU scales the
+    value. The layer names (``fc``, ``proj``) are the same for all three.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        C = config.n_embd
+        hidden = swiglu_hidden(C) if config.mlp == "swiglu" else 4 * C
+        fc_out = 2 * hidden if config.mlp == "swiglu" else hidden  # SwiGLU's fc makes [gate | up]
+        self.fc = nn.Linear(C, fc_out, bias=config.bias)
         # GPT-2 was trained with the tanh approximation of GELU; using it keeps converted weights exact.
-        self.gelu = nn.GELU(approximate="tanh")
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        activations = {"gelu": nn.GELU(approximate="tanh"), "relu2": relu_squared, "swiglu": swiglu}
+        self.act = activations[config.mlp]
+        self.proj = nn.Linear(hidden, C, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C) to (B, T, C)."""
-        return self.dropout(self.proj(self.gelu(self.fc(x))))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + attention(LN(x)), then x + feed_forward(LN(x)).
+    """Pre-norm block: x + attention(LN(x)), then x + feed_forward(LN(x)).
 
     Normalising the input of each branch (not the sum) leaves the residual stream an identity path from
     embeddings to output, which keeps deep stacks trainable without warm-up tricks.
@@ -42,11 +69,20 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         c = config
-        self.attn = ATTENTION_CLASSES[c.attention](c.n_embd, c.n_head, c.block_size, c.dropout, c.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = FeedForward(config)
+        self.ln_1 = make_norm(c)
+        self.attn = ATTENTION_CLASSES[c.attention](
+            c.n_embd,
+            c.n_head,
+            c.block_size,
+            c.dropout,
+            c.bias,
+            n_kv_head=c.n_kv_head,
+            rope_base=c.rope_base if c.pos_emb == "rope" else None,  # RoPE lives inside attention
+            qk_norm=c.qk_norm,
+        )
+        self.ln_2 = make_norm(c)
+        self.mlp = FeedForward(c)
 
     def forward(self, x: Tensor, kv_cache: LayerKVCache | None = None) -> Tensor:
         """(B, T, C) to (B, T, C); ``kv_cache`` is this layer's ``LayerKVCache`` view, if any."""
@@ -62,14 +98,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.padded_vocab_size, config.n_embd)  # token embeddings
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)  # learned position embeddings
+        # Learned position embeddings; with RoPE the positions are rotations inside attention instead.
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        # Weight tying: the output layer scores tokens with the same vectors that embed them. It saves
-        # V·C parameters (38.6M of GPT-2 small's 124M) and matches GPT-2. One Parameter, two uses.
-        self.lm_head.weight = self.wte.weight
+        if config.tie_embeddings:
+            # Weight tying: the output layer scores tokens with the same vectors that embed them. It saves
+            # V·C parameters (38.6M of GPT-2 small's 124M) and matches GPT-2. One Parameter, two uses.
+            # Untied, the input and output vectors of a token may differ (modern recipes' choice).
+            self.lm_head.weight = self.wte.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -88,6 +127,8 @@ class GPT(nn.Module):
 
     def _embed(self, idx: Tensor, start: int) -> Tensor:
         """Token + position embeddings for tokens at positions start..start+T: (B, T) to (B, T, C)."""
+        if self.wpe is None:  # RoPE: positions enter in attention
+            return self.drop(self.wte(idx))  # (B, T, C)
         pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
         return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) broadcasts over the batch
 
@@ -118,6 +159,11 @@ class GPT(nn.Module):
             kv_cache.length += idx.size(1)
         return self.ln_f(x)
 
+    def _softcap(self, logits: Tensor) -> Tensor:
+        """c·tanh(logits / c) with ``logit_softcap`` c: smooth, bounded logits (no-op when c is None)."""
+        cap = self.config.logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
     def forward(
         self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -132,7 +178,7 @@ class GPT(nn.Module):
             logits (B, T, vocab_size) over the real vocabulary, and the mean cross-entropy (or None).
         """
         x = self._hidden(idx, kv_cache)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, padded V)
+        logits = self._softcap(self.lm_head(x))  # (B, T, padded V)
         loss = None
         if targets is not None:
             # The loss uses the padded logits: padding rows are never targets, so they just learn to be
@@ -148,7 +194,25 @@ class GPT(nn.Module):
         would otherwise make a 1024 x 50k logits tensor to keep one row of it).
         """
         x = self._hidden(idx, kv_cache)[:, -1, :]  # (B, C)
-        return self.lm_head(x)[:, : self.config.vocab_size]  # (B, V)
+        return self._softcap(self.lm_head(x))[:, : self.config.vocab_size]  # (B, V)
+
+    def decode_step(self, token: Tensor, position: Tensor, kv_cache: KVCache) -> Tensor:
+        """Logits (B, vocab_size) for one new token per row, (B, 1), at ``position`` (a 0-dim tensor).
+
+        Generation's inner step. Its keys and values are written into ``kv_cache`` at ``position`` and the
+        attention reads the whole cache under a mask, so every step has the same shapes and touches no Python
+        state: ``torch.compile`` captures it once (on a GPU, as one CUDA graph), where ``next_token_logits``
+        would see a new shape per token. The caller advances ``kv_cache.length``. Inference only (no dropout).
+        """
+        x = self.wte(token)  # (B, 1, C)
+        if self.wpe is not None:
+            x = x + self.wpe(position.view(1))  # (B, 1, C) + (1, C)
+        visible = kv_cache.visible_through(position)  # (1, 1, 1, block_size)
+        for i, block in enumerate(self.blocks):
+            view = LayerKVCache(kv_cache.keys[i], kv_cache.values[i], position, visible)
+            x = block(x, view)  # (B, 1, C)
+        x = self.ln_f(x)[:, -1, :]  # (B, C)
+        return self._softcap(self.lm_head(x))[:, : self.config.vocab_size]  # (B, V)
 
     def loss(self, idx: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
         """The training loss alone, as ``forward(idx, targets)[1]``, without materialising the logits.
@@ -160,7 +224,8 @@ class GPT(nn.Module):
         flat = x.view(-1, x.size(-1))  # (B·T, C)
         # Inside an autograd.Function grad mode is always off, so whether gradients are wanted is passed in.
         grads = torch.is_grad_enabled()
-        return ChunkedLMHeadLoss.apply(flat, self.lm_head.weight, targets.reshape(-1), chunk_rows, grads)
+        cap = self.config.logit_softcap
+        return ChunkedLMHeadLoss.apply(flat, self.lm_head.weight, targets.reshape(-1), chunk_rows, grads, cap)
 
     def new_kv_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -185,6 +250,7 @@ class GPT(nn.Module):
             c.n_embd // c.n_head,
             device=weight.device if device is None else device,
             dtype=weight.dtype if dtype is None else dtype,
+            n_kv_head=c.kv_heads,  # grouped-query attention caches only its key/value heads
         )
 
     @torch.no_grad()
@@ -205,11 +271,11 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Number of parameters, the tied embedding/LM-head matrix counted once (padding rows included).
 
-        ``non_embedding`` subtracts the position embeddings. The token embeddings stay in because, tied,
-        they are also the output layer's weights.
+        ``non_embedding`` subtracts the position embeddings (if any). The token embeddings stay in because,
+        tied, they are also the output layer's weights.
         """
         n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared Parameter once
-        if non_embedding:
+        if non_embedding and self.wpe is not None:
             n -= self.wpe.weight.numel()
         return n
 

@@ -18,8 +18,19 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, targets: Tensor, chunk_rows: int, grads: bool) -> Tensor:
-        """x (N, C), weight (V, C), targets (N,) with -1 = ignore; returns the mean loss over kept rows."""
+    def forward(
+        ctx,
+        x: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        chunk_rows: int,
+        grads: bool,
+        softcap: float | None = None,
+    ) -> Tensor:
+        """x (N, C), weight (V, C), targets (N,) with -1 = ignore; returns the mean loss over kept rows.
+
+        ``softcap`` c makes the logits c·tanh(x·W / c) (``GPT._softcap``); None leaves them as they are.
+        """
         device = x.device.type
         # Under autocast do the matmuls in its dtype (as nn.Linear would) and the softmax in fp32.
         autocast = torch.is_autocast_enabled(device)
@@ -36,11 +47,16 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 rows = slice(start, start + chunk_rows)
                 x_c, t_c, keep_c = xs[rows], safe_targets[rows, None], keep[rows, None]  # (n, C), (n, 1)
                 logits = (x_c @ w.t()).float()  # (n, V)
+                if softcap is not None:
+                    capped = torch.tanh(logits / softcap)  # (n, V), kept for the chain rule below
+                    logits = capped * softcap
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
                 total += ((lse - logits.gather(1, t_c)) * keep_c).sum()
                 if need_grad:
                     grad = logits.sub_(lse).exp_()  # softmax, in place: (n, V)
                     grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0))  # softmax - one_hot
+                    if softcap is not None:
+                        grad.mul_(1.0 - capped.square())  # d(c·tanh(z/c))/dz = 1 - tanh(z/c)²
                     grad = grad.mul_(keep_c).to(dtype)
                     grad_x[rows] = grad @ w  # (n, C)
                     grad_w.add_(grad.t() @ x_c)  # (V, C), accumulated in fp32
@@ -53,4 +69,4 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_x, grad_w, count = ctx.saved_tensors
         scale = grad_out / count  # the gradients above are of the summed loss
-        return (grad_x * scale).to(ctx.x_dtype), grad_w * scale, None, None, None
+        return (grad_x * scale).to(ctx.x_dtype), grad_w * scale, None, None, None, None

@@ -7,6 +7,9 @@ sees. ``chapter3_numbers`` computes them (the tests pin them); ``main`` prints t
 
 The model's multi-head classes store all heads in one fused ``qkv`` matrix; ``fused_from_stacked_heads``
 loads the book's separate heads into that layout, so the walkthrough can show both give the same numbers.
+
+One rung goes beyond chapter 3: grouped-query attention (``gqa_numbers``), which shares key/value heads
+between query heads so that a KV cache holds fewer of them.
 """
 
 import torch
@@ -20,6 +23,7 @@ from gptmini.model.attention import (
     CausalAttention,
     CausalSelfAttention,
     CompactMultiHeadAttention,
+    GroupedQueryAttention,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention,
@@ -94,6 +98,29 @@ def chapter3_numbers() -> dict[str, Tensor]:
     return numbers
 
 
+@torch.no_grad()
+def gqa_numbers() -> dict[str, Tensor | int]:
+    """Grouped-query attention on the example: 2 query heads, first with 2 key/value heads, then 1.
+
+    With as many key/value heads as query heads, GQA is the book's ``CompactMultiHeadAttention``: loaded
+    with its seed-123 weights it gives the same first row. With one key/value head (multi-query attention)
+    both query heads read the same keys and values, and a KV cache keeps half the numbers per token.
+    """
+    batch = torch.stack([torch.tensor(EXAMPLE_INPUTS)] * 2)  # (2, 6, 3)
+    torch.manual_seed(123)
+    compact = CompactMultiHeadAttention(3, 2, 6, 0.0, num_heads=2)
+    as_mha = GroupedQueryAttention(3, 2, 6, 0.0, num_heads=2, num_kv_groups=2)
+    as_mha.load_state_dict(compact.state_dict())
+    torch.manual_seed(123)
+    mqa = GroupedQueryAttention(3, 2, 6, 0.0, num_heads=2, num_kv_groups=1)
+    return {
+        "gqa_2_groups_row1": as_mha(batch)[0, 0],
+        "gqa_1_group_row1": mqa(batch)[0, 0],
+        "cache_floats_mha": as_mha.kv_cache_floats_per_token(),
+        "cache_floats_mqa": mqa.kv_cache_floats_per_token(),
+    }
+
+
 def _fmt(t: Tensor) -> str:
     return "[" + ", ".join(f"{v:.4f}" for v in t.tolist()) + "]"
 
@@ -118,7 +145,15 @@ def main() -> None:
     )
     print(f"  StackedHeadsAttention(3, 2, 6, 0.0, num_heads=2):     first row {_fmt(n['stacked_row1'])}")
     print(f"  CompactMultiHeadAttention(3, 2, 6, 0.0, num_heads=2): first row {_fmt(n['compact_row1'])}")
-    print("\n5. The stacked heads' weights in the model's fused layout (inputs zero-padded to 4 features)")
+    g = gqa_numbers()
+    print("\n5. Grouped-query attention (beyond chapter 3): query heads share key/value heads")
+    print(f"  2 key/value heads, compact's seed-123 weights: first row {_fmt(g['gqa_2_groups_row1'])}")
+    print(f"  1 key/value head (multi-query), seed 123:      first row {_fmt(g['gqa_1_group_row1'])}")
+    print(
+        f"  KV cache per token: {g['cache_floats_mha']} numbers with 2 key/value heads, "
+        f"{g['cache_floats_mqa']} with 1: decoding reads that much less memory per token"
+    )
+    print("\n6. The stacked heads' weights in the model's fused layout (inputs zero-padded to 4 features)")
     print(f"  MultiHeadAttentionWrapper attention='heads': first row {_fmt(n['fused_heads_row1'])}")
     print(f"  MultiHeadAttention        attention='mha':   first row {_fmt(n['fused_mha_row1'])}")
     print(f"  CausalSelfAttention       attention='sdpa':  first row {_fmt(n['fused_sdpa_row1'])}")

@@ -1,28 +1,54 @@
 """The optimizer and its learning-rate schedule: ``OptimConfig``, ``build_optimizer``, ``build_lr_schedule``.
 
-AdamW as nanoGPT sets it up: weight decay only on matrices (biases and norm gains are left alone), the fused
-kernel on CUDA, and a per-step schedule of linear warmup then cosine decay to a floor. The LightningModule
-and bench/train.py's plain loop both build theirs here, so they cannot drift apart.
+- ``name="adamw"``: AdamW as nanoGPT sets it up: weight decay only on matrices (biases and norm gains are
+  left alone), the fused kernel on CUDA.
+- ``name="muon"``: ``torch.optim.Muon`` for the 2-D weight matrices inside the transformer blocks, AdamW for
+  everything else (embeddings, LM head, norm gains, biases), each with its own learning rate: the split
+  nanochat and the modded-nanogpt speedrun use. ``MuonWithAdamW`` steps both as one optimizer.
+- The schedule, one multiplier for every group: linear warmup, then cosine decay to a floor, or
+  warmup-stable-decay ("wsd": constant, then a linear decay over the last ``decay_fraction``). Its progress
+  is counted in optimizer steps, or (``schedule_by="time"``) in elapsed training time over the run's
+  time budget, so the decay ends when the time is up.
+
+The LightningModule and bench/train.py's plain loop both build theirs here, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from gptmini.common import GptMiniError
 
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+SCHEDULE_BY = ("steps", "time")
+
 
 @dataclass
 class OptimConfig:
-    """AdamW and its schedule: linear warmup, then cosine decay to a floor, stepped per optimizer step."""
+    """The optimizer and its schedule: linear warmup, then cosine (or WSD) decay to a floor, per step."""
 
+    name: str = "adamw"
+    """Which optimizer: adamw, or muon (Muon on the blocks' matrices at ``muon_lr``, AdamW on the rest)."""
     lr: float = 1e-3
-    """Peak learning rate, reached at the end of warmup."""
+    """Peak learning rate (AdamW's), reached at the end of warmup."""
     min_lr: float = 1e-4
-    """Floor of the cosine decay (nanoGPT uses lr / 10)."""
+    """Floor of the decay (nanoGPT uses lr / 10); Muon's floor is muon_lr · min_lr / lr."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (optim=muon only); it follows the same schedule as ``lr``."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov), in [0, 1)."""
+    schedule: str = "cosine"
+    """The decay: cosine (from the end of warmup to the end) or wsd (constant, then a linear decay)."""
+    decay_fraction: float = 0.2
+    """WSD: the final fraction of the run spent decaying linearly to ``min_lr``, in (0, 1]."""
+    schedule_by: str = "steps"
+    """What counts progress: steps (deterministic; the length is decay_steps or trainer.max_steps) or time
+    (elapsed training time / trainer.max_time; the run ends when the time is up)."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from 0 to ``lr``."""
     decay_steps: int | None = None
@@ -37,6 +63,17 @@ class OptimConfig:
     """AdamW epsilon."""
 
     def __post_init__(self) -> None:
+        for name, valid in (("name", OPTIMIZERS), ("schedule", SCHEDULES), ("schedule_by", SCHEDULE_BY)):
+            if getattr(self, name) not in valid:
+                raise GptMiniError(
+                    f"optim.{name}={getattr(self, name)!r} is not known; valid: {', '.join(valid)}."
+                )
+        if not self.muon_lr > 0:
+            raise GptMiniError(f"optim.muon_lr must be > 0, got {self.muon_lr}; try optim.muon_lr=0.02.")
+        if not 0 <= self.muon_momentum < 1:
+            raise GptMiniError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}; try 0.95.")
+        if not 0 < self.decay_fraction <= 1:
+            raise GptMiniError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}; try 0.2.")
         if not self.lr > 0:
             raise GptMiniError(f"optim.lr must be > 0, got {self.lr}; try optim.lr=1e-3.")
         if not 0 <= self.min_lr <= self.lr:
@@ -52,32 +89,174 @@ class OptimConfig:
                 raise GptMiniError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}.")
 
 
-def lr_at(step: int, optim: OptimConfig, decay_steps: int) -> float:
-    """The learning rate after ``step`` optimizer steps: linear warmup, cosine decay, then the floor."""
+def lr_at(step: int, optim: OptimConfig, decay_steps: int, progress: float | None = None) -> float:
+    """The (AdamW) learning rate after ``step`` optimizer steps: linear warmup, decay, then the floor.
+
+    Args:
+        step: optimizer steps done.
+        optim: the schedule's settings.
+        decay_steps: the step at which the decay ends (schedule_by="steps").
+        progress: for schedule_by="time", the fraction of the time budget used. The rate is then the lower
+            of the warmup ramp (in steps: it is about the first updates, not the clock) and the decay curve
+            at that progress, so the schedule reaches its floor when the time is up even on a machine so
+            slow that the run never leaves warmup.
+    """
+    warmup = optim.lr * (step + 1) / optim.warmup_steps if step < optim.warmup_steps else optim.lr
+    if progress is not None:
+        return min(warmup, _decay(progress, optim))
     if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if step >= decay_steps:
+        return warmup
+    return _decay((step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps), optim)
+
+
+def _decay(progress: float, optim: OptimConfig) -> float:
+    """The rate after warmup at ``progress`` in [0, 1] of the decay's span: cosine or WSD, then the floor."""
+    if progress >= 1:
         return optim.min_lr
-    progress = (step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps)
+    if optim.schedule == "wsd":
+        # Stable at the peak, then straight down to the floor over the last decay_fraction.
+        into_decay = (progress - (1 - optim.decay_fraction)) / optim.decay_fraction
+        return optim.lr - max(0.0, into_decay) * (optim.lr - optim.min_lr)
     return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
 
 
 def build_optimizer(
     model: torch.nn.Module, optim: OptimConfig, device: torch.device | str
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model.configure_optimizer_groups`` (decay on matrices only); fused on CUDA."""
-    groups = model.configure_optimizer_groups(optim.weight_decay)
+    """AdamW over ``model.configure_optimizer_groups`` (decay on matrices only), fused on CUDA; or, for
+    optim.name="muon", ``MuonWithAdamW``."""
     fused = torch.device(device).type == "cuda"  # one kernel for all parameters; only on CUDA
-    return torch.optim.AdamW(
-        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
-    )
+    adamw = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "fused": fused}
+    if optim.name == "adamw":
+        return torch.optim.AdamW(model.configure_optimizer_groups(optim.weight_decay), **adamw)
+    hidden = muon_parameters(model)
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
+    rest_groups = [
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": optim.weight_decay},  # embeddings, head
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},  # gains and biases
+    ]
+    # torch's Muon runs its orthogonalisation in bfloat16, fast on GPUs but ~25x slower than float32 on CPUs.
+    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else Float32Muon
+    muon = muon_class(hidden, lr=optim.muon_lr, weight_decay=optim.weight_decay, momentum=optim.muon_momentum)
+    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest_groups if g["params"]], **adamw))
+
+
+def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The 2-D weight matrices inside the transformer blocks: what Muon orthogonalises.
+
+    The embeddings and the LM head are matrices too, but a lookup table and the output layer are not the
+    hidden linear maps Muon's update rule is derived for; they stay with AdamW (as in modded-nanogpt).
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise GptMiniError("optim.name=muon needs a GPT (its hidden matrices live in model.blocks).")
+    return [p for p in blocks.parameters() if p.requires_grad and p.dim() == 2]
+
+
+def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
+    """Muon's Newton-Schulz iteration in float32: ``update`` (m, n) mapped to roughly U·Vᵀ of its SVD.
+
+    Each step applies the odd polynomial a·X + b·(X Xᵀ)X + c·(X Xᵀ)²X, which pushes every singular value
+    of X (after scaling the whole matrix to norm <= 1) towards 1 while keeping the singular vectors.
+    """
+    a, b, c = coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T  # iterate on the smaller Gram matrix
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Float32Muon(torch.optim.Muon):
+    """``torch.optim.Muon`` with its Newton-Schulz iteration in float32 (``orthogonalize``), for CPUs.
+
+    torch casts each update to bfloat16 for the iteration: on most CPUs that matmul is ~25x slower than in
+    float32, and a Muon step of the 1M-parameter Shakespeare model took 3 s instead of ~0.1 s. The rule
+    is torch's: Nesterov momentum in ``momentum_buffer`` (the same state, so checkpoints move between the
+    two), decoupled weight decay, and the rate scaled by sqrt(max(1, rows / cols)).
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, buffers = [], [], []
+            self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
+            lr, momentum = group["lr"], group["momentum"]
+            for param, grad, buf in zip(params, grads, buffers, strict=True):
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                param.mul_(1 - lr * group["weight_decay"])
+                param.add_(
+                    update.to(param.dtype), alpha=-lr * math.sqrt(max(1.0, param.size(0) / param.size(1)))
+                )
+        return loss
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped together, seen by Lightning and the LR scheduler as one optimizer.
+
+    ``param_groups`` are the two optimizers' own groups (Muon's first), so a scheduler scales each group's
+    initial learning rate and both follow one schedule; ``state_dict`` holds both states, so a resumed run
+    continues exactly. ``Optimizer.__init__`` is not called: the inner optimizers own the groups and state.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.muon, self.adamw = muon, adamw
+        self.defaults = {}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # Read live: load_state_dict replaces the inner optimizers' group dicts.
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One update of every parameter; ``closure`` (forward and backward) runs first, once."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
 
 
 def build_lr_schedule(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, decay_steps: int
+    optimizer: torch.optim.Optimizer,
+    optim: OptimConfig,
+    decay_steps: int,
+    progress: Callable[[], float] | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """``lr_at`` as a scheduler stepped once per optimizer step."""
-    # LambdaLR multiplies the base lr, so express the schedule as a fraction of the peak.
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, optim, decay_steps) / optim.lr
-    )
+    """``lr_at`` as a scheduler stepped once per optimizer step; ``progress`` (schedule_by="time") returns
+    the fraction of the time budget used so far."""
+
+    def factor(step: int) -> float:
+        # LambdaLR multiplies each group's base lr, so express the schedule as a fraction of the peak.
+        return lr_at(step, optim, decay_steps, None if progress is None else progress()) / optim.lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,165 @@
+"""Optimizers and schedules (gptmini/training/optim.py): Muon + AdamW, the WSD and time-based schedules."""
+
+import copy
+
+import pytest
+import torch
+
+from gptmini import GPT, GPTConfig
+from gptmini.common import GptMiniError
+from gptmini.training.optim import (
+    Float32Muon,
+    MuonWithAdamW,
+    OptimConfig,
+    build_lr_schedule,
+    build_optimizer,
+    lr_at,
+    muon_parameters,
+)
+
+
+def tiny_gpt(**switches) -> GPT:
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **switches)
+    return GPT(config)
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 64, (4, 16), generator=gen), torch.randint(0, 64, (4, 16), generator=gen)
+
+
+def test_wsd_is_constant_then_decays_linearly_to_the_floor():
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(0, optim, 110) == pytest.approx(1e-4)  # warmup as before
+    assert [lr_at(s, optim, 110) for s in (10, 50, 90)] == [1e-3] * 3  # stable until 80% of 100 steps
+    assert lr_at(100, optim, 110) == pytest.approx(1e-3 - 0.5 * 9e-4)  # halfway down the decay
+    assert lr_at(110, optim, 110) == pytest.approx(1e-4) and lr_at(500, optim, 110) == pytest.approx(1e-4)
+    lrs = [lr_at(s, optim, 110) for s in range(90, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+@pytest.mark.parametrize(("schedule", "halfway"), [("cosine", 5.5e-4), ("wsd", 1e-3)])
+def test_time_progress_replaces_the_step_count_after_warmup(schedule, halfway):
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=5, schedule=schedule)
+    assert lr_at(2, optim, 1, progress=0.1) == pytest.approx(6e-4)  # warmup counts steps: 3 of 5
+    assert lr_at(2, optim, 1, progress=1.0) == pytest.approx(1e-4)  # time is up even inside warmup
+    assert lr_at(1000, optim, 1, progress=0.0) == pytest.approx(1e-3)
+    assert lr_at(7, optim, 1, progress=0.5) == pytest.approx(halfway)
+    assert 1e-4 < lr_at(7, optim, 1, progress=0.9) < 1e-3
+    assert lr_at(7, optim, 1, progress=1.0) == pytest.approx(1e-4)  # the budget is used: the floor
+
+
+def test_lr_schedule_reads_the_clock():
+    model = tiny_gpt()
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=0, schedule="wsd")
+    optimizer = build_optimizer(model, optim, "cpu")
+    clock = {"fraction": 0.0}
+    schedule = build_lr_schedule(optimizer, optim, 1, progress=lambda: clock["fraction"])
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    clock["fraction"] = 1.0
+    optimizer.step()
+    schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+def test_muon_gets_the_hidden_matrices_and_adamw_the_rest():
+    model = tiny_gpt(tie_embeddings=False)
+    optim = OptimConfig(name="muon", lr=3e-3, muon_lr=0.02)
+    optimizer = build_optimizer(model, optim, "cpu")
+    assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.muon, torch.optim.Muon)
+    muon = [p for g in optimizer.muon.param_groups for p in g["params"]]
+    adamw = [p for g in optimizer.adamw.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon) == sorted(
+        f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+    )
+    assert {"wte.weight", "wpe.weight", "lm_head.weight", "ln_f.weight", "ln_f.bias"} <= {
+        names[id(p)] for p in adamw
+    }
+    assert len({id(p) for p in muon + adamw}) == len(muon + adamw) == len(list(model.parameters()))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 3e-3, 3e-3]
+    assert muon_parameters(model) == muon
+
+
+def test_one_schedule_scales_both_optimizers():
+    model = tiny_gpt()
+    optim = OptimConfig(name="muon", lr=1e-3, min_lr=1e-4, muon_lr=0.02, warmup_steps=4)
+    optimizer = build_optimizer(model, optim, "cpu")
+    build_lr_schedule(optimizer, optim, 100)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02 / 4, 1e-3 / 4, 1e-3 / 4])
+
+
+def train_steps(model, optimizer, schedule, seeds) -> list[float]:
+    losses = []
+    for seed in seeds:
+        loss = model.loss(*batch(seed))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
+    optim = OptimConfig(name="muon", lr=3e-3, min_lr=3e-4, muon_lr=0.02, warmup_steps=2, schedule="wsd")
+    model = tiny_gpt()
+    optimizer = build_optimizer(model, optim, "cpu")
+    schedule = build_lr_schedule(optimizer, optim, 12)
+    losses = train_steps(model, optimizer, schedule, [0] * 6)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), schedule.state_dict()))
+    straight = losses + train_steps(model, optimizer, schedule, [0] * 6)
+    assert straight[-1] < straight[0] - 0.5
+
+    resumed_model = tiny_gpt()
+    resumed_model.load_state_dict(saved[0])
+    resumed_opt = build_optimizer(resumed_model, optim, "cpu")
+    resumed_schedule = build_lr_schedule(resumed_opt, optim, 12)
+    resumed_opt.load_state_dict(saved[1])
+    resumed_schedule.load_state_dict(saved[2])
+    assert losses + train_steps(resumed_model, resumed_opt, resumed_schedule, [0] * 6) == straight
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"name": "sgd"}, "optim.name='sgd' is not known; valid: adamw, muon"),
+        ({"schedule": "linear"}, "optim.schedule='linear' is not known; valid: cosine, wsd"),
+        ({"schedule_by": "tokens"}, "optim.schedule_by='tokens' is not known; valid: steps, time"),
+        ({"decay_fraction": 0.0}, r"optim.decay_fraction must be in \(0, 1\], got 0.0"),
+        ({"decay_fraction": 1.5}, r"optim.decay_fraction must be in \(0, 1\], got 1.5"),
+        ({"muon_lr": 0.0}, "optim.muon_lr must be > 0, got 0.0"),
+        ({"muon_momentum": 1.0}, r"optim.muon_momentum must be in \[0, 1\), got 1.0"),
+    ],
+)
+def test_bad_optimizer_values(values, message):
+    with pytest.raises(GptMiniError, match=message):
+        OptimConfig(**values)
+
+
+def test_muon_needs_a_gpt():
+    with pytest.raises(GptMiniError, match="optim.name=muon needs a GPT"):
+        build_optimizer(torch.nn.Linear(4, 4), OptimConfig(name="muon"), "cpu")
+
+
+def test_float32_muon_is_torchs_muon_without_bfloat16_rounding():
+    """The CPU variant computes torch's update; only torch's bfloat16 rounding separates the two."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape) * 0.02) for shape in [(48, 16), (16, 48), (16, 16)]]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for p, q in zip(params, twins, strict=True):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    reference, ours = torch.optim.Muon(params, lr=0.02), Float32Muon(twins, lr=0.02)
+    before = [p.detach().clone() for p in params]
+    for _ in range(2):
+        reference.step()
+        ours.step()
+    for p, q, b in zip(params, twins, before, strict=True):
+        step = (p.detach() - b).abs().max()
+        assert (p.detach() - q.detach()).abs().max() < 0.02 * step  # within bf16's ~0.4% per element
+    assert ours.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
+    assert ours.state_dict()["state"][0].keys() == {"momentum_buffer"}
