@@ -275,8 +275,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--warmup", type=int, help="untimed steps first (default depends on the mode)")
     add("--rounds", type=int, help="alternating runs per loop (default 4 on a CPU, 1 on a GPU)")
     add("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1")
-    add("--threads", default="0", type=lambda v: v if v == AUTO else int(v),
-        help="CPU threads: a number, auto (timed per setting, as train.py does) or 0 (torch's default)")
+    add(
+        "--threads",
+        default="0",
+        type=lambda v: v if v == AUTO else int(v),
+        help="CPU threads: a number, auto (timed per setting, as train.py does) or 0 (torch's default)",
+    )
     add("--batches", default="8,16,32", help="--gpt2 batch sizes (comma-separated)")
     add("--compile", default="both", choices=["both", "on", "off"], help="--gpt2 compile")
     add("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune",

@@ -6,10 +6,12 @@ files) skip with the reason when it is absent, so the suite also passes on a fre
 
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +112,20 @@ def run_cli():
 
     run.start = start
     return run
+
+
+class SignalAtStep(L.Callback):
+    """Send this process a real signal while step ``step`` runs, as a user pressing Ctrl-C would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step - 1:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture
+def signal_at_step():
+    """``signal_at_step(step, signum=SIGINT)``: a callback that interrupts a run for real at that step."""
+    return SignalAtStep

@@ -134,8 +134,8 @@ def test_gpu_script_small_mode(tmp_path):
     summary = run_script("bash", "bench/gpu.sh", "--small", env={"OUT": str(tmp_path)}, timeout=900)
     assert summary["bench"] == "gpu" and summary["small"] is True
     results = summary["results"]
-    expected = {"attention", "train_gpt2", "train_sdpa_math", "train_standard_loss", "profile_step", "generate"}
-    assert expected <= set(results)
+    expected = {"attention", "train_gpt2", "train_sdpa_math", "train_standard_loss", "profile_step"}
+    assert expected | {"generate"} <= set(results)
     failed = {name: r for name, r in results.items() if "error" in r or "skipped" in r}
     assert not failed, failed
     check_train_summary(results["train_gpt2"])

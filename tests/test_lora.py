@@ -1,10 +1,7 @@
 """LoRA: the layer, the frozen base, and a LoRA fine-tune that trains, resumes, exports and generates."""
 
 import csv
-import os
-import signal
 
-import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -84,24 +81,13 @@ def test_lora_without_weights_to_adapt_is_refused(tiny_train_overrides, compose_
         train(compose_train(tiny_train_overrides + ["finetune=lora"]), out_dir=tmp_path / "run")
 
 
-class SignalAtStep(L.Callback):
-    """A real SIGINT while step ``step`` runs, as Ctrl-C would send."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
-
 def train_losses(run_dir) -> list[float]:
     with open(run_dir / "metrics.csv", newline="") as handle:
         return [float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")]
 
 
 def test_lora_fine_tune_trains_resumes_exports_and_generates(
-    tmp_path, tiny_train_overrides, compose_train, capsys, gpt2_available
+    signal_at_step, tmp_path, tiny_train_overrides, compose_train, capsys, gpt2_available
 ):
     transformers = pytest.importorskip("transformers")
     from gptmini.export import export
@@ -129,7 +115,7 @@ def test_lora_fine_tune_trains_resumes_exports_and_generates(
         "sample.max_new_tokens=0",
     ]
     with pytest.raises(SystemExit):  # Ctrl-C at step 4: a resumable checkpoint
-        train(compose_train(overrides), out_dir=run, extra_callbacks=[SignalAtStep(4)])
+        train(compose_train(overrides), out_dir=run, extra_callbacks=[signal_at_step(4)])
     saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == 4
     assert saved["state_dict"] and all(k.endswith((".lora_a", ".lora_b")) for k in saved["state_dict"])

@@ -25,17 +25,6 @@ class RecordLosses(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-class SignalAtStep(L.Callback):
-    """Send this process a real signal while step ``step`` runs, as a user pressing Ctrl-C would."""
-
-    def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
-        self.step, self.signum = step, signum
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step - 1:
-            os.kill(os.getpid(), self.signum)
-
-
 class PoisonAtStep(L.Callback):
     """Turn one weight into NaN just before step ``step`` (0-based), so that step's loss is NaN."""
 
@@ -54,7 +43,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(
-    tmp_path, tiny_train_overrides, signum, compose_train
+    signal_at_step, tmp_path, tiny_train_overrides, signum, compose_train
 ):
     # Dropout on, so the RNG streams matter; validation in the middle, so resume crosses it.
     overrides = tiny_train_overrides + [
@@ -70,7 +59,7 @@ def test_resume_after_interrupt_reproduces_the_uninterrupted_run_exactly(
         train(
             compose_train(overrides),
             out_dir=tmp_path / "first",
-            extra_callbacks=[first, SignalAtStep(6, signum)],
+            extra_callbacks=[first, signal_at_step(6, signum)],
         )
     assert stop.value.code == 130
     assert read_checkpoint(tmp_path / "first" / "checkpoints" / "last.ckpt")["global_step"] == 6
@@ -242,7 +231,7 @@ def test_run_directory_without_a_checkpoint_is_reported(tmp_path, tiny_train_ove
 
 
 def test_resumed_run_ends_with_a_final_checkpoint_and_validation(
-    tmp_path, tiny_train_overrides, compose_train
+    signal_at_step, tmp_path, tiny_train_overrides, compose_train
 ):
     """Saved right before a due validation, then resumed: Lightning skips that validation; we must not."""
     overrides = tiny_train_overrides + ["trainer.val_check_interval=6", "sample.max_new_tokens=0"]
@@ -250,7 +239,7 @@ def test_resumed_run_ends_with_a_final_checkpoint_and_validation(
         train(
             compose_train(overrides + ["trainer.max_steps=100"]),
             out_dir=tmp_path / "a",
-            extra_callbacks=[SignalAtStep(5)],
+            extra_callbacks=[signal_at_step(5)],
         )
     for extra in (1, 2, 3):
         cfg = compose_train(overrides + [f"trainer.max_steps={6 + extra}", f"ckpt_path={tmp_path / 'a'}"])
@@ -373,8 +362,8 @@ def test_full_disk_while_saving_a_checkpoint_says_the_previous_one_is_intact(
     "damage, message",
     [
         (
-            lambda c: c["gptmini"]["model_config"].update(rope_base=10000.0),
-            r"model setting\(s\) 'rope_base' that",
+            lambda c: c["gptmini"]["model_config"].update(moe_experts=8),
+            r"model setting\(s\) 'moe_experts' that",
         ),
         (lambda c: c["gptmini"].update(format=99), r"checkpoint format 99, newer than this gptmini"),
         (lambda c: c.update(gptmini=["not", "a", "mapping"]), "its gptmini entry is a list, not a mapping"),

@@ -3,26 +3,13 @@
 import csv
 import json
 import os
-import signal
 import time
 
-import lightning as L
 import pytest
 
 from gptmini.checkpoint import read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.training.run import train
-
-
-class SignalAtStep(L.Callback):
-    """Send this process a real SIGINT while step ``step`` runs, as a user pressing Ctrl-C would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 def metrics_rows(run_dir) -> list[dict]:
@@ -42,13 +29,13 @@ def losses_by_step(run_dir, column: str = "train/loss") -> dict[int, str]:
 
 
 def test_resume_into_the_same_directory_continues_last_ckpt_and_keeps_the_history(
-    tmp_path, tiny_train_overrides, compose_train
+    signal_at_step, tmp_path, tiny_train_overrides, compose_train
 ):
     """The README's cluster recipe: a named run directory, interrupted before its first validation."""
     run = tmp_path / "r2"
     overrides = tiny_train_overrides + ["trainer.max_steps=12", "trainer.val_check_interval=6"]
     with pytest.raises(SystemExit):
-        train(compose_train(overrides), out_dir=run, extra_callbacks=[SignalAtStep(4)])
+        train(compose_train(overrides), out_dir=run, extra_callbacks=[signal_at_step(4)])
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 4
     before = losses_by_step(run)
     assert before and max(before) < 4

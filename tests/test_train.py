@@ -28,7 +28,7 @@ def test_smoke_run_writes_checkpoint_summary_plot_and_metrics(tmp_path, tiny_tra
     on_disk = json.loads((run_dir / "summary.json").read_text())
     for key in ("val_loss", "val_bpb", "train_tokens", "tokens_per_s", "n_params", "wall_s", "checkpoint"):
         assert on_disk[key] is not None, key
-    assert on_disk == pytest.approx(summary)
+    assert on_disk == json.loads(json.dumps(summary))  # JSON round-trips floats exactly
     assert summary["steps"] == 12
     assert summary["train_tokens"] == 12 * 8 * 16
     # bits per byte is the loss in bits spread over the bytes each token stands for
@@ -65,12 +65,10 @@ def test_init_from_loads_weights_only(tmp_path, tiny_train_overrides, compose_tr
     assert second["val_loss"] < first["val_loss"] + 0.5
 
 
-def test_init_from_other_shape_lists_mismatched_tensors(tmp_path, tiny_train_overrides, compose_train):
+def test_init_from_with_a_contradicting_shape_is_one_line(tmp_path, tiny_train_overrides, compose_train):
     train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
     cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path / 'a'}", "model.n_embd=48"])
-    expected = (
-        r"do not fit this model: shape mismatch in .*qkv.weight: checkpoint \(96, 32\) vs model \(144, 48\)"
-    )
+    expected = r"model.n_embd=48 contradicts the init_from weights, which have n_embd=32; drop model.n_embd"
     with pytest.raises(GptMiniError, match=expected):
         train(cfg, out_dir=tmp_path / "b")
 
@@ -118,7 +116,7 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
         ("sample.temperature=-1", "sample.temperature must be >= 0"),
         ("sample.max_new_tokens=-3", "sample.max_new_tokens must be a whole number >= 0"),
         ("sample.max_new_tokens=100000", "sample.max_new_tokens=100000 is too long for a sample"),
-        ("threads=0", "threads=0 must be >= 1"),
+        ("threads=0", "threads=0 must be auto"),
     ],
 )
 def test_nonsensical_values_raise_clear_errors(

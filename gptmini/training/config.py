@@ -17,7 +17,9 @@ from omegaconf import DictConfig
 from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
+from gptmini.eval.config import HellaSwagConfig
 from gptmini.generation.sampling import SamplingOptions
+from gptmini.model.lora import FinetuneConfig
 from gptmini.training.optim import OptimConfig
 
 
@@ -29,8 +31,9 @@ class ModelSchema:
     default); a field that is set always wins. ``GPTConfig``'s field docstrings describe each one.
     """
 
-    size: str = "tiny"
-    """A row of MODEL_SIZES: tiny, mini, small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl."""
+    size: str | None = None
+    """A row of MODEL_SIZES: tiny, mini, small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl. null = tiny, or,
+    with init_from, the shape of those weights."""
     vocab_size: int | None = None
     """null = the tokenizer's vocabulary (the usual case); the embedding is padded by pad_vocab_multiple."""
     block_size: int | None = None
@@ -41,6 +44,16 @@ class ModelSchema:
     bias: bool | None = None
     attention: str | None = None
     pad_vocab_multiple: int | None = None
+    pos_emb: str | None = None
+    rope_base: float | None = None
+    norm: str | None = None
+    qk_norm: bool | None = None
+    mlp: str | None = None
+    n_kv_head: int | None = None
+    """null = n_head (no size sets it)."""
+    tie_embeddings: bool | None = None
+    logit_softcap: float | None = None
+    """null = no cap (no size sets it)."""
 
 
 @dataclass
@@ -61,7 +74,8 @@ class TrainerSchema:
     max_steps: int = 1000
     """Optimizer steps to train; also the length of the learning-rate schedule unless optim.decay_steps."""
     max_time: Any = None
-    """A wall-clock limit, "DD:HH:MM:SS"; the run stops (with a checkpoint) when it is reached."""
+    """A wall-clock limit, "DD:HH:MM:SS"; the run stops (with a checkpoint) when it is reached. With
+    optim.schedule_by=time it is the run's length: the schedule spans it and max_steps is ignored."""
     max_epochs: int | None = -1
     """-1: epochs mean nothing on an endless stream of windows."""
     val_check_interval: Any = 250
@@ -144,18 +158,26 @@ class TrainConfig:
     callbacks: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] = field(default_factory=dict)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: HellaSwagConfig = field(default_factory=HellaSwagConfig)
+    """Evaluation during training: HellaSwag every eval.hellaswag_every steps (0 = never)."""
     seed: int = 1337
     """Seeds model init, the data windows, dropout and the samples (0 .. 2**32 - 1)."""
     ckpt_path: str | None = None
     """Resume everything (weights, optimizer, schedule, step, data order, RNG) from a .ckpt or a run dir."""
     init_from: str | None = None
-    """Start a new run from these weights only (fine-tuning), with the checkpoint's tokenizer."""
+    """Start a new run from these weights only (fine-tuning), with their tokenizer: a .ckpt, a run dir, a
+    GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a Hugging Face folder."""
     compile: bool = False
     """torch.compile the model in place (checkpoint keys unchanged)."""
     compile_mode: str | None = None
     """torch.compile mode: null (default), max-autotune or reduce-overhead."""
-    threads: int | None = None
-    """CPU threads for torch; null = torch's default (all cores)."""
+    loss: str = "auto"
+    """The training step's loss: chunked (LM head + cross-entropy in row chunks: no B·T x V logits tensor),
+    standard (forward's full logits) or auto (standard on a GPU, where it measured faster; chunked else)."""
+    threads: Any = "auto"
+    """CPU threads for torch: auto (time a few training steps with 1, 2, 4 … cores and keep the fastest),
+    a number, or null (torch's default: one per core)."""
     peak_flops: float | None = None
     """The device's peak FLOP/s for MFU; null = look it up by device name (n/a when unknown)."""
     throughput_every_n_steps: int = 50

@@ -14,12 +14,14 @@ import random
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.checkpoint import GPTMINI_KEY, gptmini_entry
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
+from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
 from gptmini.training.steps import align_logged_step, is_logging_step
 
@@ -37,6 +39,7 @@ class GPTTrainingModule(L.LightningModule):
             "standard" (``forward``'s full logits; bench/train.py compares the two).
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
         run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
+        finetune: ``FinetuneConfig`` fields as a dict; method "lora" freezes the GPT and trains adapters.
     """
 
     def __init__(
@@ -49,11 +52,17 @@ class GPTTrainingModule(L.LightningModule):
         loss: str = "chunked",
         tokenizer_spec: dict | None = None,
         run_info: dict | None = None,
+        finetune: dict | None = None,
     ) -> None:
         super().__init__()
         # The tokenizer can be large (a BPE's ranks): it goes in the checkpoint's gptmini entry.
         self.save_hyperparameters(ignore=["tokenizer_spec", "run_info"])
         self.model = GPT(GPTConfig(**model_config))
+        # LoRA freezes the GPT and adds adapters; its checkpoints keep only those (their base is named).
+        self._lora = bool(finetune) and finetune.get("method") == "lora"
+        if self._lora:
+            add_lora(self.model, FinetuneConfig(**finetune))
+            self.strict_loading = False  # a resume loads the adapters; the base came from init_from
         self.optim = OptimConfig(**(optim or {}))
         self.val_bytes_per_token = val_bytes_per_token
         self.tokenizer_spec = tokenizer_spec
@@ -92,7 +101,9 @@ class GPTTrainingModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim, self.device)
-        schedule = build_lr_schedule(optimizer, self.optim, self.optim.decay_steps or self._max_steps())
+        progress = self._time_progress() if self.optim.schedule_by == "time" else None
+        decay_steps = self.optim.decay_steps or (1 if progress else self._max_steps())  # unused by time
+        schedule = build_lr_schedule(optimizer, self.optim, decay_steps, progress)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _max_steps(self) -> int:
@@ -103,6 +114,20 @@ class GPTTrainingModule(L.LightningModule):
                 "or optim.decay_steps."
             )
         return max_steps
+
+    def _time_progress(self):
+        """schedule_by=time: a function giving the fraction of trainer.max_time used so far.
+
+        It reads Lightning's Timer, the clock that also stops the run, so the decay ends when the run does;
+        a resumed run restores the Timer's elapsed time from its checkpoint and continues with the rest.
+        """
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            raise GptMiniError(
+                "optim.schedule_by=time needs a time budget: set trainer.max_time (e.g. 00:00:02:00)."
+            )
+        budget = timer.time_elapsed() + timer.time_remaining()  # the duration, in seconds
+        return lambda: min(1.0, timer.time_elapsed() / budget)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size); what the model summary runs on ``example_input_array``.
@@ -119,7 +144,7 @@ class GPTTrainingModule(L.LightningModule):
         loss = self._train_loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
         self._record_if_nonfinite(loss)
         steps_done = self.trainer.global_step + 1  # once this step's optimizer has stepped
-        if is_logging_step(self.trainer, steps_done) or steps_done >= self.trainer.max_steps:
+        if is_logging_step(self.trainer, steps_done) or 0 < self.trainer.max_steps <= steps_done:
             # self.log costs a little on every call; Lightning only writes it out on logging steps anyway.
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -148,6 +173,30 @@ class GPTTrainingModule(L.LightningModule):
             norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip as Lightning does, except for a fused optimizer under bf16-mixed, which Lightning refuses.
+
+        Lightning's mixed-precision plugin assumes that a fused optimizer unscales a float16 GradScaler's
+        gradients inside its step, so it will not clip before that step. bf16-mixed has no scaler: the
+        gradients are true values, and clipping them here is what a plain PyTorch loop does. Without this,
+        every bf16 run on a GPU (fused AdamW) stops at its first step.
+        """
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        # FSDP clips its shards through its own path (a local norm would be wrong): Lightning's, untouched.
+        if not (fused and gradient_clip_val) or isinstance(self.trainer.strategy, FSDPStrategy):
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        precision = str(self.trainer.precision)
+        if precision != "bf16-mixed":
+            raise GptMiniError(
+                f"trainer.precision={precision} with fused AdamW cannot clip gradients (the float16 scaler "
+                "unscales them inside the optimizer step); use trainer.precision=bf16-mixed or 32-true, or "
+                "trainer.gradient_clip_val=null."
+            )
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(self.model.parameters(), gradient_clip_val)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if is_logging_step(self.trainer):  # the step that was just logged
@@ -179,8 +228,10 @@ class GPTTrainingModule(L.LightningModule):
         if bad_batch < 0:
             return
         bad_step = bad_batch // self.trainer.accumulate_grad_batches
-        decay_steps = self.optim.decay_steps or self._max_steps()
-        lr = lr_at(bad_step, self.optim, decay_steps)
+        if self.optim.schedule_by == "time":  # the rate now: a time-based schedule has no step formula
+            lr = self.trainer.optimizers[0].param_groups[-1]["lr"]
+        else:
+            lr = lr_at(bad_step, self.optim, self.optim.decay_steps or self._max_steps())
         raise GptMiniError(
             f"the training loss became non-finite (NaN or inf) at step {bad_step} (learning rate {lr:.3g}). "
             "Training stopped; the last good checkpoint was kept. Try a lower optim.lr, more "
@@ -192,6 +243,8 @@ class GPTTrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Never write weights that came out of a NaN step over the last good checkpoint.
         self.raise_if_nonfinite()
+        if self._lora:
+            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"])
         checkpoint[GPTMINI_KEY] = gptmini_entry(
             self.model.config, self.tokenizer_spec or {}, rng=_rng_states(), **self.run_info
         )

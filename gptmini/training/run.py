@@ -18,10 +18,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.checkpoint import load_weights, resolve_checkpoint
+from gptmini.checkpoint import resolve_checkpoint
 from gptmini.common import GptMiniError, atomic_write_text
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache
+from gptmini.threads import AUTO, ThreadChoice, apply_threads
 from gptmini.training.callbacks import (
     GracefulInterrupt,
     LossHistory,
@@ -35,12 +36,17 @@ from gptmini.training.checkpointing import (
     LastSavedStep,
     check_resumable,
     check_run_directory,
-    read_init_source,
+    finetune_from,
+    finetune_info,
+    init_source_for,
+    load_init_weights,
 )
+from gptmini.training.eval_callback import hellaswag_callbacks, hellaswag_config
 from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
+from gptmini.training.perf import training_step_probe
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint, say
-from gptmini.training.settings import apply_threads, check_settings, model_config_from
+from gptmini.training.settings import check_settings, model_config_from, resolve_loss
 
 
 def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: list | None = None) -> dict:
@@ -54,10 +60,13 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     run_dir = run_directory(out_dir)
     cfg = with_run_dir(cfg, run_dir)
     settings = check_settings(cfg, run_dir)  # every value, before any data is read
+    hellaswag = hellaswag_config(cfg)  # eval.hellaswag_*: checked now too
     ckpt_path = resolve_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     check_run_directory(run_dir, resume_from=ckpt_path)
-    init = read_init_source(cfg.init_from) if cfg.init_from else None
-    apply_threads(cfg.threads)
+    finetune = finetune_from(cfg)
+    init = init_source_for(cfg.init_from, ckpt_path)  # init_from, or the base of a LoRA run resumed
+    if init is not None:
+        model_config_from(cfg, None, source=init.model_config)  # a contradicting model.* fails before data
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # text → tokenizer → token cache, here rather than in a DataModule's prepare_data hook: the model's
@@ -65,7 +74,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     if init is not None:
         say(f"init_from: weights and tokenizer ({init.tokenizer.name}) of {init.path}; tokenizer.* is unused")
     cache = open_cache(prepare_cache(settings.data, settings.tokenizer, init.tokenizer if init else None))
-    model_config = model_config_from(cfg, cache.vocab_size)
+    model_config = model_config_from(cfg, cache.vocab_size, source=init.model_config if init else None)
     datamodule = TextDataModule(cache, settings.data, model_config.block_size, seed=cfg.seed)
     module = GPTTrainingModule(
         model_config=asdict(model_config),
@@ -73,13 +82,20 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         val_bytes_per_token=cache.bytes_per_token("val"),
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
+        loss=resolve_loss(cfg.loss, settings.trainer_args["accelerator"]),
         tokenizer_spec=cache.tokenizer_spec,
-        run_info={"data": settings.data.name, "tokenizer_name": cache.tokenizer.name, "name": cfg.name},
+        run_info={
+            "data": settings.data.name,
+            "tokenizer_name": cache.tokenizer.name,
+            "name": cfg.name,
+            **finetune_info(cfg.init_from, init, finetune),
+        },
+        finetune=asdict(finetune),
     )
     if init is not None:
-        load_weights(module.model, init.state, source=init.path)
+        load_init_weights(module.model, init, model_config)
     if ckpt_path is not None:
-        step = check_resumable(ckpt_path, model_config, cache.tokenizer_spec)
+        step = check_resumable(ckpt_path, model_config, cache.tokenizer_spec, finetune)
         # Rows logged after that checkpoint belong to steps this run trains again.
         trim_history(run_dir / METRICS_FILE, after_step=step)
 
@@ -93,6 +109,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         samples,
         StopAtMaxSteps(),
         saved,
+        *hellaswag_callbacks(hellaswag, cache.tokenizer),
         *(extra_callbacks or []),
         interrupt,  # last: every other callback has seen the step before it saves and leaves the loop
     ]
@@ -103,6 +120,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         plugins=[AtomicCheckpointIO()],
     )
 
+    threads = choose_threads(cfg, trainer, module.model)
     say(f"run directory: {run_dir}")
     say(
         f"model: {model_config.n_layer} layers × {model_config.n_head} heads × {model_config.n_embd}, "
@@ -123,11 +141,26 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     _finish(trainer, module, datamodule, history, saved, ckpt_dir / "last.ckpt")
 
     summary = build_summary(trainer, module, throughput, history, ckpt_dir, wall_s, cache.meta["val_tokens"])
+    summary["threads_choice"] = threads.as_dict()
     if trainer.is_global_zero:
         history.plot(run_dir / "loss_curve.png")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_closing_lines(summary, samples.last_sample)
     return summary
+
+
+def choose_threads(cfg: DictConfig, trainer: L.Trainer, model) -> ThreadChoice:
+    """Apply ``cfg.threads``; ``auto`` times this run's own training step with 1, 2, 4 … threads.
+
+    Only a single process on the CPU is timed: on a GPU the CPU threads barely matter, and processes that
+    share the cores (DDP on a CPU) get Lightning's split of them.
+    """
+    one_cpu_process = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
+    timed = cfg.threads == AUTO and one_cpu_process
+    probe = training_step_probe(model, cfg.data.batch_size, str(trainer.precision)) if timed else None
+    choice = apply_threads(cfg.threads if timed or cfg.threads != AUTO else None, probe)
+    say(choice.describe())
+    return choice
 
 
 def _finish(trainer, module, datamodule, history, saved: LastSavedStep, last_ckpt: Path) -> None:

@@ -20,6 +20,7 @@ from gptmini.common import GptMiniError, as_config
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.model.config import GPTConfig
+from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
 
@@ -41,13 +42,12 @@ class RunSettings:
 def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
     """Check everything the config says; raise ``GptMiniError`` naming the first bad value."""
     check_seed(cfg.seed)
-    if cfg.threads is not None and cfg.threads < 1:
-        raise GptMiniError(f"threads={cfg.threads} must be >= 1 (or null for torch's default).")
+    check_threads_setting(cfg.threads)
+    resolve_loss(cfg.loss)  # a bad name fails here, before any data is read
     if cfg.ckpt_path and cfg.init_from:
-        raise GptMiniError(
-            "ckpt_path and init_from are both set: ckpt_path resumes a run (weights, optimizer, step, data "
-            "order), init_from starts a new run from weights only. Keep the one you mean."
-        )
+        from gptmini.training.checkpointing import check_init_with_resume
+
+        check_init_with_resume(cfg.ckpt_path, cfg.init_from)  # allowed only to resume that fine-tune
     settings = RunSettings(
         data=as_config(_plain(cfg.data), DataConfig, "data"),
         tokenizer=as_config(_plain(cfg.tokenizer), TokenizerConfig, "tokenizer"),
@@ -69,11 +69,18 @@ def check_seed(seed: Any) -> None:
         raise GptMiniError(f"seed={seed!r} must be an integer in 0..{MAX_SEED}; try seed=1337.")
 
 
-def model_config_from(cfg: DictConfig, tokenizer_vocab: int | None) -> GPTConfig:
+def model_config_from(
+    cfg: DictConfig, tokenizer_vocab: int | None, source: GPTConfig | None = None
+) -> GPTConfig:
     """The GPTConfig for this run: the named ``model.size``, every ``model.<field>`` that is set, and the
-    tokenizer's vocabulary. ``tokenizer_vocab=None`` checks the values before the tokenizer exists."""
+    tokenizer's vocabulary. ``tokenizer_vocab=None`` checks the values before the tokenizer exists.
+
+    With ``source`` (the config of the ``init_from`` weights) the source's shape wins instead: a set
+    ``model.<field>`` that contradicts it is an error, except ``block_size`` (may be cropped shorter),
+    ``dropout`` and ``attention`` (free: they change no tensor).
+    """
     values = {k: v for k, v in _plain(cfg.model).items() if v is not None}
-    size = values.pop("size")
+    size = values.pop("size", None) or "tiny"  # null in the YAML: a source's shape is not contradicted
     requested = values.pop("vocab_size", None)
     if requested is not None and tokenizer_vocab is not None and requested != tokenizer_vocab:
         multiple = values.get("pad_vocab_multiple", 64)
@@ -84,7 +91,47 @@ def model_config_from(cfg: DictConfig, tokenizer_vocab: int | None) -> GPTConfig
             "model.vocab_size=null: the embedding is already padded for fast matmuls "
             f"({tokenizer_vocab} → {padded} rows, model.pad_vocab_multiple)."
         )
+    if source is not None:
+        named = _plain(cfg.model).get("size")
+        return _from_source(source, values, named, tokenizer_vocab)
     return GPTConfig.from_name(size, vocab_size=tokenizer_vocab or requested or 1, **values)
+
+
+FREE_FIELDS = ("dropout", "attention")  # change no tensor's shape or meaning: free on a fine-tune
+
+
+def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vocab: int | None) -> GPTConfig:
+    """The source's config with the free fields and a cropped block_size applied; contradictions refused."""
+    import dataclasses
+
+    if size is not None:  # a named size counts as setting its fields
+        values = {**_size_row(size), **values}
+    if tokenizer_vocab is not None and tokenizer_vocab != source.vocab_size:
+        raise GptMiniError(
+            f"the init_from weights have {source.vocab_size} vocabulary rows but their tokenizer has "
+            f"{tokenizer_vocab} tokens; use weights whose vocab_size matches GPT-2's tokenizer (50257)."
+        )
+    changes = {}
+    for name, value in values.items():
+        current = getattr(source, name, None)
+        if name in FREE_FIELDS or value == current:
+            changes[name] = value
+        elif name == "block_size" and value < current:
+            changes[name] = value  # cropped: the first block_size rows of the position table
+        else:
+            more = " (it may only be cropped shorter)" if name == "block_size" else ""
+            raise GptMiniError(
+                f"model.{name}={value!r} contradicts the init_from weights, which have {name}={current!r}"
+                f"{more}; drop model.{name} (the imported shape is used)."
+            )
+    return dataclasses.replace(source, **changes)
+
+
+def _size_row(size: str) -> dict:
+    from gptmini.model.config import MODEL_SIZES
+
+    GPTConfig.from_name(size)  # an unknown name: the usual message
+    return dict(MODEL_SIZES[size])
 
 
 def sample_config_from(cfg: DictConfig) -> SampleConfig:
@@ -105,10 +152,35 @@ def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
     return "32-true"
 
 
+LOSSES = ("auto", "chunked", "standard")
+
+
+def resolve_loss(loss: str, accelerator: str = "auto") -> str:
+    """``auto`` = the standard loss on a GPU, the chunked one elsewhere.
+
+    Measured on an H100 (GPT-2 small, B=32, compiled): the compiler fuses the standard cross-entropy over the
+    full logits well, so it is faster there, and an H100 has the memory for the logits. On a CPU the chunked
+    loss (``ChunkedLMHeadLoss``) saves the B·T x V logits and their gradient.
+    """
+    if loss not in LOSSES:
+        raise GptMiniError(f"loss={loss!r} must be one of {', '.join(LOSSES)}; try loss=auto.")
+    if loss != "auto":
+        return loss
+    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
+    return "standard" if on_cuda else "chunked"
+
+
 def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
     """``cfg.trainer`` as ``L.Trainer`` keyword arguments: precision resolved, root dir = the run dir."""
     args = _plain(cfg.trainer)
     TrainerSchema(**args)  # the value checks Lightning leaves to the middle of a run
+    if cfg.optim.get("schedule_by") == "time":
+        if not args.get("max_time"):
+            raise GptMiniError(
+                "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
+                "e.g. trainer.max_time=00:00:02:00."
+            )
+        args["max_steps"] = -1  # the time budget is the run's length, so the schedule always finishes
     args["precision"] = resolve_precision(args["precision"], args["accelerator"])
     args["default_root_dir"] = args["default_root_dir"] or str(run_dir)
     return args
@@ -157,9 +229,3 @@ def _first_line(error: BaseException) -> str:
         if hint in text:
             return f"{text} (trainer.{key}); try {fix}."
     return text
-
-
-def apply_threads(threads: int | None) -> None:
-    """``threads`` for torch's CPU kernels; None keeps torch's default (all cores)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
