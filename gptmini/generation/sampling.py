@@ -9,7 +9,8 @@ pass per new token. A GPT cannot see more than ``block_size`` positions, so when
 *slides*: the cache is reset and the last ``block_size // 2`` tokens are prefilled again ("recompute").
 Keeping half a block (not ``block_size - 1`` tokens) means a re-prefill every ``block_size // 2`` steps
 instead of every step. ``use_cache=False`` runs the full window at every step with the same sliding rule,
-so both modes see the same context and greedy decoding gives identical tokens.
+so both modes see the same context and greedy decoding gives identical tokens. ``compile=True`` runs each
+one-token step through ``GPT.decode_step`` compiled (fixed shapes: compiled once, a CUDA graph on a GPU).
 
 Memory does not grow with ``max_new_tokens``: the loop keeps only the window the model sees and, for the
 repetition penalty, one flag per vocabulary entry saying whether it has appeared. A huge ``max_new_tokens``
