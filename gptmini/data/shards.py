@@ -2,9 +2,9 @@
 
 One concern: building a sharded cache folder from ``gptmini.data.hf_source``'s documents: parallel encoding,
 shard files, the progress state that lets an interrupted build resume, and the progress bar. Imports
-``gptmini.common`` and ``gptmini.data`` modules (``token_cache``'s helpers for keys, locks and tokenizers);
-must not import ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``. docs/data.md describes
-the format on disk.
+``gptmini.common`` and ``gptmini.data`` modules (``cache_files`` for the version, the stored tokenizer and
+write errors), never ``token_cache``, which imports this module; must not import ``gptmini.model``,
+``gptmini.training`` or ``gptmini.generation``. docs/data.md describes the format on disk.
 
 Decisions worth knowing:
 
@@ -28,6 +28,7 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -45,9 +46,16 @@ from tqdm import tqdm  # installed with lightning
 
 from gptmini.common import GptMiniError, atomic_write_text
 from gptmini.data import hf_source
+from gptmini.data.cache_files import (
+    CACHE_VERSION,
+    cannot_write,
+    save_tokenizer,
+    tokenizer_folder,
+    tokenizer_key,
+)
 from gptmini.data.corpus import DataConfig, cache_root
 from gptmini.data.encode import BPE_SAMPLE_BYTES, SPLITS, encode_threads, token_dtype
-from gptmini.data.tokenizer import TokenizerConfig, load_encoding, tokenizer_id, tokenizer_to_spec, train_bpe
+from gptmini.data.tokenizer import TokenizerConfig, load_encoding, train_bpe
 
 log = logging.getLogger(__name__)
 
@@ -334,8 +342,6 @@ def build_sharded_cache(
     parent: Path, key: str, data: DataConfig, tok: TokenizerConfig, encoding: tiktoken.Encoding | None
 ) -> Path:
     """Build (or resume building) the sharded cache ``parent/key``; return its folder."""
-    from gptmini.data.token_cache import CACHE_VERSION, _save_tokenizer, _tokenizer_folder
-
     folder = parent / key
     building = parent / f".{key}.building"
     with FileLock(str(folder) + ".lock"):
@@ -359,7 +365,7 @@ def build_sharded_cache(
                 enc = _train_tokenizer(data, tok, dataset)
         else:
             enc = load_encoding(tok.name)
-        tokenizer = _save_tokenizer(enc, building)
+        tokenizer = save_tokenizer(enc, building)
         if state is None:
             # The starting state, so even a build interrupted before its first shard keeps its tokenizer.
             atomic_write_text(building / PROGRESS_FILE, json.dumps({"key": key, "next_doc": 0, "splits": {}}))
@@ -375,7 +381,7 @@ def build_sharded_cache(
             "split_seed": data.hf.split_seed,
             "max_tokens": data.max_tokens,
             "shard_tokens": data.shard_tokens,
-            "tokenizer_id": _tokenizer_folder(tok, encoding),
+            "tokenizer_id": tokenizer_folder(tok, encoding),
             "tokenizer": tokenizer,
             "vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token,
@@ -398,16 +404,6 @@ def build_sharded_cache(
 
 def sharded_cache_key(data: DataConfig, tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
     """The key of a sharded cache: the source, split, cap, shard size, tokenizer and cache version."""
-    import hashlib
-
-    from gptmini.data.token_cache import CACHE_VERSION
-
-    if encoding is None:
-        sample = BPE_SAMPLE_BYTES if tok.name == "bpe" else None
-        tokenizer = {"id": tokenizer_id(tok), "bpe_sample_bytes": sample}
-    else:
-        spec = json.dumps(tokenizer_to_spec(encoding), sort_keys=True).encode()
-        tokenizer = {"spec_sha256": hashlib.sha256(spec).hexdigest()}
     settings = {
         "version": CACHE_VERSION,
         "layout": LAYOUT,
@@ -416,16 +412,14 @@ def sharded_cache_key(data: DataConfig, tok: TokenizerConfig, encoding: tiktoken
         "split_seed": data.hf.split_seed,
         "max_tokens": data.max_tokens,
         "shard_tokens": data.shard_tokens,
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer_key(tok, encoding),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_sharded_cache(data: DataConfig, tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> Path:
     """``prepare_cache`` for ``data=hf``: a complete sharded cache's folder, built or resumed if needed."""
-    from gptmini.data.token_cache import _cannot_write, _tokenizer_folder
-
-    parent = cache_root(data) / "hf" / hf_source.folder_name(data.hf) / _tokenizer_folder(tok, encoding)
+    parent = cache_root(data) / "hf" / hf_source.folder_name(data.hf) / tokenizer_folder(tok, encoding)
     key = sharded_cache_key(data, tok, encoding)
     if (parent / key / "meta.json").is_file():
         return parent / key
@@ -433,4 +427,4 @@ def prepare_sharded_cache(data: DataConfig, tok: TokenizerConfig, encoding: tikt
         parent.mkdir(parents=True, exist_ok=True)
         return build_sharded_cache(parent, key, data, tok, encoding)
     except OSError as exc:
-        raise _cannot_write(exc, cache_root(data)) from None
+        raise cannot_write(exc, cache_root(data)) from None

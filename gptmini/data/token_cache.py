@@ -1,8 +1,9 @@
 """Token caches: tokenize a corpus once into a cache folder, and open one checked.
 
 One concern: the cache on disk, that is its key, the lock, building it atomically, ``meta.json`` and opening
-the token files. Imports ``gptmini.data.corpus``, ``.tokenizer`` and ``.encode`` only; must not import the
-DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``.
+the token files. Imports ``gptmini.data.corpus``, ``.tokenizer``, ``.encode``, ``.cache_files`` and (for
+``data=hf``) ``.shards`` only; must not import the DataModule, ``gptmini.model``, ``gptmini.training`` or
+``gptmini.generation``.
 
 A cache is a folder ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` holding ``train.bin`` and ``val.bin``
 (see ``gptmini.data.encode``), ``meta.json`` (counts, dtype, tokenizer, source fingerprint) and, for a BPE,
@@ -28,13 +29,11 @@ Decisions worth knowing:
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -50,8 +49,14 @@ from gptmini.common import (
     GptMiniError,
     as_config,
     atomic_write_text,
-    describe_os_error,
     remove_stale_temp_files,
+)
+from gptmini.data.cache_files import (
+    CACHE_VERSION,
+    cannot_write,
+    save_tokenizer,
+    tokenizer_folder,
+    tokenizer_key,
 )
 from gptmini.data.corpus import Corpus, DataConfig, cache_root, fingerprint, resolve_corpus, split_offset
 from gptmini.data.encode import BPE_SAMPLE_BYTES, SPLITS, bpe_sample, encode_corpus
@@ -60,15 +65,11 @@ from gptmini.data.tokenizer import (
     TokenizerConfig,
     load_bpe,
     load_encoding,
-    save_bpe,
-    tokenizer_id,
     tokenizer_to_spec,
     train_bpe,
 )
 
 log = logging.getLogger(__name__)
-# Bump when the cache layout or contents change, so old caches are not reused.
-CACHE_VERSION = 3
 TOKEN_DTYPES = ("uint16", "uint32")
 # Tokens per step of the out-of-range check on open: a few MB at a time, whatever the split's size.
 ID_CHECK_CHUNK = 2**22
@@ -89,12 +90,6 @@ def _check_encoding(encoding: tiktoken.Encoding) -> None:
         raise GptMiniError(f"the BPE tokenizer {encoding.name!r} must have {EOT} as its last id")
 
 
-def _tokenizer_folder(tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
-    if encoding is None:
-        return tokenizer_id(tok)
-    return re.sub(r"[^A-Za-z0-9._-]", "_", encoding.name) or "tokenizer"
-
-
 def _cache_key(
     corpus: Corpus,
     source_fingerprint: str,
@@ -102,30 +97,14 @@ def _cache_key(
     val_fraction: float,
     encoding: tiktoken.Encoding | None = None,
 ) -> str:
-    if encoding is None:
-        tokenizer = {
-            "id": tokenizer_id(tok),
-            "bpe_sample_bytes": BPE_SAMPLE_BYTES if tok.name == "bpe" else None,
-        }
-    else:  # exactly this vocabulary, so a cache for an encoding never mixes with a trained one
-        spec = json.dumps(tokenizer_to_spec(encoding), sort_keys=True).encode()
-        tokenizer = {"spec_sha256": hashlib.sha256(spec).hexdigest()}
     settings = {
         "version": CACHE_VERSION,
         "corpus": corpus.name,
         "fingerprint": source_fingerprint,
-        "tokenizer": tokenizer,
+        "tokenizer": tokenizer_key(tok, encoding),
         "val_fraction": val_fraction,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _save_tokenizer(enc: tiktoken.Encoding, folder: Path) -> dict:
-    """Store ``enc`` in the cache folder; return what meta.json records to load it again."""
-    if tokenizer_to_spec(enc)["kind"] == "tiktoken":
-        return {"kind": "tiktoken", "name": enc.name}
-    save_bpe(enc, folder / "tokenizer.tiktoken")
-    return {"kind": "bpe", "name": enc.name, "file": "tokenizer.tiktoken"}
 
 
 def _build_cache(
@@ -148,7 +127,7 @@ def _build_cache(
         log.info("trained the BPE in %.1f s", time.perf_counter() - started)
     else:
         enc = load_encoding(tok.name)
-    tokenizer = _save_tokenizer(enc, folder)
+    tokenizer = save_tokenizer(enc, folder)
     total_mb = sum(path.stat().st_size for path in corpus.files) / MB
     log.info("tokenizing %.1f MB of %s with %s", total_mb, corpus.description, enc.name)
     tokenizing = time.perf_counter()
@@ -170,7 +149,7 @@ def _build_cache(
         "fingerprint": source_fingerprint,
         "files": len(corpus.files),
         "val_fraction": data.val_fraction,
-        "tokenizer_id": _tokenizer_folder(tok, encoding),
+        "tokenizer_id": tokenizer_folder(tok, encoding),
         "tokenizer": tokenizer,
         "vocab_size": enc.n_vocab,
         "eot_id": enc.eot_token,
@@ -193,14 +172,6 @@ def _remove_stale_builds(parent: Path) -> None:
                     shutil.rmtree(tmp, ignore_errors=True)
             except Timeout:
                 pass  # another process is building it right now
-
-
-def _cannot_write(error: OSError, root: Path) -> GptMiniError:
-    if error.errno == errno.ENOSPC:
-        fix = "free some space there, or set data.cache_dir=/a/folder/on/a/disk/with/room"
-    else:
-        fix = "set data.cache_dir=/a/folder/you/can/write"
-    return GptMiniError(f"{describe_os_error(error, f'the token cache under {root}')}; {fix}.")
 
 
 def prepare_cache(
@@ -231,7 +202,7 @@ def prepare_cache(
             f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
     source_fingerprint = fingerprint(corpus.files)
-    parent = cache_root(data) / corpus.name / _tokenizer_folder(tokenizer, encoding)
+    parent = cache_root(data) / corpus.name / tokenizer_folder(tokenizer, encoding)
     folder = parent / _cache_key(corpus, source_fingerprint, tokenizer, data.val_fraction, encoding)
     if parent.is_dir():
         _remove_stale_builds(parent)
@@ -253,7 +224,7 @@ def prepare_cache(
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
     except OSError as exc:
-        raise _cannot_write(exc, cache_root(data)) from None
+        raise cannot_write(exc, cache_root(data)) from None
     return folder
 
 
