@@ -21,6 +21,9 @@ from typing import IO
 
 # Every temporary file an atomic write makes is named ``.<target>.<random>.tmp`` beside its target.
 TEMP_SUFFIX = ".tmp"
+# The Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups), for code that composes them
+# outside the command-line scripts: tests, benchmarks, python -m gptmini.eval.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class GptMiniError(Exception):

@@ -12,7 +12,7 @@ import time
 from omegaconf import DictConfig, OmegaConf
 
 from gptmini.checkpoint import load_checkpoint
-from gptmini.common import as_config, pick_device
+from gptmini.common import CONFIG_DIR, as_config, pick_device
 from gptmini.eval import hellaswag
 from gptmini.eval.config import EvalConfig
 from gptmini.eval.val import evaluate_val
@@ -30,8 +30,6 @@ def register_config() -> None:
 def compose_eval(overrides: list[str]) -> DictConfig:
     """configs/eval.yaml composed with ``overrides`` (``key=value`` strings, as on the command line)."""
     from hydra import compose, initialize_config_dir
-
-    from gptmini.training.config import CONFIG_DIR  # where the configs live; nothing else of training
 
     register_config()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -8,13 +8,12 @@ happen in each config's ``__post_init__`` when ``train()`` builds the real objec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from gptmini.common import GptMiniError
+from gptmini.common import CONFIG_DIR, GptMiniError
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.eval.config import HellaSwagConfig
@@ -186,9 +185,6 @@ class TrainConfig:
     """A label stored in the checkpoint and the summary."""
     run_dir: str = "${hydra:runtime.output_dir}"
     """Where the run writes everything; Hydra's run directory (train(cfg, out_dir=...) sets it)."""
-
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
 def compose_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:
