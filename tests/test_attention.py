@@ -17,7 +17,6 @@ from gptmini.model.attention import (
     CausalSelfAttention,
     CompactMultiHeadAttention,
     GroupedQueryAttention,
-    KVCache,
     MultiHeadAttention,
     MultiHeadAttentionWrapper,
     SelfAttention,
@@ -27,6 +26,7 @@ from gptmini.model.attention import (
     rope_tables,
     simplified_self_attention,
 )
+from gptmini.model.kv_cache import KVCache
 from gptmini.model.walkthrough import chapter3_numbers, fused_from_stacked_heads, gqa_numbers, main
 
 KINDS = list(ATTENTION_CLASSES)

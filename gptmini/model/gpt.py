@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptmini.common import GptMiniError
-from gptmini.model.attention import ATTENTION_CLASSES, KVCache, LayerKVCache
+from gptmini.model.attention import ATTENTION_CLASSES
 from gptmini.model.config import GPTConfig, swiglu_hidden
+from gptmini.model.kv_cache import KVCache, LayerKVCache
 from gptmini.model.loss import ChunkedLMHeadLoss
 
 
