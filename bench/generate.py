@@ -95,7 +95,7 @@ def bench_shape(name: str, config: GPTConfig, device: torch.device, args: argpar
     # As generate.py: "auto" times cached decoding of this model with 1, 2, 4 ... threads (CPU only).
     auto = args.threads == AUTO and device.type == "cpu"
     probe = (lambda: time_decode(model, prompt, 16, "cache")) if auto else None
-    threads = apply_threads(None if args.threads in (0, AUTO) and not auto else args.threads, probe)
+    threads = apply_threads(args.threads or None, probe)  # 0: torch's default; auto untimed: the same
     started = time.perf_counter()
     for mode in modes:  # warm-up: kernels, allocator, lazy init; the compiled step compiles here
         time_decode(model, prompt, 8, mode)

@@ -169,7 +169,7 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
     auto = args.threads == AUTO and device.type == "cpu"
     precision = settings.resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
     probe = training_step_probe(GPT(model_config), cfg.data.batch_size, precision) if auto else None
-    threads = apply_threads(None if args.threads in (0, AUTO) and not auto else args.threads, probe)
+    threads = apply_threads(args.threads or None, probe)  # 0: torch's default; auto untimed: the same
     torch.manual_seed(cfg.seed)
     batches = RandomBatches(model_config.vocab_size, cfg.data.batch_size, model_config.block_size)
     # As TextDataModule.train_dataloader: whole batches, the main process, pinned memory on CUDA.

@@ -158,7 +158,7 @@ def choose_threads(cfg: DictConfig, trainer: L.Trainer, model) -> ThreadChoice:
     one_cpu_process = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
     timed = cfg.threads == AUTO and one_cpu_process
     probe = training_step_probe(model, cfg.data.batch_size, str(trainer.precision)) if timed else None
-    choice = apply_threads(cfg.threads if timed or cfg.threads != AUTO else None, probe)
+    choice = apply_threads(cfg.threads, probe)  # auto without a probe keeps torch's default
     say(choice.describe())
     return choice
 
