@@ -36,6 +36,8 @@ class ThreadChoice:
 
     def describe(self) -> str:
         """One line for the run's log, e.g. ``threads=auto: 1 (1: 41 ms/step, 2: 95 ms/step)``."""
+        if self.how == "checkpoint":
+            return f"threads=auto: {self.threads}, the count the resumed checkpoint was trained with"
         if self.how != "auto":
             return f"threads: {self.threads} ({self.how})"
         timings = ", ".join(f"{n}: {ms:.1f} ms" for n, ms in sorted(self.step_ms.items()))
@@ -55,6 +57,13 @@ def check_threads_setting(value, key: str = "threads") -> None:
         raise GptMiniError(
             f"{key}={value!r} must be auto (timed), null (torch's default) or a whole number >= 1; "
             f"try {key}=auto."
+        )
+    cores = available_cores()
+    if value > cores:
+        # More threads than cores only makes them wait for each other: never what was meant.
+        raise GptMiniError(
+            f"{key}={value} is more than the {cores} CPU cores this process may use; "
+            f"use {key}=auto (timed) or at most {key}={cores}."
         )
 
 

@@ -120,8 +120,8 @@ class SignalAtStep(L.Callback):
     def __init__(self, step: int, signum: int = signal.SIGINT) -> None:
         self.step, self.signum = step, signum
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step - 1:
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == self.step - 1:  # in the middle of step ``step``
             os.kill(os.getpid(), self.signum)
 
 

@@ -5,7 +5,9 @@ import json
 import os
 import time
 
+import lightning as L
 import pytest
+import torch
 
 from gptmini.checkpoint import read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError
@@ -122,3 +124,115 @@ def test_init_from_and_ckpt_path_together_are_refused(tmp_path, tiny_train_overr
     cfg = compose_train(tiny_train_overrides + [f"init_from={tmp_path}", f"ckpt_path={tmp_path}"])
     with pytest.raises(GptMiniError, match="ckpt_path and init_from are both set"):
         train(cfg, out_dir=tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact resume on the settings users run: the model summary on, threads=auto, validations inside the run,
+# samples at each validation. (debug=smoke switches the first two off, which once hid three bugs.)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CrashBeforeStep(L.Callback):
+    """Abort the run as a crash (kill -9, a power cut) would, just before step ``step`` starts: what is on
+    disk is the checkpoint the last validation wrote."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def default_overrides(tmp_path, write_corpus, optim: str) -> list[str]:
+    """The default trainer, callbacks and threads=auto; only the model and data are small."""
+    corpus = write_corpus(tmp_path / "corpus")
+    return [
+        "data=text",
+        f"data.path={corpus}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "tokenizer.vocab_size=300",
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=32",
+        "model.block_size=16",
+        "data.batch_size=8",
+        f"optim={optim}",
+        "trainer.max_steps=20",
+        "trainer.val_check_interval=5",
+        "trainer.log_every_n_steps=1",  # every row is compared
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def logged_rows(run_dir) -> dict[tuple[str, int], str]:
+    """Every logged value by (column, step label), timings left out; a label logged twice fails."""
+    found: dict[tuple[str, int], str] = {}
+    for row in metrics_rows(run_dir):
+        for column, value in row.items():
+            if value and column not in ("step", "epoch") and not column.startswith("perf/"):
+                key = (column, int(row["step"]))
+                assert key not in found, f"{key} logged twice in {run_dir}"
+                found[key] = value
+    return found
+
+
+def final_weights(run_dir) -> dict:
+    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+
+
+def assert_same_run(run_dir, straight_dir) -> None:
+    assert logged_rows(run_dir) == logged_rows(straight_dir)
+    ours, theirs = final_weights(run_dir), final_weights(straight_dir)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours), "weights differ from the straight run"
+    assert (run_dir / "samples.txt").read_text() == (straight_dir / "samples.txt").read_text()
+    ours, theirs = (json.loads((d / "summary.json").read_text()) for d in (run_dir, straight_dir))
+    assert ours["steps"] == theirs["steps"] == 20
+    assert ours["best_val_loss"] == theirs["best_val_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_default_settings_resume_equals_a_straight_run_by_label_and_weight(
+    optim, tmp_path, write_corpus, compose_train, signal_at_step
+):
+    overrides = default_overrides(tmp_path, write_corpus, optim)
+
+    # A crash after the validation checkpoint of step 10, resumed into a new directory and into its own.
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_train(overrides), out_dir=crashed, extra_callbacks=[CrashBeforeStep(10)])
+    assert read_checkpoint(crashed / "checkpoints" / "last.ckpt")["global_step"] == 10
+    train(compose_train(overrides + [f"ckpt_path={crashed}"]), out_dir=tmp_path / "elsewhere")
+    train(compose_train(overrides + [f"ckpt_path={crashed}"]), out_dir=crashed)
+
+    # Ctrl-C at step 7 (a checkpoint written at a batch end), resumed in its own directory.
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit):
+        train(compose_train(overrides), out_dir=stopped, extra_callbacks=[signal_at_step(7)])
+    train(compose_train(overrides + [f"ckpt_path={stopped}"]), out_dir=stopped)
+
+    # The resumed runs kept the thread count their checkpoint recorded; the straight run uses that count
+    # too, since threads=auto could time its way to another one on a busy machine.
+    threads = read_checkpoint(crashed / "checkpoints" / "last.ckpt")["gptmini"]["threads"]
+    resumed_choice = json.loads((crashed / "summary.json").read_text())["threads_choice"]
+    assert resumed_choice["how"] == "checkpoint" and resumed_choice["threads"] == threads
+    def straight_run(threads: int):
+        run = tmp_path / f"straight-{threads}"
+        if not run.exists():
+            train(compose_train(overrides + [f"threads={threads}"]), out_dir=run)
+        return run
+
+    straight = straight_run(threads)
+    assert len(logged_rows(straight)) > 80  # 20 steps × (loss, grad norm, 2 rates) + 4 validations
+
+    # The new directory holds only the resumed part; with the first part's rows it is the straight run.
+    first_part = {key: value for key, value in logged_rows(straight).items() if key[1] < 10}
+    assert {**first_part, **logged_rows(tmp_path / "elsewhere")} == logged_rows(straight)
+    assert min(step for _, step in logged_rows(tmp_path / "elsewhere")) == 10
+    elsewhere = final_weights(tmp_path / "elsewhere")
+    assert all(torch.equal(weight, final_weights(straight)[name]) for name, weight in elsewhere.items())
+    assert_same_run(crashed, straight)
+    stopped_threads = read_checkpoint(stopped / "checkpoints" / "last.ckpt")["gptmini"]["threads"]
+    assert_same_run(stopped, straight_run(stopped_threads))

@@ -133,8 +133,7 @@ class TextDataModule(L.LightningDataModule):
             raise GptMiniError(f"seed={seed!r} must be a non-negative integer.")
         self.block_size = block_size
         self.seed = seed
-        self.batches_consumed = 0
-        self._train_batches: TrainBatches | None = None
+        self._loaded_batches = 0  # load_state_dict's value, for a DataModule used without a trainer
         train_tokens, need = cache.meta["train_tokens"], block_size + 1
         if train_tokens < need:
             raise GptMiniError(
@@ -158,7 +157,7 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Whole batches from an endless stream that starts after the batches already consumed."""
-        self._train_batches = TrainBatches(
+        batches = TrainBatches(
             self.cache.token_files("train"),
             self.cache.meta["dtype"],
             self.block_size,
@@ -167,7 +166,7 @@ class TextDataModule(L.LightningDataModule):
             self._rank(),
             self.batches_consumed,
         )
-        return DataLoader(self._train_batches, batch_size=None, **self._loader_kwargs())
+        return DataLoader(batches, batch_size=None, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         """The validation windows in order (the same every time)."""
@@ -178,15 +177,18 @@ class TextDataModule(L.LightningDataModule):
             windows, batch_size=self.data_config.batch_size, shuffle=False, **self._loader_kwargs()
         )
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        # Lightning calls this in the main process for each batch it actually uses (not for prefetched ones),
-        # so the count is exact; validation batches don't advance the training stream.
-        if self.trainer is not None and self.trainer.training:
-            self.batches_consumed += 1
-            if self._train_batches is not None:
-                # A re-iterated loader (a new epoch) continues the stream instead of repeating it.
-                self._train_batches.start = self.batches_consumed
-        return batch
+    @property
+    def batches_consumed(self) -> int:
+        """Training batches this rank has taken from the stream: where a resumed stream continues.
+
+        Derived from the trainer's optimizer steps rather than counted in a batch hook: Lightning also runs
+        the batch-transfer hooks on the model summary's example input, which is no training batch, and a
+        count kept there was one too high. Checkpoints are written only between optimizer steps, so every
+        batch taken belongs to a finished step. Without a trainer it is the value last loaded.
+        """
+        if isinstance(self.trainer, L.Trainer):
+            return self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return self._loaded_batches
 
     def state_dict(self) -> dict:
         """How far the training stream got: enough to resume it exactly."""
@@ -194,6 +196,4 @@ class TextDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Resume: the next train_dataloader starts at the first batch not yet consumed."""
-        self.batches_consumed = int(state_dict["batches_consumed"])
-        if self._train_batches is not None:
-            self._train_batches.start = self.batches_consumed
+        self._loaded_batches = int(state_dict["batches_consumed"])

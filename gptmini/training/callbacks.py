@@ -3,6 +3,7 @@
 - ``Throughput``: tokens/s and MFU, measured over windows of steps (one host sync per window, not per step).
 - ``LossHistory``: train/val loss against tokens seen, for the loss-curve PNG.
 - ``TextSamples``: a text sample at each validation, printed and written to ``samples.txt``.
+- ``AlignStepLabels``: a resumed run labels its logged rows with the steps a straight run would.
 - ``GracefulInterrupt``: Ctrl-C / SIGTERM save a checkpoint at the next step boundary and stop; a second
   Ctrl-C exits at once.
 - ``QuietRichProgressBar``: refreshes its metrics every few steps, so the bar does not sync every step.
@@ -23,7 +24,12 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.common import atomic_file
 from gptmini.training.perf import mfu, peak_flops
-from gptmini.training.steps import finished_optimizer_step, is_accumulating, is_logging_step
+from gptmini.training.steps import (
+    align_logged_step,
+    finished_optimizer_step,
+    is_accumulating,
+    is_logging_step,
+)
 
 
 class Throughput(L.Callback):
@@ -116,13 +122,24 @@ def _synchronize(device: torch.device) -> None:
 
 
 class LossHistory(L.Callback):
-    """Keeps (tokens seen, loss) pairs of every logged training step and every validation."""
+    """Keeps (tokens seen, loss) pairs of every logged training step and every validation.
+
+    The pairs travel in the checkpoint, so a resumed run's loss curve and best validation loss cover the
+    whole run, not only the part after the resume.
+    """
 
     def __init__(self) -> None:
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
         self.tokens_per_batch = 0
         self.last_val_step: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"train": list(self.train), "val": list(self.val)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train = [tuple(pair) for pair in state_dict.get("train", [])]
+        self.val = [tuple(pair) for pair in state_dict.get("val", [])]
 
     def tokens_seen(self, trainer) -> int:
         """Tokens consumed so far by all ranks, derived from the step so it stays right after a resume."""
@@ -226,6 +243,15 @@ class TextSamples(L.Callback):
             experiment.add_text("sample", self.prompt + text, trainer.global_step)
 
 
+class AlignStepLabels(L.Callback):
+    """Label logged rows with ``trainer.global_step`` (see ``steps.align_logged_step``). Put it first: other
+    callbacks log in ``on_train_batch_start`` too (the learning-rate monitor) and must see the right label.
+    """
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        align_logged_step(trainer)
+
+
 class StopAtMaxSteps(L.Callback):
     """Ask Lightning to stop on the last step, which also runs a final validation (and so a checkpoint).
 
@@ -244,10 +270,12 @@ class TrainingInterrupted(Exception):
 class GracefulInterrupt(L.Callback):
     """Ctrl-C or SIGTERM: finish the current step, write a resumable checkpoint, then leave the loop.
 
-    The signal only sets a flag; the checkpoint is written at the end of the next training step, so it
-    always holds a whole step (a signal during validation waits for it to end). ``TrainingInterrupted`` then
-    carries the signal's name to the caller. A second Ctrl-C exits at once (status 130). Put this callback
-    last, so every other callback has seen the step before the loop is left.
+    The signal only sets a flag. The checkpoint is written at the end of the next training step, so it
+    always holds a whole step, and the loop is left when the step after it would start: by then Lightning
+    has logged the saved step's metrics (leaving at once would lose its row in metrics.csv) and run a
+    validation if one was due, whose own checkpoint then replaces this one. A signal during validation waits
+    for it to end. ``TrainingInterrupted`` carries the signal's name to the caller. A second Ctrl-C exits at
+    once (status 130). Put this callback last, so every other callback has seen the step before it saves.
 
     Args:
         ckpt_file: where the checkpoint goes (the run's ``checkpoints/last.ckpt``, so resuming finds it).
@@ -256,6 +284,7 @@ class GracefulInterrupt(L.Callback):
     def __init__(self, ckpt_file: str | os.PathLike) -> None:
         self.ckpt_file = Path(ckpt_file)
         self.received: str | None = None
+        self.saved = False  # the checkpoint is written; the loop is left before the next step
         self._previous: dict[int, object] = {}
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -277,7 +306,7 @@ class GracefulInterrupt(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if is_accumulating(trainer):
+        if is_accumulating(trainer) or self.saved:
             return
         stop = self.received is not None
         if trainer.world_size > 1:
@@ -288,6 +317,10 @@ class GracefulInterrupt(L.Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
             trainer.save_checkpoint(self.ckpt_file)
+            self.saved = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.saved:
             raise TrainingInterrupted(self.received or "signal on another rank")
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -23,7 +23,7 @@ from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
-from gptmini.training.steps import align_logged_step, is_logging_step
+from gptmini.training.steps import is_logging_step
 
 
 class GPTTrainingModule(L.LightningModule):
@@ -205,7 +205,6 @@ class GPTTrainingModule(L.LightningModule):
     # ----- numerical faults ---------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:
-        align_logged_step(self.trainer)  # metrics.csv rows of a resumed run carry the same steps
         self._batches_seen.fill_(self.trainer.global_step * self.trainer.accumulate_grad_batches)
         # Restored here, after Lightning's own seeding, so dropout continues exactly where the run stopped.
         states = getattr(self, "_rng_to_restore", None)

@@ -16,14 +16,15 @@ def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: flo
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
-    best = _best_checkpoint(trainer)
-    val_losses = [loss for _, loss in history.val]
+    best, best_loss = _best_checkpoint(trainer)
+    if best_loss is None and history.val:  # no best.ckpt by val/loss: the whole history's
+        best_loss = min(loss for _, loss in history.val)
     return {
         "val_loss": metrics.get("val/loss"),
         "val_bpb": metrics.get("val/bpb"),
         "val_ppl": metrics.get("val/ppl"),
-        "best_val_loss": min(val_losses) if val_losses else None,
-        "best_val_bpb": _bpb(min(val_losses), lit.val_bytes_per_token) if val_losses else None,
+        "best_val_loss": best_loss,  # the loss of best_checkpoint, so the two always describe one file
+        "best_val_bpb": _bpb(best_loss, lit.val_bytes_per_token) if best_loss is not None else None,
         "train_loss": metrics.get("train/loss"),
         "steps": trainer.global_step,
         "train_tokens": history.tokens_seen(trainer),
@@ -50,11 +51,14 @@ def _bpb(loss: float, bytes_per_token: float | None) -> float | None:
     return loss / math.log(2) / bytes_per_token if bytes_per_token else None
 
 
-def _best_checkpoint(trainer) -> str | None:
+def _best_checkpoint(trainer) -> tuple[str | None, float | None]:
+    """The best checkpoint and its validation loss, as ModelCheckpoint keeps them (restored on a resume in
+    the same directory, so an earlier, better checkpoint stays the best)."""
     callback = trainer.checkpoint_callback
-    if isinstance(callback, ModelCheckpoint) and callback.best_model_path:
-        return callback.best_model_path
-    return None
+    if not (isinstance(callback, ModelCheckpoint) and callback.best_model_path):
+        return None, None
+    score = callback.best_model_score if callback.monitor == "val/loss" else None  # another metric's best
+    return callback.best_model_path, None if score is None else float(score)
 
 
 def say(message: str) -> None:

@@ -18,12 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.checkpoint import resolve_checkpoint
+from gptmini.checkpoint import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError, atomic_write_text
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache
-from gptmini.threads import AUTO, ThreadChoice, apply_threads
+from gptmini.threads import AUTO, ThreadChoice, apply_threads, available_cores
 from gptmini.training.callbacks import (
+    AlignStepLabels,
     GracefulInterrupt,
     LossHistory,
     StopAtMaxSteps,
@@ -103,7 +104,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     interrupt, history, saved = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory(), LastSavedStep()
     throughput = Throughput(cfg.throughput_every_n_steps, cfg.peak_flops)
     samples = TextSamples(cache.tokenizer, run_dir, settings.sample, seed=cfg.seed)
-    callbacks = build_callbacks(cfg) + [
+    callbacks = [
+        AlignStepLabels(),
+        *build_callbacks(cfg),
         throughput,
         history,
         samples,
@@ -120,7 +123,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         plugins=[AtomicCheckpointIO()],
     )
 
-    threads = choose_threads(cfg, trainer, module.model)
+    threads = choose_threads(cfg, trainer, module.model, resumed=ckpt_path)
+    module.run_info["threads"] = threads.threads  # a resumed run uses the same count (bitwise equal steps)
     say(f"run directory: {run_dir}")
     say(
         f"model: {model_config.n_layer} layers × {model_config.n_head} heads × {model_config.n_embd}, "
@@ -149,18 +153,33 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     return summary
 
 
-def choose_threads(cfg: DictConfig, trainer: L.Trainer, model) -> ThreadChoice:
+def choose_threads(cfg: DictConfig, trainer: L.Trainer, model, resumed: Path | None = None) -> ThreadChoice:
     """Apply ``cfg.threads``; ``auto`` times this run's own training step with 1, 2, 4 … threads.
 
     Only a single process on the CPU is timed: on a GPU the CPU threads barely matter, and processes that
-    share the cores (DDP on a CPU) get Lightning's split of them.
+    share the cores (DDP on a CPU) get Lightning's split of them. A resumed run with ``auto`` keeps the count
+    its checkpoint was trained with instead of timing again: another count sums floating-point work in
+    another order, and the resumed steps would no longer equal the straight run's bit for bit.
     """
     one_cpu_process = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
     timed = cfg.threads == AUTO and one_cpu_process
+    recorded = recorded_threads(resumed) if timed and resumed is not None else None
+    if recorded is not None:
+        choice = apply_threads(recorded)
+        choice.how = "checkpoint"
+        say(choice.describe())
+        return choice
     probe = training_step_probe(model, cfg.data.batch_size, str(trainer.precision)) if timed else None
     choice = apply_threads(cfg.threads, probe)  # auto without a probe keeps torch's default
     say(choice.describe())
     return choice
+
+
+def recorded_threads(ckpt_path: Path) -> int | None:
+    """The thread count a checkpoint was trained with, if it says and this machine has that many cores."""
+    threads = read_checkpoint(ckpt_path, mmap=True)[GPTMINI_KEY].get("threads")
+    usable = isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= available_cores()
+    return threads if usable else None
 
 
 def _finish(trainer, module, datamodule, history, saved: LastSavedStep, last_ckpt: Path) -> None:

@@ -38,10 +38,17 @@ def finished_optimizer_step(trainer) -> bool:
 
 
 def align_logged_step(trainer) -> None:
-    """Make the step Lightning logs metrics at equal ``trainer.global_step`` (call at the start of training).
+    """Make the step Lightning logs metrics at equal ``trainer.global_step``; call before each training batch.
 
-    Lightning labels logged rows with a private counter of optimizer steps. A checkpoint written at the end
-    of a training step (an interrupt) stores that counter before Lightning bumps it, so a run resumed from
-    it would label every row one step too low. With one optimizer the counter always equals global_step.
+    Lightning labels logged rows with a private counter of optimizer steps, ``_batches_that_stepped``, which
+    it does not keep in step with ``global_step`` across a resume: a checkpoint written at the end of a
+    training step stores the counter before Lightning bumps it, and on restart Lightning adds one to it or
+    not depending on where the checkpoint was written (after a validation, or at a batch end). A resumed
+    run's rows were then labelled one step off. Before a batch, with one optimizer, the two counts are equal
+    in a straight run, so setting it there is right whatever the restart path was. The one private attribute
+    gptmini writes; ``tests/test_resume.py`` fails if Lightning renames it.
     """
-    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+    loop = trainer.fit_loop.epoch_loop
+    if not hasattr(loop, "_batches_that_stepped"):
+        raise RuntimeError("Lightning renamed fit_loop.epoch_loop._batches_that_stepped; update steps.py")
+    loop._batches_that_stepped = trainer.global_step
