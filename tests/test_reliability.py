@@ -143,11 +143,24 @@ def test_nan_loss_stops_with_step_and_lr_and_keeps_the_last_good_checkpoint(
     tmp_path, tiny_train_overrides, compose_train
 ):
     overrides = tiny_train_overrides + ["trainer.max_steps=20", "trainer.val_check_interval=4"]
-    with pytest.raises(GptMiniError, match=r"non-finite .* at step 5 \(learning rate [0-9.e-]+\)"):
+    expected = r"non-finite .* in step 6, after 5 good ones \(learning rate [0-9.e-]+\).* \(step 4\) was kept"
+    with pytest.raises(GptMiniError, match=expected):
         train(compose_train(overrides), out_dir=tmp_path / "run", extra_callbacks=[PoisonAtStep(5)])
     checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 4
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
+
+
+def test_nan_loss_in_the_first_step_says_no_checkpoint_was_written(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    with pytest.raises(
+        GptMiniError, match=r"in step 1, after 0 good ones .* no checkpoint had been written yet"
+    ):
+        train(
+            compose_train(tiny_train_overrides), out_dir=tmp_path / "run", extra_callbacks=[PoisonAtStep(0)]
+        )
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 @pytest.mark.parametrize("option", ["ckpt_path", "init_from"])

@@ -7,7 +7,10 @@ happen in each config's ``__post_init__`` when ``train()`` builds the real objec
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -119,8 +122,40 @@ class TrainerSchema:
             raise GptMiniError(
                 f"trainer.gradient_clip_val={self.gradient_clip_val} must be >= 0, or null for no clipping."
             )
+        if self.max_time is not None:
+            max_time_seconds(self.max_time)
         if self.deterministic not in (True, False, "warn"):
             raise GptMiniError(f"trainer.deterministic={self.deterministic!r} must be true, false or warn.")
+
+
+_DURATION_FIX = 'give a duration "DD:HH:MM:SS", e.g. trainer.max_time=00:00:10:00 (ten minutes), or null'
+_DURATION_UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}  # in seconds
+
+
+def max_time_seconds(value: Any) -> float:
+    """``trainer.max_time`` in seconds: "DD:HH:MM:SS" or a mapping like {minutes: 10}, as Lightning's Timer
+    takes it, and more than zero. Anything else is one line (Lightning fails on a number mid-setup)."""
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) != 4 or not all(part.strip().isdigit() for part in parts):
+            raise GptMiniError(f"trainer.max_time={value!r} is not DD:HH:MM:SS; {_DURATION_FIX}.")
+        seconds = sum(int(part) * size for part, size in zip(parts, _DURATION_UNITS.values(), strict=True))
+    elif isinstance(value, Mapping):
+        known = all(key in _DURATION_UNITS for key in value)
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in value.values())
+        if not (known and numbers) or any(not math.isfinite(v) or v < 0 for v in value.values()):
+            raise GptMiniError(
+                f"trainer.max_time={dict(value)!r} must map {', '.join(_DURATION_UNITS)} to numbers >= 0; "
+                f"{_DURATION_FIX}."
+            )
+        seconds = sum(count * _DURATION_UNITS[unit] for unit, count in value.items())
+    else:
+        raise GptMiniError(f"trainer.max_time={value!r} has no unit; {_DURATION_FIX}.")
+    if seconds <= 0:
+        raise GptMiniError(f"trainer.max_time={value!r} is no time at all; {_DURATION_FIX}.")
+    if seconds > timedelta.max.total_seconds():  # Lightning's Timer holds it as a timedelta
+        raise GptMiniError(f"trainer.max_time={value!r} is too long for a duration; {_DURATION_FIX}.")
+    return seconds
 
 
 MAX_SAMPLE_TOKENS = 4096
