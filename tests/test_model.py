@@ -1,5 +1,6 @@
 """The GPT model: shapes, initial loss, causality, swappable attention, KV cache, tying, counts, config."""
 
+import dataclasses
 import math
 
 import pytest
@@ -130,9 +131,21 @@ def test_gpt2_small_param_count():
 
 def test_flops_per_token():
     model = small_model()
-    n = model.num_params()
+    n = model.num_params(non_embedding=True)  # the position table is a lookup, not a matmul
     assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 16
     assert model.flops_per_token(seq_len=4) == 6 * n + 12 * 2 * 4 * 8 * 4
+
+
+def test_flops_per_token_counts_an_untied_head_once_and_frozen_weights_at_two_thirds():
+    tied = small_model()
+    untied = GPT(dataclasses.replace(tied.config, tie_embeddings=False))
+    table = untied.wte.weight.numel()
+    assert untied.num_params() == tied.num_params() + table
+    assert untied.flops_per_token() == tied.flops_per_token()  # the token table is a lookup: no FLOPs
+    for p in tied.parameters():
+        p.requires_grad_(False)  # LoRA's frozen base: no weight gradient, 4 FLOPs per weight instead of 6
+    n = tied.num_params(non_embedding=True)
+    assert tied.flops_per_token() == 4 * n + 12 * 2 * 4 * 8 * 16
 
 
 def test_optimizer_groups_cover_every_parameter_once():

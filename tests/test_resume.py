@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import time
 
@@ -218,6 +219,7 @@ def test_default_settings_resume_equals_a_straight_run_by_label_and_weight(
     threads = read_checkpoint(crashed / "checkpoints" / "last.ckpt")["gptmini"]["threads"]
     resumed_choice = json.loads((crashed / "summary.json").read_text())["threads_choice"]
     assert resumed_choice["how"] == "checkpoint" and resumed_choice["threads"] == threads
+
     def straight_run(threads: int):
         run = tmp_path / f"straight-{threads}"
         if not run.exists():
@@ -236,3 +238,44 @@ def test_default_settings_resume_equals_a_straight_run_by_label_and_weight(
     assert_same_run(crashed, straight)
     stopped_threads = read_checkpoint(stopped / "checkpoints" / "last.ckpt")["gptmini"]["threads"]
     assert_same_run(stopped, straight_run(stopped_threads))
+
+
+def test_best_val_loss_is_the_best_checkpoints_even_when_it_predates_the_resume(tmp_path):
+    """A resume in the same directory restores ModelCheckpoint's best; the summary must report that file's
+    loss, not the best of the validations since the resume."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from gptmini.training.callbacks import LossHistory
+    from gptmini.training.report import build_summary
+
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss")
+    best.best_model_path, best.best_model_score = str(tmp_path / "best.ckpt"), torch.tensor(1.5)
+    history = LossHistory()
+    history.val = [(1000, 2.0), (2000, 1.8)]  # the resumed part only got worse
+    trainer = SimpleNamespace(
+        callback_metrics={"val/loss": torch.tensor(1.8)},
+        checkpoint_callback=best,
+        global_step=20,
+        accumulate_grad_batches=1,
+        world_size=1,
+        callbacks=[],
+    )
+    lit = SimpleNamespace(val_bytes_per_token=4.0, model=SimpleNamespace(num_params=lambda: 10), optim=None)
+    lit.optim = SimpleNamespace(schedule_by="steps")
+    throughput = SimpleNamespace(average_tokens_per_s=None, last_mfu=None)
+    summary = build_summary(trainer, lit, throughput, history, tmp_path, 1.0, 100)
+    assert summary["best_checkpoint"] == str(tmp_path / "best.ckpt")
+    assert summary["best_val_loss"] == 1.5
+    assert summary["best_val_bpb"] == pytest.approx(1.5 / math.log(2) / 4.0)
+
+
+def test_the_loss_history_travels_in_the_checkpoint():
+    from gptmini.training.callbacks import LossHistory
+
+    history = LossHistory()
+    history.train, history.val = [(100, 5.0), (200, 4.0)], [(200, 4.5)]
+    restored = LossHistory()
+    restored.load_state_dict(history.state_dict())
+    assert restored.train == history.train and restored.val == history.val

@@ -146,3 +146,22 @@ def test_compiled_decoding_step_picks_the_same_tokens():
     compiled = torch.cat(list(sample_tokens(model, prompt, greedy, compile=True)), dim=1)
     assert torch.equal(eager, compiled)
     assert model._compiled_decode_step is not None  # made once, kept for the next sample
+
+
+def test_training_on_a_gpu_lets_float32_matmuls_use_tf32():
+    from types import SimpleNamespace
+
+    from gptmini.training.run import use_tensor_cores
+
+    def trainer_on(device: str):
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        use_tensor_cores(trainer_on("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"  # a CPU run's numerics are left alone
+        use_tensor_cores(trainer_on("cuda"))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -117,6 +117,13 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
         ("sample.max_new_tokens=-3", "sample.max_new_tokens must be a whole number >= 0"),
         ("sample.max_new_tokens=100000", "sample.max_new_tokens=100000 is too long for a sample"),
         ("threads=0", "threads=0 must be auto"),
+        ("threads=1000", "threads=1000 is more than the .* CPU cores this process may use"),
+        ("trainer.max_time=60", "trainer.max_time=60 has no unit; give a duration"),
+        ("trainer.max_time=-5", "trainer.max_time=-5 has no unit"),
+        ("trainer.max_time=00:00:00:00", "trainer.max_time='00:00:00:00' is no time at all"),
+        ("trainer.max_time=00:00:-1:00", "is not DD:HH:MM:SS"),
+        ("trainer.max_time=99999999999:00:00:00", "is too long for a duration"),
+        ("+trainer.max_time.minutes=-1", "must map days, hours, minutes, seconds to numbers >= 0"),
     ],
 )
 def test_nonsensical_values_raise_clear_errors(
@@ -125,6 +132,47 @@ def test_nonsensical_values_raise_clear_errors(
     cfg = compose_train(tiny_train_overrides + [override])
     with pytest.raises(GptMiniError, match=message):
         train(cfg, out_dir=tmp_path / "run")
+
+
+def test_zero_time_budget_with_a_time_schedule_is_refused(tmp_path, tiny_train_overrides, compose_train):
+    overrides = ["optim.schedule_by=time", "trainer.max_time=00:00:00:00"]
+    with pytest.raises(GptMiniError, match="no time at all"):
+        train(compose_train(tiny_train_overrides + overrides), out_dir=tmp_path / "run")
+
+
+@pytest.mark.parametrize("target", ["file", "under_a_file"])
+def test_a_run_directory_that_is_a_file_is_one_line(tmp_path, run_cli, target):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    run_dir = blocker if target == "file" else blocker / "run"
+    result = run_cli("train.py", "debug=smoke", f"hydra.run.dir={run_dir}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: hydra.run.dir={run_dir} is (or lies under) a file, not a directory; "
+        "choose another hydra.run.dir=DIR."
+    )
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    """A read-only disk (EROFS) cannot be made in a test run as root; the OS's answer is simulated."""
+    import errno
+    from pathlib import Path
+
+    from gptmini.training.run_dir import make_output_directory
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(SystemExit) as stop:
+        make_output_directory(str(tmp_path / "ro"), "hydra.run.dir")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot write the run directory hydra.run.dir={tmp_path / 'ro'} ({tmp_path / 'ro'}): no "
+        "permission to write there (read-only or owned by another user); choose another hydra.run.dir=DIR.\n"
+    )
 
 
 def test_precision_auto_is_full_precision_on_the_cpu():

@@ -283,12 +283,21 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
 
-        N is ALL parameters (``num_params()``); 6·N covers the weight matmuls, the second term the attention
-        score and weighted-sum matmuls. L layers, H heads, Q head size, T = seq_len (default block_size).
+        N counts the weights that multiply: every parameter but the lookup tables (the position embeddings,
+        and the token embeddings when the LM head is untied; tied, they are the head's matrix). A trained
+        weight costs 6 FLOPs per token (2 forward, 2 for the input's gradient, 2 for its own); a frozen one
+        (LoRA's base) only 4, since it needs no gradient of its own. The second term is the attention score
+        and weighted-sum matmuls: L layers, H heads, Q head size, T = seq_len (default block_size).
         """
         c = self.config
         T = c.block_size if seq_len is None else seq_len
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
+        lookups = {id(self.wpe.weight)} if self.wpe is not None else set()
+        if not c.tie_embeddings:
+            lookups.add(id(self.wte.weight))
+        weights = sum(
+            (6 if p.requires_grad else 4) * p.numel() for p in self.parameters() if id(p) not in lookups
+        )
+        return weights + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
 
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW parameter groups: decay on matrices (≥2-D: Linear and embedding weights), none on biases and
