@@ -123,6 +123,11 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
         ("trainer.max_time=00:00:00:00", "trainer.max_time='00:00:00:00' is no time at all"),
         ("trainer.max_time=00:00:-1:00", "is not DD:HH:MM:SS"),
         ("trainer.max_time=99999999999:00:00:00", "is too long for a duration"),
+        (
+            "trainer.accumulate_grad_batches=4",  # debug=smoke validates every 6 batches
+            "trainer.val_check_interval=6 is not a multiple of trainer.accumulate_grad_batches=4: .* Use "
+            "trainer.val_check_interval=4 or 8.",
+        ),
         ("+trainer.max_time.minutes=-1", "must map days, hours, minutes, seconds to numbers >= 0"),
     ],
 )
@@ -187,8 +192,15 @@ def test_loss_curve_shows_the_real_loss_under_gradient_accumulation(
 ):
     from gptmini.training.callbacks import LossHistory
 
-    history = LossHistory()
-    overrides = tiny_train_overrides + ["trainer.accumulate_grad_batches=4", "trainer.max_steps=4"]
+    class ProbeHistory(LossHistory):  # the run's own LossHistory is a stateful callback: another state key
+        pass
+
+    history = ProbeHistory()
+    overrides = tiny_train_overrides + [
+        "trainer.accumulate_grad_batches=4",
+        "trainer.val_check_interval=8",
+        "trainer.max_steps=4",
+    ]
     summary = train(compose_train(overrides), out_dir=tmp_path / "run", extra_callbacks=[history])
     last_logged = history.train[-1][1]
     assert last_logged == pytest.approx(summary["train_loss"], rel=1e-5)

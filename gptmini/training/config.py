@@ -118,6 +118,16 @@ class TrainerSchema:
                 "the training stream has no epochs, so a fraction of one means nothing. "
                 "Try trainer.val_check_interval=250."
             )
+        steps = self.accumulate_grad_batches
+        if interval % steps:
+            # Lightning would validate, and checkpoint, between the micro-batches of one optimizer step: the
+            # half-accumulated gradient is not in the checkpoint, so a resume from it could not be exact.
+            below, above = max(steps, interval // steps * steps), (interval // steps + 1) * steps
+            raise GptMiniError(
+                f"trainer.val_check_interval={interval} is not a multiple of trainer.accumulate_grad_batches="
+                f"{steps}: it counts micro-batches, and a validation (with its checkpoint) would fall inside "
+                f"an optimizer step. Use trainer.val_check_interval={below} or {above}."
+            )
         if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
             raise GptMiniError(
                 f"trainer.gradient_clip_val={self.gradient_clip_val} must be >= 0, or null for no clipping."
