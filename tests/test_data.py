@@ -27,7 +27,7 @@ import gptmini.data.token_cache as cache_mod
 from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.datamodule import TextDataModule, TrainBatches, ValWindows
-from gptmini.data.token_cache import TokenCache, open_cache, prepare_cache, read_meta
+from gptmini.data.token_cache import TokenCache, TokenStream, open_cache, prepare_cache, read_meta
 from gptmini.data.tokenizer import EOT, TokenizerConfig, tokenizer_to_spec, train_bpe
 
 TOK = TokenizerConfig(name="bpe", vocab_size=300)
@@ -806,6 +806,18 @@ def test_train_batches_pickle_without_the_token_file(tmp_path):
     copy = pickle.loads(pickle.dumps(stream))
     assert len(pickle.dumps(stream)) < dm.cache.token_file("train").stat().st_size / 10
     assert torch.equal(copy.batch(0)[0], x)
+
+
+def test_token_stream_reads_any_range_like_a_slice(tmp_path):
+    parts = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 12, dtype=np.uint16)]
+    for i, part in enumerate(parts):
+        part.tofile(tmp_path / f"p{i}.bin")
+    stream = TokenStream.from_files([tmp_path / "p0.bin", tmp_path / "p1.bin"], "uint16")
+    whole = np.arange(12)
+    for start, stop in [(3, 3), (5, 5), (12, 12), (7, 2), (3, 9), (0, 12), (10, 40)]:
+        got = stream.read(start, stop)
+        assert got.dtype == np.uint16 and got.tolist() == whole[start:stop].tolist(), (start, stop)
+    assert stream[4:4].tolist() == [] and stream[-3:].tolist() == [9, 10, 11]
 
 
 class _Recorder(L.LightningModule):

@@ -353,3 +353,22 @@ def test_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
         GptMiniError, match=r"data=hf needs the datasets package: pip install -e '.\[datasets\]'"
     ):
         prepare_cache(data, GPT2)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_a_build_leaves_no_file_descriptor_open(tmp_path):
+    prepare_cache(hf_data(tmp_path / "warm", write_jsonl(tmp_path / "w.jsonl", documents(20))), GPT2)
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(40)))
+    before = _open_descriptors()
+    prepare_cache(data, GPT2)
+    assert _open_descriptors() == before
+    # A build that fails after its shard files were opened closes them too.
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' * 3 + '{"text": oops\n')
+    before = _open_descriptors()
+    with pytest.raises(GptMiniError):
+        prepare_cache(hf_data(tmp_path, tmp_path / "bad.jsonl"), GPT2)
+    assert _open_descriptors() == before
