@@ -488,6 +488,38 @@ def test_given_named_encoding(tmp_path, gpt2_available):
     assert cache.folder.parent.name == "gpt2"
 
 
+def test_gpt2_has_one_cache_key_however_it_was_obtained(tmp_path, gpt2_available):
+    from gptmini.checkpoint import GPT2_TOKENIZER
+    from gptmini.data.cache_files import tokenizer_folder, tokenizer_key
+    from gptmini.data.tokenizer import tokenizer_from_spec
+
+    gpt2 = TokenizerConfig(name="gpt2")
+    imported = tokenizer_from_spec(GPT2_TOKENIZER)  # the tokenizer an imported GPT-2 carries (init_from=gpt2)
+    tik = tiktoken.get_encoding("gpt2")
+    rebuilt = tiktoken.Encoding(  # the same contents in another object
+        "gpt2", pat_str=tik._pat_str, mergeable_ranks=dict(tik._mergeable_ranks), special_tokens={EOT: 50256}
+    )
+    for enc in (tik, imported, rebuilt):
+        assert tokenizer_key(TOK, enc) == tokenizer_key(gpt2, None)
+        assert tokenizer_folder(TOK, enc) == tokenizer_folder(gpt2, None) == "gpt2"
+    make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus")
+    folder = prepare_cache(data, gpt2)
+    assert prepare_cache(data, TOK, imported) == folder  # found, not tokenized again
+    # An encoding merely called "gpt2" is keyed, saved and reopened by its contents, never by that name.
+    impostor = tiktoken.Encoding(
+        "gpt2",
+        pat_str=tik._pat_str,
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={EOT: 256},
+    )
+    assert tokenizer_key(TOK, impostor) != tokenizer_key(gpt2, None)
+    assert tokenizer_to_spec(impostor)["kind"] == "bpe"
+    cache = prepared(data, encoding=impostor)
+    assert cache.folder != folder and cache.vocab_size == 257
+    assert cache.tokens("train").tolist()[:20] == impostor.encode_ordinary(make_text(0))[:20]
+
+
 def test_encoding_without_end_of_text_is_refused(tmp_path):
     make_corpus(tmp_path / "corpus")
     plain = tiktoken.Encoding(

@@ -79,6 +79,16 @@ def test_local_jsonl_tokenized_into_shards_by_documents(tmp_path):
     assert prepare_cache(data, GPT2) == cache.folder
 
 
+def test_an_imported_gpt2s_tokenizer_finds_the_tokenizer_gpt2_cache(tmp_path):
+    from gptmini.checkpoint import GPT2_TOKENIZER
+    from gptmini.data.tokenizer import tokenizer_from_spec
+
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)))
+    folder = prepare_cache(data, GPT2)
+    imported = tokenizer_from_spec(GPT2_TOKENIZER)  # what init_from=gpt2 tokenizes with
+    assert prepare_cache(data, TokenizerConfig(), imported) == folder
+
+
 def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
