@@ -152,6 +152,22 @@ def test_corpus_shorter_than_one_window(tmp_path):
     assert f"has {cache.meta['train_tokens']} tokens" in str(info.value) and "513" in str(info.value)
 
 
+def test_a_validation_split_too_small_for_one_window_is_refused(tmp_path):
+    (tmp_path / "c.txt").write_text(make_text(0))
+    data = text_config(tmp_path, tmp_path / "c.txt", val_fraction=0.00005)  # the last byte: one token
+    cache = prepared(data)
+    assert cache.meta["val_tokens"] == 1
+    with pytest.raises(GptMiniError) as info:
+        TextDataModule(cache, data, block_size=16)
+    assert one_line_error(info).startswith(
+        f"the validation split of text files from {tmp_path / 'c.txt'} has 1 token(s), too few for one "
+        f"validation window (data.val_fraction=5e-05 of its {len(make_text(0))} bytes), so the run would "
+        "train without a validation loss; use more text, a larger data.val_fraction, or data.val_fraction=0"
+    )
+    no_validation = text_config(tmp_path, tmp_path / "c.txt", val_fraction=0.0)
+    assert TextDataModule(prepared(no_validation), no_validation, block_size=16).cache.meta["val_tokens"] == 0
+
+
 def test_batch_larger_than_the_training_split(tmp_path):
     (tmp_path / "small.txt").write_text(make_text(0, lines=20))
     data = text_config(tmp_path, tmp_path / "small.txt", batch_size=64)
