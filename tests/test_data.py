@@ -649,29 +649,62 @@ def test_ctrl_c_during_tokenizing_leaves_no_partial_cache(tmp_path, monkeypatch)
     assert open_cache(prepare_cache(data, TOK)).meta["train_tokens"] > 0
 
 
-@pytest.mark.slow  # a real SIGINT to a subprocess in the middle of tokenizing: ~5 s
+# The child's corpus reader, once tokenizing has begun: it hands over its first piece, says so on stdout and
+# then waits on its stdin, a pipe the test holds open. The SIGINT can only land mid-tokenizing, however
+# fast or slow the machine is (the old version raced a 240,000-line corpus against the clock).
+HELD_TOKENIZER = """
+import sys
+import gptmini.data.encode as encode
+import gptmini.data.token_cache as token_cache
+from gptmini.data.corpus import DataConfig
+from gptmini.data.tokenizer import TokenizerConfig
+
+real_pieces, real_encode_corpus = encode.iter_pieces, token_cache.encode_corpus
+
+
+def held_pieces(*args):
+    pieces = real_pieces(*args)
+    yield next(pieces)
+    print("tokenizing", flush=True)
+    sys.stdin.read()  # never returns: the test keeps the pipe open until this process has exited
+    yield from pieces
+
+
+def encode_corpus(*args):  # the BPE's training reads the corpus too: only tokenizing is held
+    encode.iter_pieces = held_pieces
+    return real_encode_corpus(*args)
+
+
+token_cache.encode_corpus = encode_corpus
+data = DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2])
+token_cache.prepare_cache(data, TokenizerConfig(vocab_size=300))
+"""
+
+
 def test_sigint_during_tokenizing_in_a_real_process(tmp_path):
-    corpus = tmp_path / "corpus"
-    for i in range(40):
-        (corpus / f"doc{i:02d}.txt").parent.mkdir(exist_ok=True)
-        (corpus / f"doc{i:02d}.txt").write_text(make_text(i, lines=6000))
+    make_corpus(tmp_path / "corpus")
     cache = tmp_path / "cache"
-    code = (
-        "from gptmini.data.corpus import DataConfig\n"
-        "from gptmini.data.token_cache import prepare_cache\n"
-        "from gptmini.data.tokenizer import TokenizerConfig\n"
-        f"prepare_cache(DataConfig(name='text', path={str(corpus)!r}, cache_dir={str(cache)!r}), "
-        "TokenizerConfig(vocab_size=300))\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while (
-        not list(cache.rglob(".train.bin.*.tmp")) and process.poll() is None and time.monotonic() < deadline
-    ):
-        time.sleep(0.02)  # wait until tokenizing has started writing
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HELD_TOKENIZER, str(tmp_path / "corpus"), str(cache)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            said = process.stdout.readline()  # returns once the child is held mid-tokenizing (or has died)
+            assert said == "tokenizing\n", (tmp_path / "stderr.txt").read_text()[-2000:]
+            assert list(cache.rglob(".train.bin.*.tmp"))  # the token files are open, being written
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+        finally:
+            process.kill()  # a no-op once it has exited
+            process.stdin.close()
+            process.stdout.close()
+        stderr.seek(0)
+        output = stderr.read()
+    assert process.returncode != 0 and "KeyboardInterrupt" in output, output[-2000:]
     assert leftovers(tmp_path) == [] and not list(cache.rglob("meta.json"))
 
 
