@@ -80,10 +80,10 @@ def _local_base(hf: HFConfig) -> Path | None:
 def local_files(hf: HFConfig) -> list[Path]:
     """The local files the source reads, in reading order, each file once; [] for a Hub dataset.
 
-    ``data.hf.data_files`` patterns are resolved against the working folder (a builder) or the folder
-    ``data.hf.path`` names, as ``datasets`` resolves them; a local folder without data_files gives the files
-    ``datasets`` infers for the split. A pattern that matches nothing is an error here, where ``datasets``
-    would fail later and obscurely.
+    ``data.hf.data_files`` patterns are resolved here, against the working folder (a builder) or the folder
+    ``data.hf.path`` names (where ``datasets`` would resolve them), and ``datasets`` is handed this list, so
+    what is read is what is keyed; a local folder without data_files gives the files ``datasets`` infers for
+    the split. A pattern that matches nothing is an error here, where ``datasets`` would fail obscurely.
     """
     base = _local_base(hf)
     if base is None:
