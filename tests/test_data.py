@@ -27,7 +27,7 @@ import gptmini.data.token_cache as cache_mod
 from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.datamodule import TextDataModule, TrainBatches, ValWindows
-from gptmini.data.token_cache import TokenCache, open_cache, prepare_cache, read_meta
+from gptmini.data.token_cache import TokenCache, TokenStream, open_cache, prepare_cache, read_meta
 from gptmini.data.tokenizer import EOT, TokenizerConfig, tokenizer_to_spec, train_bpe
 
 TOK = TokenizerConfig(name="bpe", vocab_size=300)
@@ -150,6 +150,22 @@ def test_corpus_shorter_than_one_window(tmp_path):
     with pytest.raises(GptMiniError, match="block_size") as info:
         TextDataModule(cache, data, block_size=512)
     assert f"has {cache.meta['train_tokens']} tokens" in str(info.value) and "513" in str(info.value)
+
+
+def test_a_validation_split_too_small_for_one_window_is_refused(tmp_path):
+    (tmp_path / "c.txt").write_text(make_text(0))
+    data = text_config(tmp_path, tmp_path / "c.txt", val_fraction=0.00005)  # the last byte: one token
+    cache = prepared(data)
+    assert cache.meta["val_tokens"] == 1
+    with pytest.raises(GptMiniError) as info:
+        TextDataModule(cache, data, block_size=16)
+    assert one_line_error(info).startswith(
+        f"the validation split of text files from {tmp_path / 'c.txt'} has 1 token(s), too few for one "
+        f"validation window (data.val_fraction=5e-05 of its {len(make_text(0))} bytes), so the run would "
+        "train without a validation loss; use more text, a larger data.val_fraction, or data.val_fraction=0"
+    )
+    no_validation = text_config(tmp_path, tmp_path / "c.txt", val_fraction=0.0)
+    assert TextDataModule(prepared(no_validation), no_validation, block_size=16).cache.meta["val_tokens"] == 0
 
 
 def test_batch_larger_than_the_training_split(tmp_path):
@@ -488,6 +504,38 @@ def test_given_named_encoding(tmp_path, gpt2_available):
     assert cache.folder.parent.name == "gpt2"
 
 
+def test_gpt2_has_one_cache_key_however_it_was_obtained(tmp_path, gpt2_available):
+    from gptmini.checkpoint import GPT2_TOKENIZER
+    from gptmini.data.cache_files import tokenizer_folder, tokenizer_key
+    from gptmini.data.tokenizer import tokenizer_from_spec
+
+    gpt2 = TokenizerConfig(name="gpt2")
+    imported = tokenizer_from_spec(GPT2_TOKENIZER)  # the tokenizer an imported GPT-2 carries (init_from=gpt2)
+    tik = tiktoken.get_encoding("gpt2")
+    rebuilt = tiktoken.Encoding(  # the same contents in another object
+        "gpt2", pat_str=tik._pat_str, mergeable_ranks=dict(tik._mergeable_ranks), special_tokens={EOT: 50256}
+    )
+    for enc in (tik, imported, rebuilt):
+        assert tokenizer_key(TOK, enc) == tokenizer_key(gpt2, None)
+        assert tokenizer_folder(TOK, enc) == tokenizer_folder(gpt2, None) == "gpt2"
+    make_corpus(tmp_path / "corpus")
+    data = text_config(tmp_path, tmp_path / "corpus")
+    folder = prepare_cache(data, gpt2)
+    assert prepare_cache(data, TOK, imported) == folder  # found, not tokenized again
+    # An encoding merely called "gpt2" is keyed, saved and reopened by its contents, never by that name.
+    impostor = tiktoken.Encoding(
+        "gpt2",
+        pat_str=tik._pat_str,
+        mergeable_ranks={bytes([i]): i for i in range(256)},
+        special_tokens={EOT: 256},
+    )
+    assert tokenizer_key(TOK, impostor) != tokenizer_key(gpt2, None)
+    assert tokenizer_to_spec(impostor)["kind"] == "bpe"
+    cache = prepared(data, encoding=impostor)
+    assert cache.folder != folder and cache.vocab_size == 257
+    assert cache.tokens("train").tolist()[:20] == impostor.encode_ordinary(make_text(0))[:20]
+
+
 def test_encoding_without_end_of_text_is_refused(tmp_path):
     make_corpus(tmp_path / "corpus")
     plain = tiktoken.Encoding(
@@ -601,29 +649,62 @@ def test_ctrl_c_during_tokenizing_leaves_no_partial_cache(tmp_path, monkeypatch)
     assert open_cache(prepare_cache(data, TOK)).meta["train_tokens"] > 0
 
 
-@pytest.mark.slow  # a real SIGINT to a subprocess in the middle of tokenizing: ~5 s
+# The child's corpus reader, once tokenizing has begun: it hands over its first piece, says so on stdout and
+# then waits on its stdin, a pipe the test holds open. The SIGINT can only land mid-tokenizing, however
+# fast or slow the machine is (the old version raced a 240,000-line corpus against the clock).
+HELD_TOKENIZER = """
+import sys
+import gptmini.data.encode as encode
+import gptmini.data.token_cache as token_cache
+from gptmini.data.corpus import DataConfig
+from gptmini.data.tokenizer import TokenizerConfig
+
+real_pieces, real_encode_corpus = encode.iter_pieces, token_cache.encode_corpus
+
+
+def held_pieces(*args):
+    pieces = real_pieces(*args)
+    yield next(pieces)
+    print("tokenizing", flush=True)
+    sys.stdin.read()  # never returns: the test keeps the pipe open until this process has exited
+    yield from pieces
+
+
+def encode_corpus(*args):  # the BPE's training reads the corpus too: only tokenizing is held
+    encode.iter_pieces = held_pieces
+    return real_encode_corpus(*args)
+
+
+token_cache.encode_corpus = encode_corpus
+data = DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2])
+token_cache.prepare_cache(data, TokenizerConfig(vocab_size=300))
+"""
+
+
 def test_sigint_during_tokenizing_in_a_real_process(tmp_path):
-    corpus = tmp_path / "corpus"
-    for i in range(40):
-        (corpus / f"doc{i:02d}.txt").parent.mkdir(exist_ok=True)
-        (corpus / f"doc{i:02d}.txt").write_text(make_text(i, lines=6000))
+    make_corpus(tmp_path / "corpus")
     cache = tmp_path / "cache"
-    code = (
-        "from gptmini.data.corpus import DataConfig\n"
-        "from gptmini.data.token_cache import prepare_cache\n"
-        "from gptmini.data.tokenizer import TokenizerConfig\n"
-        f"prepare_cache(DataConfig(name='text', path={str(corpus)!r}, cache_dir={str(cache)!r}), "
-        "TokenizerConfig(vocab_size=300))\n"
-    )
-    process = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while (
-        not list(cache.rglob(".train.bin.*.tmp")) and process.poll() is None and time.monotonic() < deadline
-    ):
-        time.sleep(0.02)  # wait until tokenizing has started writing
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode != 0 and "KeyboardInterrupt" in stderr, stderr[-2000:]
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HELD_TOKENIZER, str(tmp_path / "corpus"), str(cache)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+        )
+        try:
+            said = process.stdout.readline()  # returns once the child is held mid-tokenizing (or has died)
+            assert said == "tokenizing\n", (tmp_path / "stderr.txt").read_text()[-2000:]
+            assert list(cache.rglob(".train.bin.*.tmp"))  # the token files are open, being written
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+        finally:
+            process.kill()  # a no-op once it has exited
+            process.stdin.close()
+            process.stdout.close()
+        stderr.seek(0)
+        output = stderr.read()
+    assert process.returncode != 0 and "KeyboardInterrupt" in output, output[-2000:]
     assert leftovers(tmp_path) == [] and not list(cache.rglob("meta.json"))
 
 
@@ -806,6 +887,18 @@ def test_train_batches_pickle_without_the_token_file(tmp_path):
     copy = pickle.loads(pickle.dumps(stream))
     assert len(pickle.dumps(stream)) < dm.cache.token_file("train").stat().st_size / 10
     assert torch.equal(copy.batch(0)[0], x)
+
+
+def test_token_stream_reads_any_range_like_a_slice(tmp_path):
+    parts = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 12, dtype=np.uint16)]
+    for i, part in enumerate(parts):
+        part.tofile(tmp_path / f"p{i}.bin")
+    stream = TokenStream.from_files([tmp_path / "p0.bin", tmp_path / "p1.bin"], "uint16")
+    whole = np.arange(12)
+    for start, stop in [(3, 3), (5, 5), (12, 12), (7, 2), (3, 9), (0, 12), (10, 40)]:
+        got = stream.read(start, stop)
+        assert got.dtype == np.uint16 and got.tolist() == whole[start:stop].tolist(), (start, stop)
+    assert stream[4:4].tolist() == [] and stream[-3:].tolist() == [9, 10, 11]
 
 
 class _Recorder(L.LightningModule):

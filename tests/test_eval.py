@@ -173,6 +173,64 @@ def test_bad_hellaswag_files_and_settings(tmp_path):
         EvalConfig(batch_size=0)
 
 
+HINT = 'the format is one JSON object per line with "ctx" (text), "endings" (a list of texts) and "label"'
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (
+            {"ctx": "", "endings": ["a", "b"], "label": 0},
+            '"ctx" is empty: an ending can only be scored after a',
+        ),
+        ({"ctx": 7, "endings": ["a", "b"], "label": 0}, '"ctx" is the number 7, not a text'),
+        (
+            {"ctx": "x", "endings": "abcd", "label": 0},
+            '"endings" is the text "abcd", not a list of at least 2',
+        ),
+        (
+            {"ctx": "x", "endings": {"a": 1, "b": 2}, "label": 0},
+            "\"endings\" is an object {'a': 1, 'b': 2}, not",
+        ),
+        ({"ctx": "x", "endings": ["a", 3], "label": 0}, '"endings"[1] is the number 3, not a text'),
+        ({"ctx": "x", "endings": ["a", ""], "label": 0}, '"endings"[1] is empty: there is nothing to score'),
+        (
+            {"ctx": "x", "endings": ["a", "b"], "label": 1.0},
+            '"label" is the number 1.0, not the index of an ending',
+        ),
+        (
+            {"ctx": "x", "endings": ["a", "b"], "label": True},
+            '"label" is the boolean true, not the index of an',
+        ),
+        (
+            {"ctx": "x", "endings": ["a", "b"], "label": "1.0"},
+            '"label" is the text "1.0", not the index of an',
+        ),
+        ({"ctx": "x", "endings": ["a", "b"]}, 'it has no "label"'),
+        (["x", ["a", "b"], 0], "it is not a JSON object"),
+    ],
+)
+def test_a_hellaswag_record_it_cannot_score_is_named_with_its_field(tmp_path, record, reason):
+    path = tmp_path / "h.jsonl"
+    good = {"ctx": "the cat", "endings": ["sat.", "ran."], "label": 1}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(GptMiniError) as info:
+        read_jsonl(path)
+    message = str(info.value)
+    assert message.startswith(f"{path} line 3 is not a HellaSwag example: {reason}"), message
+    assert message.endswith(f"; {HINT} (an index).") and "\n" not in message
+
+
+def test_hellaswag_labels_as_the_hub_writes_them_and_non_utf8_files(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text(json.dumps({"ctx": "the cat", "endings": ["sat.", "ran.", "is."], "label": "2"}) + "\n")
+    assert read_jsonl(path) == [Example("the cat", ["sat.", "ran.", "is."], 2)]  # the Hub's "2" is fine
+    path.write_bytes(path.read_bytes() + b'{"ctx": "caf\xe9", "endings": ["a", "b"], "label": 0}\n')
+    with pytest.raises(GptMiniError) as info:
+        read_jsonl(path)
+    assert str(info.value) == f"{path} line 2 is not UTF-8 (byte 13 of the line); save the file as UTF-8."
+
+
 def test_hellaswag_from_the_hub_offline_is_one_line(monkeypatch):
     datasets = pytest.importorskip("datasets")
     import huggingface_hub

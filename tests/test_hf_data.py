@@ -79,6 +79,16 @@ def test_local_jsonl_tokenized_into_shards_by_documents(tmp_path):
     assert prepare_cache(data, GPT2) == cache.folder
 
 
+def test_an_imported_gpt2s_tokenizer_finds_the_tokenizer_gpt2_cache(tmp_path):
+    from gptmini.checkpoint import GPT2_TOKENIZER
+    from gptmini.data.tokenizer import tokenizer_from_spec
+
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)))
+    folder = prepare_cache(data, GPT2)
+    imported = tokenizer_from_spec(GPT2_TOKENIZER)  # what init_from=gpt2 tokenizes with
+    assert prepare_cache(data, TokenizerConfig(), imported) == folder
+
+
 def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -252,9 +262,146 @@ def test_bad_hf_settings_are_one_line(tmp_path):
     with pytest.raises(GptMiniError, match="gave no training text"):
         prepare_cache(hf_data(tmp_path, tmp_path / "empty.jsonl", val_fraction=0.0), GPT2)
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')
-    with pytest.raises(GptMiniError, match="failed|cannot load"):
+    with pytest.raises(GptMiniError, match=r"bad.jsonl line 2 is not JSON \(Expecting value at column 10\)"):
         prepare_cache(hf_data(tmp_path, tmp_path / "bad.jsonl"), GPT2)
     assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def _prepare_fails(data) -> str:
+    """The one-line message prepare_cache raises for ``data``, after checking no cache was finished."""
+    with pytest.raises(GptMiniError) as info:
+        prepare_cache(data, GPT2)
+    assert "\n" not in str(info.value) and not list((tmp_path_of(data) / "cache").rglob("meta.json"))
+    return str(info.value)
+
+
+def tmp_path_of(data: DataConfig):
+    from pathlib import Path
+
+    return Path(data.cache_dir).parent
+
+
+def test_a_local_folder_is_keyed_by_its_files(tmp_path):
+    folder = tmp_path / "corpus"
+    write_jsonl(folder / "a.jsonl", documents(20))
+    data = DataConfig(
+        name="hf", hf={"path": str(folder)}, cache_dir=str(tmp_path / "cache"), shard_tokens=200
+    )
+    first = open_cache(prepare_cache(data, GPT2))
+    assert first.meta["train_documents"] + first.meta["val_documents"] == 20
+    write_jsonl(folder / "a.jsonl", documents(30, seed=1))  # changed in place
+    second = open_cache(prepare_cache(data, GPT2))
+    assert second.folder != first.folder
+    assert second.meta["train_documents"] + second.meta["val_documents"] == 30
+    write_jsonl(folder / "b.jsonl", documents(5, seed=2))  # a file added
+    third = open_cache(prepare_cache(data, GPT2))
+    assert third.folder not in (first.folder, second.folder)
+    assert third.meta["train_documents"] + third.meta["val_documents"] == 35
+    # data_files under a folder are paths inside it, as datasets reads them
+    only_b = DataConfig(
+        name="hf", hf={"path": str(folder), "data_files": "b.jsonl"}, cache_dir=data.cache_dir
+    )
+    assert hf_source.local_files(only_b.hf) == [folder / "b.jsonl"]
+
+
+def test_a_file_named_twice_is_read_once_and_empty_files_are_skipped(tmp_path):
+    texts = documents(40)
+    a = write_jsonl(tmp_path / "c" / "a.jsonl", texts)
+    (tmp_path / "c" / "empty.jsonl").write_text("")  # datasets' json reader fails on one after another file
+    (tmp_path / "link.jsonl").symlink_to(a)
+    files = [str(a), str(tmp_path / "c" / "empty.jsonl"), str(a), str(tmp_path / "c" / "*.jsonl")]
+    data = hf_data(tmp_path, None, hf={"data_files": [*files, str(tmp_path / "link.jsonl")]})
+    cache = open_cache(prepare_cache(data, GPT2))
+    expected = expected_split(cache.tokenizer, texts)
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == expected[split]
+
+
+def test_an_empty_source_is_one_line(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "empty.jsonl").write_text("")
+    empty = tmp_path / "c" / "empty.jsonl"
+    assert _prepare_fails(hf_data(tmp_path, empty)) == (
+        f"Hugging Face dataset json files {empty}, split train is empty: its 1 file(s) hold 0 bytes "
+        f"({empty}); point data.hf.data_files at files with documents."
+    )
+    folder = DataConfig(name="hf", hf={"path": str(tmp_path / "c")}, cache_dir=str(tmp_path / "cache"))
+    assert "is empty: its 1 file(s) hold 0 bytes" in _prepare_fails(folder)
+    assert "point data.hf.path at files with documents" in _prepare_fails(folder)
+
+
+NOT_TEXT = {
+    "5": "a number (5)",
+    "1.5": "a number (1.5)",
+    "true": "a boolean (True)",
+    "null": "null (or is missing)",
+    '["x"]': "a list (['x'])",
+    '{"a": 1}': "a dict ({'a': 1})",
+}
+
+
+@pytest.mark.parametrize("value", list(NOT_TEXT))
+def test_a_record_that_is_not_text_is_refused_naming_file_line_and_field(tmp_path, value):
+    # A file of good documents first: datasets would cast a later file's values to its text type ("5").
+    first = write_jsonl(tmp_path / "a.jsonl", documents(30))
+    second = tmp_path / "b.jsonl"
+    second.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"text": ' + value + ', "id": 3}\n')
+    message = _prepare_fails(hf_data(tmp_path, None, hf={"data_files": [str(first), str(second)]}))
+    assert message == (
+        f"{second} line 4: the field 'text' holds {NOT_TEXT[value]}, not text. Every document must be a "
+        "string: fix or remove that record, or set data.hf.text_field to the column that holds the text."
+    )
+
+
+def test_bad_records_in_other_formats_are_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", "b"]}), tmp_path / "p1.parquet")
+    pq.write_table(pa.table({"text": [3, 4]}), tmp_path / "p2.parquet")
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "p3.parquet")
+    parquet = {"path": "parquet", "data_files": [str(tmp_path / "p1.parquet"), str(tmp_path / "p2.parquet")]}
+    assert _prepare_fails(hf_data(tmp_path, None, hf=parquet)).startswith(
+        f"{tmp_path / 'p2.parquet'} row 1: the field 'text' holds a number (3), not text."
+    )
+    parquet["data_files"] = [str(tmp_path / "p1.parquet"), str(tmp_path / "p3.parquet")]
+    assert _prepare_fails(hf_data(tmp_path, None, hf=parquet)).startswith(
+        f"{tmp_path / 'p3.parquet'} row 2: the field 'text' holds null (or is missing), not text."
+    )
+    (tmp_path / "array.json").write_text('[\n{"text": "x"},\n{"body": "y"}\n]\n')
+    assert _prepare_fails(hf_data(tmp_path, tmp_path / "array.json")).startswith(
+        f"{tmp_path / 'array.json'} record 2: the field 'text' holds null (or is missing), not text."
+    )
+
+
+def test_a_malformed_or_non_utf8_line_is_named_by_its_real_line(tmp_path):
+    lines = [json.dumps({"text": t}) for t in documents(3000)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines, '{"text": "cut short', *lines[:50]]) + "\n")
+    message = _prepare_fails(hf_data(tmp_path, bad))
+    assert (
+        message
+        == f"{bad} line 3001 is not JSON (Invalid control character at column 20); fix or remove that line."
+    )
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert _prepare_fails(hf_data(tmp_path, latin)) == (
+        f"{latin} line 2 is not UTF-8 (byte 14 of the line); save the file as UTF-8."
+    )
+
+
+def test_a_split_without_validation_documents_is_refused(tmp_path):
+    assert not hf_source.val_mask(0, 20, 0.001, 1337).any()  # no document drawn for validation
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)), val_fraction=0.001)
+    cache = open_cache(prepare_cache(data, GPT2))
+    with pytest.raises(GptMiniError) as info:
+        TextDataModule(cache, data, block_size=16)
+    assert str(info.value) == (
+        f"the validation split of {cache.meta['source']} has 0 token(s), too few for one validation window "
+        "(data.val_fraction=0.001 drew 0 of its 20 documents), so the run would train without a validation "
+        "loss; use more documents, a larger data.val_fraction, or data.val_fraction=0 to train without "
+        "validation."
+    )
 
 
 def test_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
@@ -353,3 +500,22 @@ def test_without_the_datasets_package_is_one_line(tmp_path, monkeypatch):
         GptMiniError, match=r"data=hf needs the datasets package: pip install -e '.\[datasets\]'"
     ):
         prepare_cache(data, GPT2)
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd (Linux)")
+def test_a_build_leaves_no_file_descriptor_open(tmp_path):
+    prepare_cache(hf_data(tmp_path / "warm", write_jsonl(tmp_path / "w.jsonl", documents(20))), GPT2)
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(40)))
+    before = _open_descriptors()
+    prepare_cache(data, GPT2)
+    assert _open_descriptors() == before
+    # A build that fails after its shard files were opened closes them too.
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n' * 3 + '{"text": oops\n')
+    before = _open_descriptors()
+    with pytest.raises(GptMiniError):
+        prepare_cache(hf_data(tmp_path, tmp_path / "bad.jsonl"), GPT2)
+    assert _open_descriptors() == before

@@ -23,16 +23,33 @@ from gptmini.data.tokenizer import TokenizerConfig, save_bpe, tokenizer_id, toke
 CACHE_VERSION = 3
 
 
+def _settings_for(
+    tok: TokenizerConfig, encoding: tiktoken.Encoding | None
+) -> tuple[TokenizerConfig, tiktoken.Encoding | None]:
+    """The tokenizer as settings where settings say exactly what it does.
+
+    A cache is keyed by what its tokenizer does, not by how the tokenizer was obtained: tiktoken's own "gpt2"
+    (the tokenizer of every imported GPT-2, init_from=gpt2) is the tokenizer ``tokenizer=gpt2`` loads, so both
+    share one cache and FineWeb is tokenized once. ``tiktoken_name`` checks the contents, not just the name.
+    """
+    if encoding is not None and tokenizer_to_spec(encoding)["kind"] == "tiktoken":
+        return TokenizerConfig(name=encoding.name), None
+    return tok, encoding
+
+
 def tokenizer_folder(tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
-    """The path component naming a cache's tokenizer: its settings' id, or a given encoding's name."""
+    """The path component naming a cache's tokenizer: its settings' id, or a given BPE's name."""
+    tok, encoding = _settings_for(tok, encoding)
     if encoding is None:
         return tokenizer_id(tok)
     return re.sub(r"[^A-Za-z0-9._-]", "_", encoding.name) or "tokenizer"
 
 
 def tokenizer_key(tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> dict:
-    """The tokenizer's part of a cache key: its settings, or the full spec of an encoding passed in (so a
-    cache for a given vocabulary never mixes with one trained from settings)."""
+    """The tokenizer's part of a cache key: what the tokenizer does (see ``_settings_for``). A named tiktoken
+    encoding is its name; a BPE trained from settings is those settings (its vocabulary follows from them
+    and the corpus, also in the key); any other given encoding is its full spec, ranks included."""
+    tok, encoding = _settings_for(tok, encoding)
     if encoding is None:
         return {"id": tokenizer_id(tok), "bpe_sample_bytes": BPE_SAMPLE_BYTES if tok.name == "bpe" else None}
     spec = json.dumps(tokenizer_to_spec(encoding), sort_keys=True).encode()

@@ -106,6 +106,27 @@ class ValWindows(Dataset):
 # The DataModule
 
 
+def _check_validation_split(meta: dict) -> None:
+    """Refuse a cache whose validation split asked for text but got too little for one window: the run would
+    train with "validation: loss n/a" and nothing would say why."""
+    fraction, tokens = meta.get("val_fraction") or 0, meta["val_tokens"]
+    if fraction <= 0 or tokens >= 2:  # a window needs an input token and its target
+        return
+    if meta.get("layout") == "shards":
+        documents = meta["train_documents"] + meta["val_documents"]
+        drawn = f"drew {meta['val_documents']} of its {documents} documents"
+        more = "more documents" + (" (a larger data.max_tokens)" if meta.get("max_tokens") else "")
+    else:
+        drawn = f"of its {meta['train_bytes'] + meta['val_bytes']} bytes"
+        more = "more text"
+    raise GptMiniError(
+        f"the validation split of {meta.get('source', 'the corpus')} has {tokens} token(s), too few for one "
+        f"validation window (data.val_fraction={fraction} {drawn}), so the run would train without a "
+        f"validation loss; use {more}, a larger data.val_fraction, or data.val_fraction=0 to train without "
+        "validation."
+    )
+
+
 class TextDataModule(L.LightningDataModule):
     """An opened token cache served as resumable, rank-disjoint random training windows and fixed validation
     windows.
@@ -116,7 +137,8 @@ class TextDataModule(L.LightningDataModule):
         block_size: the model's context length; windows hold block_size + 1 tokens.
         seed: seeds the training windows (with the rank and the batch index).
 
-    Raises GptMiniError at once when one window or one batch does not fit the training split.
+    Raises GptMiniError at once when one window or one batch does not fit the training split, or when
+    ``data.val_fraction`` asked for validation text but the split holds too little for one window.
     """
 
     def __init__(self, cache: TokenCache, data: DataConfig, block_size: int, seed: int = 1337):
@@ -140,6 +162,7 @@ class TextDataModule(L.LightningDataModule):
                 f"the training split has {train_tokens} tokens, fewer than one window of "
                 f"block_size + 1 = {need} tokens; use a smaller model.block_size or more text."
             )
+        _check_validation_split(cache.meta)
         per_batch = self.data_config.batch_size * block_size
         if per_batch > train_tokens:
             raise GptMiniError(

@@ -1,8 +1,9 @@
 """Hugging Face ``datasets`` sources (``data=hf``): load one, and read it as batches of documents.
 
 One concern: turning ``data.hf`` into a stream of document texts, and deciding which documents are
-validation text. Imports ``gptmini.common`` and ``gptmini.data.corpus`` only; ``datasets`` is imported when a
-source is opened, so the other corpora never need it. Knows nothing of tokenizers or caches.
+validation text. Imports ``gptmini.common``, ``gptmini.data.corpus`` and ``.hf_records`` only; ``datasets``
+is imported when a source is opened, so the other corpora never need it. Knows nothing of tokenizers or
+caches.
 
 Decisions worth knowing:
 
@@ -13,8 +14,17 @@ Decisions worth knowing:
   draw from ``(split_seed, i // VAL_BLOCK)`` at ``i % VAL_BLOCK`` falls below ``val_fraction``: a fixed
   function of the seed and the index, so it needs neither the document count nor a second pass.
 - **Local files are fingerprinted by path, size and mtime**, not content (hashing 30 GB of parquet would
-  take minutes per run): touching a file makes a new cache. A Hub dataset is identified by its name,
-  configuration, split and ``revision``; pin ``data.hf.revision`` for data that must not change under you.
+  take minutes per run): touching a file makes a new cache. That covers ``data.hf.data_files`` and, for
+  ``data.hf.path=<a local folder>``, the files ``datasets`` reads from it. A Hub dataset is identified by its
+  name, configuration, split and ``revision``; pin ``data.hf.revision`` for data that must not change under
+  you.
+- **Each file once.** ``data.hf.data_files`` is resolved here and ``datasets`` is handed the resulting list:
+  a file named twice (a repeated path, overlapping globs, a link) is read once, and empty files, which
+  hold no documents (and which the json reader fails on), are left out.
+- **Documents are strings.** A record whose text field holds a number, a list, an object, a boolean or null
+  is refused, naming its file and line (JSON lines) or row (parquet), never turned into text; so is a line
+  that is not JSON, named by its real line number (pyarrow's "row N" counts within a block of the file).
+  ``gptmini.data.hf_records`` checks the local files before reading and locates a bad record.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from gptmini.common import GptMiniError
+from gptmini.data import hf_records
 from gptmini.data.corpus import HFConfig
 
 # Documents per validation draw (see the module docstring); changing it changes every split.
@@ -57,22 +68,88 @@ def _patterns(data_files: Any) -> list[str]:
     )
 
 
-def local_files(hf: HFConfig) -> list[Path]:
-    """The local files ``data.hf.data_files`` names, sorted; [] for remote files or none.
+def _local_base(hf: HFConfig) -> Path | None:
+    """Where the source's files live on this machine: the working folder for a builder (json, parquet, ...),
+    the folder ``data.hf.path`` names, or None for a Hub dataset (its data_files are paths in its repo)."""
+    if hf.path in LOCAL_BUILDERS:
+        return Path(".")
+    folder = Path(hf.path).expanduser()
+    return folder if folder.is_dir() else None
 
-    A pattern that matches nothing is an error here, where ``datasets`` would fail later and obscurely.
+
+def local_files(hf: HFConfig) -> list[Path]:
+    """The local files the source reads, in reading order, each file once; [] for a Hub dataset.
+
+    ``data.hf.data_files`` patterns are resolved here, against the working folder (a builder) or the folder
+    ``data.hf.path`` names (where ``datasets`` would resolve them), and ``datasets`` is handed this list, so
+    what is read is what is keyed; a local folder without data_files gives the files ``datasets`` infers for
+    the split. A pattern that matches nothing is an error here, where ``datasets`` would fail obscurely.
     """
+    base = _local_base(hf)
+    if base is None:
+        return []
+    patterns = _patterns(hf.data_files)
+    if not patterns and hf.path not in LOCAL_BUILDERS:
+        return _each_once(_inferred_files(hf, base))
     files = []
-    for pattern in _patterns(hf.data_files):
+    for pattern in patterns:
         if "://" in pattern:
             continue  # hf://, https://, s3://: the loader fetches those
-        expanded = os.path.expanduser(pattern)
+        expanded = str(base / os.path.expanduser(pattern))  # an absolute pattern stays as it is
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         matches = [Path(m) for m in matches if Path(m).is_file()]
         if not matches:
             raise GptMiniError(f"data.hf.data_files={pattern!r} matches no files; check the path or pattern.")
         files += matches
-    return files
+    return _each_once(files)
+
+
+def _each_once(files: list[Path]) -> list[Path]:
+    """``files`` without repeats: a file named again (by the same path, another pattern or a link) is dropped,
+    so its documents are not read twice."""
+    seen, kept = set(), []
+    for path in files:
+        stat = path.stat()
+        if (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            kept.append(path)
+    return kept
+
+
+def _inferred_files(hf: HFConfig, folder: Path) -> list[Path]:
+    """The files ``datasets`` reads for the split from a local folder given without data_files; every file
+    under the folder when it cannot say (the loader then reports why)."""
+    datasets = _import_datasets()
+    try:
+        builder = datasets.load_dataset_builder(str(folder), name=hf.name)
+        return [Path(f) for f in builder.config.data_files[hf.split]]
+    except Exception:  # noqa: BLE001 - a bad split, an unknown format: load_hf_dataset names it
+        return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _loader_data_files(hf: HFConfig) -> dict | None:
+    """What ``datasets.load_dataset`` gets as data_files: the resolved local files (each once, empty ones
+    left out) plus any remote patterns, for the split; None when data_files is not set."""
+    patterns = _patterns(hf.data_files)
+    if not patterns:
+        return None
+    if _local_base(hf) is None:
+        return {hf.split: patterns}  # a Hub dataset's own files: paths in its repository
+    remote = [p for p in patterns if "://" in p]
+    return {hf.split: [str(p) for p in local_files(hf) if p.stat().st_size > 0] + remote}
+
+
+def _check_not_empty(hf: HFConfig) -> None:
+    """Refuse a local source whose files hold nothing (``datasets`` would fail with a bare StopIteration)."""
+    files = local_files(hf)
+    remote = [p for p in _patterns(hf.data_files) if "://" in p]
+    if files and not remote and all(p.stat().st_size == 0 for p in files):
+        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
+        setting = "data.hf.data_files" if hf.data_files is not None else "data.hf.path"
+        raise GptMiniError(
+            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({names}); point {setting} at "
+            "files with documents."
+        )
 
 
 def source_fingerprint(hf: HFConfig) -> dict:
@@ -124,14 +201,12 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
 
     ``setting`` and ``offline_hint`` word the message for another caller (the HellaSwag reader).
     """
-    try:
-        import datasets
-    except ImportError:
-        raise GptMiniError(
-            "data=hf needs the datasets package: pip install -e '.[datasets]' (or pip install datasets)."
-        ) from None
-    local_files(hf)  # a pattern matching nothing is named now
-    data_files = _patterns(hf.data_files) or None
+    datasets = _import_datasets()
+    _check_not_empty(hf)  # also names a pattern matching nothing
+    problem = hf_records.check_files(_reading_order(hf) or [], hf.text_field)
+    if problem:  # before datasets turns it into text (see hf_records)
+        raise GptMiniError(problem)
+    data_files = _loader_data_files(hf)
     try:
         with _offline_unless_reachable(hf):
             return datasets.load_dataset(
@@ -148,10 +223,23 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
                 f"cannot load the dataset {setting}={hf.path!r}: offline and not cached "
                 f"({_first_line(error)}); {offline_hint}."
             ) from None
+        problem = hf_records.find_bad_record(_reading_order(hf) or [], hf.text_field)
+        if problem:  # a bad record in the first block fails already here
+            raise GptMiniError(problem) from None
         raise GptMiniError(
             f"cannot load the dataset {setting}={hf.path!r} (name={hf.name!r}, split={hf.split!r}): "
             f"{_first_line(error)}. Check data.hf.path, data.hf.name, data.hf.split and data.hf.data_files."
         ) from None
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise GptMiniError(
+            "data=hf needs the datasets package: pip install -e '.[datasets]' (or pip install datasets)."
+        ) from None
+    return datasets
 
 
 def _hub_reachable() -> bool:
@@ -197,9 +285,8 @@ def known_documents(dataset: Any, hf: HFConfig) -> int | None:
     if hf.split in splits and splits[hf.split].num_examples:
         return int(splits[hf.split].num_examples)
     if hf.path == "parquet":
-        import pyarrow.parquet as pq
-
-        return sum(pq.ParquetFile(path).metadata.num_rows for path in local_files(hf))
+        rows = [hf_records.parquet_rows(path) for path in local_files(hf)]
+        return None if None in rows else sum(rows)
     return None
 
 
@@ -214,21 +301,48 @@ def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -
     if start:
         dataset = dataset.skip(start)
     batches = dataset.iter(batch_size=batch_docs)
+    index = start  # of the batch's first document, in reading order
     while True:
         try:
             batch = next(batches)
         except StopIteration:
             return
         except Exception as error:  # a malformed file or a dropped connection, in the middle of reading
-            hint = OFFLINE_HINT if _is_offline(error) else "check the files, or run again to resume"
-            raise GptMiniError(f"reading {describe(hf)} failed: {_first_line(error)}; {hint}.") from None
+            raise GptMiniError(_read_failed(hf, error)) from None
         if hf.text_field not in batch:
             raise GptMiniError(
                 f"data.hf.text_field={hf.text_field!r} is not a column of {describe(hf)}; its columns are: "
                 f"{', '.join(map(str, batch))}. Set data.hf.text_field to the one holding the text."
             )
         texts = batch[hf.text_field]
-        yield [text if isinstance(text, str) else "" if text is None else str(text) for text in texts]
+        for offset, text in enumerate(texts):
+            if not isinstance(text, str):
+                problem = hf_records.not_text(hf.text_field, text)
+                raise GptMiniError(f"{_where(hf, index + offset)}: {problem}")
+        index += len(texts)
+        yield texts
+
+
+def _read_failed(hf: HFConfig, error: BaseException) -> str:
+    """The message for ``datasets`` failing mid-read: the bad record when one is found, else its own words."""
+    problem = hf_records.find_bad_record(_reading_order(hf) or [], hf.text_field)
+    if problem:
+        return problem
+    hint = OFFLINE_HINT if _is_offline(error) else "check the files, or run again to resume"
+    return f"reading {describe(hf)} failed: {_first_line(error)}; {hint}."
+
+
+def _reading_order(hf: HFConfig) -> list[Path] | None:
+    """The local files in the order ``datasets`` reads them; None when that is not known (remote files)."""
+    if _local_base(hf) is None or any("://" in p for p in _patterns(hf.data_files)):
+        return None
+    return [p for p in local_files(hf) if p.stat().st_size > 0]
+
+
+def _where(hf: HFConfig, index: int) -> str:
+    """Where document ``index`` (from 0, in reading order) is: its file and line or row, else its number."""
+    found = hf_records.locate(_reading_order(hf) or [], index)
+    return found or f"document {index + 1} (counting from 1 in reading order) of {describe(hf)}"
 
 
 def val_mask(first: int, count: int, fraction: float, seed: int) -> np.ndarray:

@@ -254,20 +254,15 @@ def _tokenize(
     """Stream the documents into shard files; return the per-split counts and shard lengths."""
     hf, dtype = data.hf, token_dtype(enc.n_vocab)
     splits = state["splits"] if state else {}
-    writers = {s: ShardWriter(folder, s, data.shard_tokens, dtype, splits.get(s)) for s in SPLITS}
     next_doc = state["next_doc"] if state else 0
     extra = {"key": key}
     if next_doc:
         log.info("resuming the interrupted build in %s at document %d", folder, next_doc)
     threads = encode_threads()
     file_bytes = sum(p.stat().st_size for p in hf_source.local_files(hf))
-    progress = Progress(
-        f"tokenizing {hf.path}",
-        sum(w.tokens for w in writers.values()),
-        data.max_tokens,
-        hf_source.known_documents(dataset, hf),
-        file_bytes,
-    )
+    documents = hf_source.known_documents(dataset, hf)
+    writers: dict[str, ShardWriter] = {}
+    progress: Progress | None = None
     done = False
     last_commit = time.monotonic()
     in_flight: deque = deque()
@@ -295,6 +290,11 @@ def _tokenize(
             last_commit = time.monotonic()
 
     try:
+        # Opened inside the try, so whatever fails from here on closes every file opened so far.
+        for split in SPLITS:
+            writers[split] = ShardWriter(folder, split, data.shard_tokens, dtype, splits.get(split))
+        done_tokens = sum(w.tokens for w in writers.values())
+        progress = Progress(f"tokenizing {hf.path}", done_tokens, data.max_tokens, documents, file_bytes)
         with ThreadPoolExecutor(threads) as pool:
             first = next_doc
             for texts in hf_source.iter_text_batches(dataset, hf, next_doc, BATCH_DOCS):
@@ -318,7 +318,8 @@ def _tokenize(
             writer.close(finish=False)  # the files stay for the resume; only the handles go
         raise
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
     for writer in writers.values():
         writer.close(finish=True)
     counts = {}
@@ -336,6 +337,16 @@ def _check_not_empty(counts: dict, data: DataConfig) -> None:
             f"{hf_source.describe(data.hf)} gave no training text (0 bytes in "
             f"{counts['train_documents']} documents); check data.hf.text_field and data.hf.split."
         )
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the folder's entries durable before it is renamed (not every system lets a folder be fsynced)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)  # every build used to leak this descriptor
 
 
 def build_sharded_cache(
@@ -390,8 +401,7 @@ def build_sharded_cache(
         }
         (building / PROGRESS_FILE).unlink(missing_ok=True)
         atomic_write_text(building / "meta.json", json.dumps(meta, indent=2) + "\n")
-        with contextlib.suppress(OSError):
-            os.fsync(os.open(building, os.O_RDONLY))
+        _fsync_folder(building)
         os.rename(building, folder)  # atomic: the folder appears complete or not at all
         log.info(
             "tokenized %d documents into %d tokens in %.1f s",

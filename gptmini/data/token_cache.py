@@ -356,7 +356,11 @@ class TokenStream:
         return self._maps[i]
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the whole stream, as an array."""
+        """Tokens ``[start, stop)`` of the whole stream, as an array; like a slice, the range is cut at the
+        end of the stream, and an empty range gives an empty array."""
+        stop = min(stop, len(self))
+        if start >= stop:
+            return np.empty(0, dtype=self.dtype)
         first = int(np.searchsorted(self.offsets, start, side="right")) - 1
         pieces = []
         while start < stop:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -238,9 +239,34 @@ def load_bpe(path: str | os.PathLike) -> tiktoken.Encoding:
         raise GptMiniError(f"{path} is not a saved BPE tokenizer ({type(exc).__name__}: {reason})") from None
 
 
+def tiktoken_name(enc: tiktoken.Encoding) -> str | None:
+    """``enc``'s name when it names tiktoken's encoding of exactly the same contents, else None.
+
+    A name only stands for an encoding when it provably means the same ids: an encoding merely *called*
+    "gpt2" but built from other ranks must be saved (and keyed) by its contents, never by that name.
+    """
+    if enc.name not in tiktoken.list_encoding_names():
+        return None
+    try:
+        named = tiktoken.get_encoding(enc.name)  # cached by tiktoken: the same object on every call
+    except Exception:  # noqa: BLE001 - its files are unavailable: the name cannot be checked, so not trusted
+        return None
+    return enc.name if named is enc or encoding_sha256(named) == encoding_sha256(enc) else None
+
+
+def encoding_sha256(enc: tiktoken.Encoding) -> str:
+    """A hash of everything that decides an encoding's ids: its split pattern, ranks and special tokens."""
+    contents = {
+        "pattern": enc._pat_str,
+        "ranks": _ranks_to_text(enc._mergeable_ranks),
+        "special_tokens": enc._special_tokens,
+    }
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()
+
+
 def tokenizer_to_spec(enc: tiktoken.Encoding) -> dict:
     """A checkpoint-safe description of ``enc``: only str/int/dict values."""
-    if enc.name in tiktoken.list_encoding_names():
+    if tiktoken_name(enc) is not None:
         return {"kind": "tiktoken", "name": enc.name}
     # tiktoken has no public accessor for the pattern and ranks; these attributes are stable across versions.
     return {

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +38,54 @@ class Example:
     label: int
 
 
-def _example(row: dict, where: str) -> Example:
-    try:
-        ctx, endings, label = row["ctx"], list(row["endings"]), int(row["label"])
-    except (KeyError, TypeError, ValueError):
-        raise GptMiniError(f"{where} is not a HellaSwag example; the format is {FORMAT_HINT}.") from None
-    if not isinstance(ctx, str) or len(endings) < 2 or not 0 <= label < len(endings):
-        raise GptMiniError(f"{where} is not a HellaSwag example; the format is {FORMAT_HINT}.")
-    return Example(ctx, [str(e) for e in endings], label)
+def _example(row: Any, where: str) -> Example:
+    """Check one record field by field: what cannot be scored is refused, naming the field, never coerced
+    (endings given as a string or a mapping, a float or boolean label)."""
+    if not isinstance(row, dict):
+        raise _not_an_example(where, "it is not a JSON object")
+    missing = [key for key in ("ctx", "endings", "label") if key not in row]
+    if missing:
+        raise _not_an_example(where, f'it has no "{missing[0]}"')
+    ctx, endings, label = row["ctx"], row["endings"], row["label"]
+    if not isinstance(ctx, str):
+        raise _not_an_example(where, f'"ctx" is {_shown(ctx)}, not a text')
+    if not ctx:
+        # With no context an ending's first token has nothing to be predicted from: a one-token ending scores
+        # nothing at all, and ending 0 wins every tie.
+        raise _not_an_example(where, '"ctx" is empty: an ending can only be scored after a context')
+    if not isinstance(endings, list) or len(endings) < 2:
+        raise _not_an_example(where, f'"endings" is {_shown(endings)}, not a list of at least 2 texts')
+    for i, ending in enumerate(endings):
+        if not isinstance(ending, str):
+            raise _not_an_example(where, f'"endings"[{i}] is {_shown(ending)}, not a text')
+        if not ending:
+            raise _not_an_example(where, f'"endings"[{i}] is empty: there is nothing to score')
+    if isinstance(label, str) and label.isdecimal():
+        label = int(label)  # the Hub's own labels are strings: "3"
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(endings):
+        bounds = f"0..{len(endings) - 1}"
+        raise _not_an_example(
+            where, f'"label" is {_shown(row["label"])}, not the index of an ending ({bounds})'
+        )
+    return Example(ctx, endings, label)
+
+
+def _not_an_example(where: str, reason: str) -> GptMiniError:
+    return GptMiniError(f"{where} is not a HellaSwag example: {reason}; the format is {FORMAT_HINT}.")
+
+
+def _shown(value: Any) -> str:
+    """A value as a message names it: "the number 1.0", "the text \"abc\"", "a list [...]", "null"."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {json.dumps(value)}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, str) else repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    kind = {str: "the text", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    return f"{kind} {text}"
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
@@ -56,16 +97,22 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
             "github.com/rowanz/hellaswag), or leave path unset to read it from the Hugging Face Hub."
         )
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line: a bad byte is named by its line
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise GptMiniError(
+                    f"{where} is not UTF-8 (byte {error.start + 1} of the line); save the file as UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except ValueError:
-                where = f"{path} line {number}"
                 raise GptMiniError(f"{where} is not JSON; the format is {FORMAT_HINT}.") from None
-            examples.append(_example(row if isinstance(row, dict) else {}, f"{path} line {number}"))
+            examples.append(_example(row, where))
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:
