@@ -284,7 +284,7 @@ def decode_probe(model: torch.nn.Module, new_tokens: int = 4) -> Callable[[], No
     greedy = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
 
     def decode() -> None:
-        for _ in sample_tokens(model, prompt, greedy, use_cache=model.config.attention == "sdpa"):
+        for _ in sample_tokens(model, prompt, greedy):
             pass
 
     return decode

@@ -11,7 +11,6 @@ not import ``training``.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Mapping
@@ -106,7 +105,7 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
     plot_file = plot_path(cfg.attention_plot) if cfg.attention_plot else None
     prompt = None if cfg.interactive else read_prompt(cfg.prompt)  # a bad prompt file fails before loading
     loaded = load_checkpoint(cfg.ckpt, device=device)
-    model = _cacheable(loaded.model) if cfg.use_cache else loaded.model
+    model = loaded.model
     step = f"step {loaded.global_step}, " if loaded.global_step is not None else ""
     info(f"loaded {loaded.path} ({step}{model.num_params() / 1e6:.2f}M parameters) on {device}")
     if device.type == "cpu":  # on a GPU the CPU threads barely matter
@@ -132,15 +131,6 @@ def _validated(cfg) -> GenerateTextConfig:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateTextConfig), cfg))
     return as_config(cfg, GenerateTextConfig, "generate")
-
-
-def _cacheable(model: torch.nn.Module) -> torch.nn.Module:
-    """The same weights in the SDPA attention, the one implementation with a KV cache."""
-    if model.config.attention == "sdpa":
-        return model
-    sdpa = type(model)(dataclasses.replace(model.config, attention="sdpa"))
-    sdpa.load_state_dict(model.state_dict())
-    return sdpa.to(model.wte.weight.device).eval()
 
 
 def _interactive(session: _Session) -> list[str]:
