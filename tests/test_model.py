@@ -216,8 +216,16 @@ def test_named_sizes_are_one_table_and_explicit_fields_win():
         ({"logit_softcap": 0.0}, "logit_softcap=0.0 must be > 0, or null"),
         ({"rope_base": -1.0}, "rope_base=-1.0 must be > 0"),
         ({"attention": "heads", "qk_norm": True}, "attention='heads' has GPT-2's attention only"),
+        # NaN passed every range check and inf every "> 0": runs then failed later, blaming optim.lr.
+        ({"rope_base": float("inf")}, r"GPTConfig.rope_base=inf must be a finite number, not nan or inf; "
+         r"the default is 10000.0\.$"),
+        ({"rope_base": float("nan")}, "GPTConfig.rope_base=nan must be a finite number"),
+        ({"logit_softcap": float("inf")}, "GPTConfig.logit_softcap=inf must be a finite number, not nan or "
+         "inf; the default is null"),
+        ({"logit_softcap": float("nan")}, "GPTConfig.logit_softcap=nan must be a finite number"),
+        ({"dropout": float("nan")}, "GPTConfig.dropout=nan must be a finite number"),
     ],
-)
+)  # fmt: skip
 def test_bad_config_values(overrides, message):
     with pytest.raises(GptMiniError, match=message):
         small_config(**overrides)
