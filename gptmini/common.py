@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 # Every temporary file an atomic write makes is named ``.<target>.<random>.tmp`` beside its target.
 TEMP_SUFFIX = ".tmp"
@@ -42,6 +43,30 @@ def as_config(value: object, cls: type, group: str):
     if unknown:
         raise GptMiniError(f"unknown {group} keys {unknown}; valid keys: {', '.join(sorted(known))}")
     return cls(**{key: value[key] for key in value})
+
+
+def check_finite_floats(config: object, prefix: str) -> None:
+    """Refuse NaN and ±inf in every float field of the dataclass ``config`` (call it first in its checks).
+
+    Every comparison with NaN is false, so a range check such as ``x < 0`` lets it through, and inf passes
+    every lower bound; either then fails mid-run as a non-finite loss or a sampling error that blames
+    something else. Checked by value rather than by name, so a new float field is covered too.
+    """
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            default = "null" if field.default is None else field.default
+            hint = "" if field.default is MISSING else f"; the default is {default}"
+            raise GptMiniError(f"{prefix}{field.name}={value} must be a finite number, not nan or inf{hint}.")
+
+
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
+
+
+def check_seed(seed: Any) -> None:
+    """The seed rule of train.py and generate.py: an integer that every random source accepts."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise GptMiniError(f"seed={seed!r} must be an integer in 0..{MAX_SEED}; try seed=1337.")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -140,10 +140,18 @@ def test_kv_cache_matches_full_forward():
 
 
 @pytest.mark.parametrize("cls", [MultiHeadAttentionWrapper, MultiHeadAttention])
-def test_ladder_variants_refuse_a_cache(cls):
-    cache = KVCache(1, 1, 4, 16, 8)
-    with pytest.raises(GptMiniError, match="attention='sdpa'"):
-        cls(32, 4, 16, 0.0, True)(torch.randn(1, 3, 32), kv_cache=cache.layer(0))
+def test_ladder_variants_decode_with_a_cache_as_their_own_forward(cls):
+    torch.manual_seed(0)
+    attn = cls(32, 4, 16, 0.0, True).eval()
+    x = torch.randn(2, 12, 32)
+    cache = KVCache(1, 2, 4, 16, 8)
+    outputs = []
+    with torch.no_grad():
+        expected = attn(x)  # the explicit (T, T) path
+        for lo, hi in [(0, 5), (5, 8), (8, 9), (9, 12)]:
+            outputs.append(attn(x[:, lo:hi], kv_cache=cache.layer(0)))  # the SDPA path on the same weights
+            cache.length = hi
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_head_count():

@@ -2,6 +2,9 @@
 
 import builtins
 import io
+import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec
 from gptmini.generation import text as text_module
 from gptmini.generation.attention_plot import plot_attention, token_window
-from gptmini.generation.prompt import encode_prompt, quote_prompt_argument
+from gptmini.generation.prompt import MAX_PROMPT_BYTES, encode_prompt, quote_prompt_argument, read_prompt
 from gptmini.generation.sampling import SamplingOptions
 from gptmini.generation.streaming import StopFilter, StreamDecoder
 from gptmini.generation.text import GenerateTextConfig, generate_text, register_config
@@ -144,6 +147,55 @@ def test_prompt_from_file_and_stdin(ckpt, tmp_path, monkeypatch, capsys):
     assert generate_text(make_cfg(ckpt, prompt="-")) == expected
 
 
+def test_prompt_from_stdin_that_is_closed_or_empty_is_refused(ckpt, monkeypatch):
+    fix = "pipe the text in (echo 'Once upon' | python generate.py prompt=-), or leave prompt unset"
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets when started with stdin closed (<&-)
+    with pytest.raises(GptMiniError, match=re.escape(f"but stdin is closed; {fix}")):
+        generate_text(make_cfg(ckpt, prompt="-"))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
+    with pytest.raises(
+        GptMiniError, match=re.escape(f"prompt=- read nothing from stdin (it was empty); {fix}")
+    ):
+        generate_text(make_cfg(ckpt, prompt="-"))
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "/dev/urandom", "a huge file", "stdin"])
+def test_an_endless_or_huge_prompt_is_refused_at_the_cap(ckpt, tmp_path, monkeypatch, source):
+    """prompt=@/dev/zero read without end; now at most MAX_PROMPT_BYTES + 1 bytes are read, then refused."""
+    over = b"a" * (MAX_PROMPT_BYTES + 1)
+    if source == "stdin":
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(over)))
+        prompt, name = "-", "stdin"
+    else:
+        path = tmp_path / "huge.txt" if source == "a huge file" else Path(source)
+        if source == "a huge file":
+            path.write_bytes(over)
+        elif not path.exists():
+            pytest.skip(f"no {source} on this system")
+        prompt, name = f"@{path}", f"prompt file {path}"
+    message = (
+        f"{name} holds more than 4 MiB, the most a prompt may be (the model sees only its last block_size"
+    )
+    with pytest.raises(GptMiniError, match="^" + re.escape(message)):
+        generate_text(make_cfg(ckpt, prompt=prompt))
+
+
+def test_a_prompt_of_exactly_the_cap_is_read(tmp_path):
+    path = tmp_path / "cap.txt"
+    path.write_bytes(b"a" * MAX_PROMPT_BYTES)
+    assert read_prompt(f"@{path}") == "a" * MAX_PROMPT_BYTES
+
+
+def test_a_prompt_file_that_is_a_folder_or_not_utf8_is_one_line(ckpt, tmp_path):
+    with pytest.raises(GptMiniError, match=f"^prompt file {re.escape(str(tmp_path))} is a directory"):
+        generate_text(make_cfg(ckpt, prompt=f"@{tmp_path}"))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    message = f"prompt file {latin1} is not UTF-8 text (byte 0xe9 at offset 3); pass a UTF-8 text file"
+    with pytest.raises(GptMiniError, match="^" + re.escape(message)):
+        generate_text(make_cfg(ckpt, prompt=f"@{latin1}"))
+
+
 def test_empty_prompt_starts_from_endoftext(ckpt, enc, capsys):
     assert encode_prompt("", enc, BLOCK) == [enc.eot_token]
     assert generate_text(make_cfg(ckpt, prompt="")) == generate_text(make_cfg(ckpt, prompt=EOT))
@@ -245,6 +297,24 @@ def test_attention_window_keeps_the_seam_within_48_tokens(n_prompt, n_generated,
 )
 def test_bad_option_names_the_option(ckpt, option, value):
     with pytest.raises(GptMiniError, match=option):
+        generate_text(make_cfg(ckpt, prompt="a", **{option: value}))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("temperature", float("nan"), "temperature=nan must be a finite number, not nan or inf; the default"),
+        ("temperature", float("inf"), "temperature=inf must be a finite number"),
+        ("top_p", float("nan"), "top_p=nan must be a finite number"),
+        ("repetition_penalty", float("nan"), "repetition_penalty=nan must be a finite number"),
+        ("repetition_penalty", float("inf"), "repetition_penalty=inf must be a finite number"),
+        # train.py's seed rule and message: one range for both commands.
+        ("seed", -1, "seed=-1 must be an integer in 0..4294967295; try seed=1337."),
+        ("seed", 2**64, f"seed={2**64} must be an integer in 0..4294967295; try seed=1337."),
+    ],
+)  # fmt: skip
+def test_non_finite_values_and_seeds_out_of_range_are_refused(ckpt, option, value, message):
+    with pytest.raises(GptMiniError, match="^" + re.escape(message)):
         generate_text(make_cfg(ckpt, prompt="a", **{option: value}))
 
 
@@ -417,6 +487,27 @@ def _one_error_line(result, start: str) -> None:
 
 def test_cli_bad_option_exits_2_without_traceback(ckpt, tmp_path, run_cli):
     _one_error_line(run_cli("generate.py", f"ckpt={ckpt}", "temperature=-1", cwd=tmp_path), "temperature")
+
+
+@pytest.mark.parametrize(
+    ("args", "start"),
+    [
+        (["temperature=nan"], "temperature=nan must be a finite number"),
+        (["prompt=@/dev/zero"], "prompt file /dev/zero holds more than 4 MiB"),
+    ],
+)
+def test_cli_bad_sampling_values_and_prompts_exit_2_with_one_line(ckpt, tmp_path, run_cli, args, start):
+    if "/dev/zero" in args[0] and not Path("/dev/zero").exists():
+        pytest.skip("no /dev/zero on this system")
+    _one_error_line(run_cli("generate.py", f"ckpt={ckpt}", "prompt=a", *args, cwd=tmp_path), start)
+
+
+def test_cli_prompt_from_a_closed_stdin_exits_2_with_one_line(ckpt, tmp_path, repo_root):
+    if not Path("/bin/sh").exists():
+        pytest.skip("needs a POSIX shell")
+    script = shlex.join([sys.executable, str(repo_root / "generate.py"), f"ckpt={ckpt}", "prompt=-"])
+    result = subprocess.run(f"{script} <&-", shell=True, cwd=tmp_path, capture_output=True, text=True)
+    _one_error_line(result, "prompt=- reads the prompt from stdin, but stdin is closed")
 
 
 def test_cli_unsupported_plot_extension_exits_2(ckpt, tmp_path, run_cli):

@@ -94,7 +94,7 @@ def test_cached_decode_matches_full_forward():
     assert cache.length == 0
 
 
-def test_kv_cache_overflow_and_unsupported_kinds():
+def test_kv_cache_overflow():
     model = small_model()
     cache = model.new_kv_cache(batch_size=1)
     with torch.no_grad():
@@ -103,9 +103,24 @@ def test_kv_cache_overflow_and_unsupported_kinds():
             model(random_tokens(1, 5), kv_cache=cache)
         with pytest.raises(GptMiniError, match="sequence length 17 exceeds block_size=16"):
             model(random_tokens(1, 17))
-    for kind in ("heads", "mha"):
-        with pytest.raises(GptMiniError, match="attention='sdpa'"):
-            small_model(attention=kind).new_kv_cache(1)
+
+
+@pytest.mark.parametrize("kind", ["heads", "mha"])
+def test_every_attention_decodes_with_the_kv_cache(kind):
+    """The ladder variants take a cache too (through the SDPA path), so generation works for every value."""
+    model = small_model(attention=kind)
+    idx = random_tokens(2, 16)
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        expected, _ = model(idx)  # the variant's own explicit path
+        steps = [model(idx[:, :6], kv_cache=cache)[0]]
+        steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(6, 16)]
+        fixed_shape = model.new_kv_cache(batch_size=2)
+        model(idx[:, :6], kv_cache=fixed_shape)
+        # The fixed-shape step that compile=true runs.
+        step = model.decode_step(idx[:, 6:7], fixed_shape.positions[6], fixed_shape)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step, expected[:, 6], rtol=1e-5, atol=1e-5)
 
 
 def test_weight_tying_shares_storage():
@@ -214,8 +229,16 @@ def test_named_sizes_are_one_table_and_explicit_fields_win():
         ({"logit_softcap": 0.0}, "logit_softcap=0.0 must be > 0, or null"),
         ({"rope_base": -1.0}, "rope_base=-1.0 must be > 0"),
         ({"attention": "heads", "qk_norm": True}, "attention='heads' has GPT-2's attention only"),
+        # NaN passed every range check and inf every "> 0": runs then failed later, blaming optim.lr.
+        ({"rope_base": float("inf")}, r"GPTConfig.rope_base=inf must be a finite number, not nan or inf; "
+         r"the default is 10000.0\.$"),
+        ({"rope_base": float("nan")}, "GPTConfig.rope_base=nan must be a finite number"),
+        ({"logit_softcap": float("inf")}, "GPTConfig.logit_softcap=inf must be a finite number, not nan or "
+         "inf; the default is null"),
+        ({"logit_softcap": float("nan")}, "GPTConfig.logit_softcap=nan must be a finite number"),
+        ({"dropout": float("nan")}, "GPTConfig.dropout=nan must be a finite number"),
     ],
-)
+)  # fmt: skip
 def test_bad_config_values(overrides, message):
     with pytest.raises(GptMiniError, match=message):
         small_config(**overrides)

@@ -1,6 +1,7 @@
 """Optimizers and schedules (gptmini/training/optim.py): Muon + AdamW, the WSD and time-based schedules."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from gptmini.training.optim import (
     Float32Muon,
     MuonWithAdamW,
     OptimConfig,
+    adamw_fused,
     build_lr_schedule,
     build_optimizer,
     lr_at,
@@ -133,11 +135,42 @@ def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
         ({"decay_fraction": 1.5}, r"optim.decay_fraction must be in \(0, 1\], got 1.5"),
         ({"muon_lr": 0.0}, "optim.muon_lr must be > 0, got 0.0"),
         ({"muon_momentum": 1.0}, r"optim.muon_momentum must be in \[0, 1\), got 1.0"),
+        ({"eps": -1e-8}, r"optim.eps must be >= 0, got -1e-08; try optim.eps=1e-8\.$"),
+        # NaN passed every "< 0" check and inf every "> 0": runs failed later, blaming optim.lr.
+        ({"lr": float("inf")}, "^optim.lr=inf must be a finite number, not nan or inf; the default is 0.001"),
+        ({"weight_decay": float("nan")}, "optim.weight_decay=nan must be a finite number"),
+        ({"beta2": float("nan")}, "optim.beta2=nan must be a finite number"),
+        ({"muon_lr": float("inf")}, "optim.muon_lr=inf must be a finite number"),
+        ({"eps": float("nan")}, "optim.eps=nan must be a finite number"),
     ],
-)
+)  # fmt: skip
 def test_bad_optimizer_values(values, message):
     with pytest.raises(GptMiniError, match=message):
         OptimConfig(**values)
+
+
+def test_without_torch_optim_muon_only_optim_muon_is_refused(monkeypatch):
+    """torch.optim.Muon is torch 2.9's; the module subclassed it at import, so every run failed on 2.6-2.8."""
+    import importlib.util
+    import sys
+
+    import gptmini.training.optim as optim_module
+
+    muon = OptimConfig(name="muon")  # made while torch still has Muon
+    monkeypatch.delattr(torch.optim, "Muon")  # an older torch
+    spec = importlib.util.spec_from_file_location("optim_on_old_torch", optim_module.__file__)
+    old = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, old)
+    spec.loader.exec_module(old)  # the import itself works
+    assert isinstance(old.build_optimizer(tiny_gpt(), old.OptimConfig(), "cpu"), torch.optim.AdamW)
+    message = "^" + re.escape(
+        f"optim=muon needs torch.optim.Muon, added in torch 2.9, but this is torch {torch.__version__}; "
+        "upgrade it (pip install 'torch>=2.9') or use optim=adamw."
+    )
+    with pytest.raises(GptMiniError, match=message):
+        old.OptimConfig(name="muon")  # with the settings, before any data is read
+    with pytest.raises(GptMiniError, match=message):
+        old.build_optimizer(tiny_gpt(), muon, "cpu")
 
 
 def test_muon_needs_a_gpt():
@@ -163,3 +196,58 @@ def test_float32_muon_is_torchs_muon_without_bfloat16_rounding():
         assert (p.detach() - q.detach()).abs().max() < 0.02 * step  # within bf16's ~0.4% per element
     assert ours.state_dict()["state"].keys() == reference.state_dict()["state"].keys()
     assert ours.state_dict()["state"][0].keys() == {"momentum_buffer"}
+
+
+# ----- fused AdamW and gradient clipping ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precision", "clipping", "fused"),
+    [
+        (None, True, True),  # a plain loop (bench/) clips itself
+        ("32-true", True, True),  # refused at step 1 before: its message even recommended 32-true
+        ("bf16-mixed", True, True),  # clipped by GPTTrainingModule.configure_gradient_clipping
+        ("bf16-true", True, True),
+        ("16-true", True, True),
+        ("64-true", True, True),
+        ("16-mixed", True, False),  # the GradScaler's gradients are unscaled only inside a fused step
+        ("16", True, False),  # 16-mixed's old name
+        ("16-mixed", False, True),  # no clipping: fused unscales inside its step, as the scaler expects
+    ],
+)
+def test_adamw_is_fused_on_cuda_wherever_its_gradients_can_be_clipped(precision, clipping, fused):
+    assert adamw_fused("cuda", precision, clipping) is fused
+    assert adamw_fused("cpu", precision, clipping) is False
+    # build_optimizer follows it (CPU parameters: torch's fused AdamW runs on CPUs too).
+    optimizer = build_optimizer(tiny_gpt(), OptimConfig(), torch.device("cuda"), precision, clipping)
+    assert all(group["fused"] is fused for group in optimizer.param_groups)
+
+
+@pytest.mark.parametrize(
+    ("precision", "on_cuda"),
+    [
+        ("32-true", "32-true"),
+        ("bf16-mixed", "bf16-mixed"),
+        # A CPU turns 16-mixed into bf16-mixed; this runs 16-mixed's choice (foreach) under the same plugin.
+        ("bf16-mixed", "16-mixed"),
+    ],
+)
+def test_every_precision_trains_with_clipping_and_the_adamw_chosen_for_cuda(
+    precision, on_cuda, tmp_path, tiny_train_overrides, compose_train, monkeypatch
+):
+    """The optimizer a CUDA device would get (fused or not), on the CPU: the run clips and trains with it."""
+    import gptmini.training.optim as optim_module
+    from gptmini.training.run import train
+
+    chosen = []
+
+    def as_on_cuda(device, precision, clipping):
+        chosen.append(adamw_fused("cuda", on_cuda, clipping))
+        return chosen[-1]
+
+    monkeypatch.setattr(optim_module, "adamw_fused", as_on_cuda)
+    overrides = [*tiny_train_overrides, f"trainer.precision={precision}", "trainer.gradient_clip_val=0.5"]
+    summary = train(compose_train(overrides + ["trainer.max_steps=4"]), out_dir=tmp_path / "run")
+    assert chosen == [on_cuda != "16-mixed"]
+    assert summary["steps"] == 4
+    assert summary["val_loss"] == pytest.approx(summary["val_loss"])  # finite: NaN != NaN

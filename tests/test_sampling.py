@@ -214,6 +214,22 @@ def test_bad_options_raise_naming_the_option(option, value):
         SamplingOptions(**{option: value})
 
 
+@pytest.mark.parametrize("option", ["temperature", "top_p", "repetition_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_options_are_refused_naming_the_default(option, value):
+    """NaN passed ``temperature < 0`` and ``repetition_penalty <= 0``; inf passed both: torch failed later."""
+    default = getattr(SamplingOptions(), option)
+    message = rf"^{option}={value} must be a finite number, not nan or inf; the default is {default}\.$"
+    with pytest.raises(GptMiniError, match=message):
+        SamplingOptions(**{option: value})
+
+
+@pytest.mark.parametrize(("option", "value"), [("top_k", 2.5), ("top_k", True), ("max_new_tokens", 1.5)])
+def test_counts_must_be_whole_numbers(option, value):
+    with pytest.raises(GptMiniError, match=rf"^{option} must be .*a whole number"):
+        SamplingOptions(**{option: value})
+
+
 def test_good_options_pass():
     SamplingOptions(temperature=0.0, top_k=1, top_p=1.0, repetition_penalty=0.5, max_new_tokens=0)
 

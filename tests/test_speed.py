@@ -83,7 +83,7 @@ def test_fused_adamw_under_bf16_mixed_trains_with_gradient_clipping(
 ):
     # On a GPU, AdamW is fused; Lightning's mixed-precision plugin refuses to clip for a fused optimizer,
     # which stopped every bf16 GPU run at its first step. CPU AdamW can be fused too: the same path, here.
-    def fused_adamw(model, optim, device):
+    def fused_adamw(model, optim, device, *_):  # build_optimizer also takes precision and clipping
         groups = model.configure_optimizer_groups(optim.weight_decay)
         return torch.optim.AdamW(groups, lr=optim.lr, fused=True)
 

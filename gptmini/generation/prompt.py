@@ -35,19 +35,73 @@ def _quote_prompt(arg: str) -> str:
     return f"prompt='{value}'"
 
 
+# The most a prompt may hold. The model sees only its last block_size tokens (1024 for GPT-2, a few KB of
+# text), so a bigger prompt is a mistake (prompt=@/dev/zero, the wrong file) that would otherwise be read
+# and tokenized whole, without end for an endless stream.
+MAX_PROMPT_BYTES = 4 * 1024 * 1024
+
+
 def read_prompt(prompt: str) -> str:
-    """The prompt text: ``-`` reads stdin, ``@path`` reads a file, anything else is the text itself."""
+    """The prompt text: ``-`` reads stdin, ``@path`` reads a file, anything else is the text itself.
+
+    Stdin and files are read through one bounded reader: at most ``MAX_PROMPT_BYTES``, UTF-8.
+    """
     if prompt == "-":
-        return sys.stdin.read()
+        return _read_stdin()
     if prompt.startswith("@"):
         path = Path(prompt[1:]).expanduser()
+        if path.is_dir():
+            raise GptMiniError(f"prompt file {path} is a directory (from prompt={prompt}); name a text file.")
         try:
-            return path.read_text(encoding="utf-8")
+            with path.open("rb") as handle:
+                return _read_bounded(handle, f"prompt file {path}")
         except FileNotFoundError:
             raise GptMiniError(f"prompt file not found: {path} (from prompt={prompt}).") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise GptMiniError(f"cannot read prompt file {path}: {exc}. Pass a UTF-8 text file.") from None
+        except OSError as exc:
+            raise GptMiniError(f"cannot read prompt file {path}: {exc.strerror or exc}.") from None
     return prompt
+
+
+# What to do instead, for a prompt=- that finds no text on stdin.
+STDIN_FIX = (
+    "pipe the text in (echo 'Once upon' | python generate.py prompt=-), "
+    "or leave prompt unset to start a new document."
+)
+
+
+def _read_stdin() -> str:
+    """prompt=-: stdin must be open and hold text (an empty pipe means that the command before it failed)."""
+    try:
+        if sys.stdin is None:  # Python started with stdin closed (<&-)
+            raise ValueError("no stdin")
+        text = _read_bounded(getattr(sys.stdin, "buffer", sys.stdin), "stdin")
+    except (OSError, ValueError):  # no stdin, or a closed or invalid descriptor
+        raise GptMiniError(
+            f"prompt=- reads the prompt from stdin, but stdin is closed; {STDIN_FIX}"
+        ) from None
+    if not text:
+        raise GptMiniError(f"prompt=- read nothing from stdin (it was empty); {STDIN_FIX}")
+    return text
+
+
+def _read_bounded(stream, source: str) -> str:
+    """Up to MAX_PROMPT_BYTES of UTF-8 text from a binary (or text) stream; more is refused, unread."""
+    data = stream.read(MAX_PROMPT_BYTES + 1)  # one byte past the cap tells "at the cap" from "over it"
+    if len(data) > MAX_PROMPT_BYTES:
+        raise GptMiniError(
+            f"{source} holds more than {MAX_PROMPT_BYTES // 2**20} MiB, the most a prompt may be (the model "
+            "sees only its last block_size tokens); pass a shorter one, e.g. its end: "
+            "tail -n 100 FILE > prompt.txt."
+        )
+    if isinstance(data, str):  # a text stream (a test's io.StringIO): already decoded
+        return data
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise GptMiniError(
+            f"{source} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "pass a UTF-8 text file (iconv -t utf-8 converts one)."
+        ) from None
 
 
 def encode_prompt(text: str, enc, block_size: int) -> list[int]:

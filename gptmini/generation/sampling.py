@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, check_finite_floats
 
 
 @dataclass
@@ -46,7 +46,8 @@ class SamplingOptions:
     """Above 1 makes tokens already in the context less likely; 1.0 = off."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        check_finite_floats(self, prefix="")  # NaN passes every range check below; inf, every lower bound
+        if not _whole(self.max_new_tokens) or self.max_new_tokens < 0:
             raise GptMiniError(
                 f"max_new_tokens must be a whole number >= 0, got {self.max_new_tokens}. "
                 "Try max_new_tokens=200."
@@ -55,9 +56,10 @@ class SamplingOptions:
             raise GptMiniError(
                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}. Try temperature=0.8."
             )
-        if self.top_k is not None and self.top_k < 1:
+        if self.top_k is not None and (not _whole(self.top_k) or self.top_k < 1):
             raise GptMiniError(
-                f"top_k must be >= 1, got {self.top_k}. Use top_k=null to turn the filter off."
+                f"top_k must be >= 1 (a whole number), got {self.top_k}. "
+                "Use top_k=null to turn the filter off."
             )
         if not 0 < self.top_p <= 1:
             raise GptMiniError(
@@ -68,6 +70,11 @@ class SamplingOptions:
                 f"repetition_penalty must be > 0, got {self.repetition_penalty}. "
                 "1.0 turns it off; values above 1 discourage repeats."
             )
+
+
+def _whole(value: object) -> bool:
+    """An int, and not a bool (True would pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,7 +291,7 @@ def decode_probe(model: torch.nn.Module, new_tokens: int = 4) -> Callable[[], No
     greedy = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
 
     def decode() -> None:
-        for _ in sample_tokens(model, prompt, greedy, use_cache=model.config.attention == "sdpa"):
+        for _ in sample_tokens(model, prompt, greedy):
             pass
 
     return decode

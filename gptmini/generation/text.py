@@ -11,7 +11,6 @@ not import ``training``.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from collections.abc import Mapping
@@ -22,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from gptmini.checkpoint import load_checkpoint
-from gptmini.common import GptMiniError, as_config, pick_device
+from gptmini.common import GptMiniError, as_config, check_seed, pick_device
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
 from gptmini.generation.prompt import encode_prompt, read_prompt
@@ -46,13 +45,15 @@ class GenerateTextConfig(SamplingOptions):
     name (gpt2, gpt2-medium, gpt2-large, gpt2-xl; from the Hugging Face cache) or a Hugging Face folder. A
     LoRA checkpoint is merged into its base."""
     prompt: str = ""
-    """The text to continue; ``@file.txt`` reads a file, ``-`` reads stdin, empty starts a new document."""
+    """The text to continue; ``@file.txt`` reads a file, ``-`` reads stdin (at most 4 MiB of UTF-8, see
+    ``prompt.MAX_PROMPT_BYTES``), empty starts a new document."""
     stop: list[str] = field(default_factory=list)
     """Strings that end a sample (not printed); <|endoftext|> always ends one."""
     num_samples: int = 1
     """How many samples to draw for the prompt."""
     seed: Optional[int] = None  # noqa: UP045 - OmegaConf reads typing.Optional, not `int | None`
-    """Random seed: the same seed gives the same text; null = different every run."""
+    """Random seed in 0..2**32-1 (train.py's range): the same seed gives the same text; null = different every
+    run."""
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda or mps."""
     stream: bool = True
@@ -74,6 +75,8 @@ class GenerateTextConfig(SamplingOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_threads_setting(self.threads)
+        if self.seed is not None:
+            check_seed(self.seed)  # train.py's rule: a seed either command accepts, the other accepts too
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise GptMiniError(f"num_samples must be >= 1, got {self.num_samples}. Try num_samples=1.")
 
@@ -106,7 +109,7 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
     plot_file = plot_path(cfg.attention_plot) if cfg.attention_plot else None
     prompt = None if cfg.interactive else read_prompt(cfg.prompt)  # a bad prompt file fails before loading
     loaded = load_checkpoint(cfg.ckpt, device=device)
-    model = _cacheable(loaded.model) if cfg.use_cache else loaded.model
+    model = loaded.model
     step = f"step {loaded.global_step}, " if loaded.global_step is not None else ""
     info(f"loaded {loaded.path} ({step}{model.num_params() / 1e6:.2f}M parameters) on {device}")
     if device.type == "cpu":  # on a GPU the CPU threads barely matter
@@ -132,15 +135,6 @@ def _validated(cfg) -> GenerateTextConfig:
     if isinstance(cfg, DictConfig):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateTextConfig), cfg))
     return as_config(cfg, GenerateTextConfig, "generate")
-
-
-def _cacheable(model: torch.nn.Module) -> torch.nn.Module:
-    """The same weights in the SDPA attention, the one implementation with a KV cache."""
-    if model.config.attention == "sdpa":
-        return model
-    sdpa = type(model)(dataclasses.replace(model.config, attention="sdpa"))
-    sdpa.load_state_dict(model.state_dict())
-    return sdpa.to(model.wte.weight.device).eval()
 
 
 def _interactive(session: _Session) -> list[str]:

@@ -18,6 +18,7 @@ order of building weights, so the book's seeds give the book's numbers; ``# new 
    block_size = context_length, bias = qkv_bias (and proj's bias). A state_dict loads into each of them.
    "mha" and "sdpa" also take the switches beyond GPT-2 as keywords: ``n_kv_head`` (grouped-query keys and
    values; ``qkv`` then has n_embd + 2·n_kv_head·hs rows), ``rope_base`` (rotary positions) and ``qk_norm``.
+   Given a key/value cache (generation), all three decode through the SDPA path on their shared weights.
 
 ``python -m gptmini.model.walkthrough`` runs the worked example with the book's numbers.
 """
@@ -357,12 +358,39 @@ class _FusedMultiHead(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_embd)  # (B, T, C): heads side by side
         return self.resid_dropout(self.proj(y))
 
-    def _no_cache(self, kv_cache: "LayerKVCache | None") -> None:
+    def _sdpa(self, x: Tensor, kv_cache: "LayerKVCache | None" = None) -> Tensor:
+        """Attention through PyTorch's SDPA kernel: (B, T, C) to (B, T, C).
+
+        The "sdpa" variant's forward, and every variant's forward with a key/value cache: decoding one token
+        at a time needs the cached keys and values, and all variants share these weights, so "heads" and
+        "mha" decode through this path too (their explicit (T, T) form is the one to read and train).
+
+        With ``kv_cache`` the T new tokens sit at positions cache.start..cache.start+T: their keys/values are
+        appended and the queries attend to every cached position plus the new ones up to themselves.
+        """
+        start = 0 if kv_cache is None else kv_cache.start
+        q, k, v = self._heads_qkv(x, start)  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:
-            raise GptMiniError(
-                f"{type(self).__name__} has no key/value cache; use attention='sdpa' (CausalSelfAttention) "
-                "for cached generation"
+            k, v = kv_cache.append(k, v)  # (B, nkv, start+T, hs)
+        dropout_p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head  # SDPA lines key/value head h // group up with query head h
+        T = q.size(2)
+        if kv_cache is not None and kv_cache.visible is not None:
+            # A decoding step with fixed shapes: the whole cache buffer, its unfilled positions masked.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.visible, enable_gqa=gqa)
+        elif start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+        elif T == 1:
+            # One new token is the latest position: it may see everything, so no mask is needed.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
+        else:
+            # Several new tokens after a cached prefix: is_causal would align the triangle top-left (wrong
+            # here), so spell out that query i (absolute position start+i) sees keys 0..start+i.
+            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=gqa
             )
+        return self._merge_heads(y)  # (B, nh, T, hs) -> (B, T, C)
 
     def attention_weights(self, x: Tensor) -> Tensor:
         """Softmax attention weights (B, nh, T, T), computed explicitly and before dropout: attention maps."""
@@ -405,8 +433,9 @@ class MultiHeadAttentionWrapper(_FusedMultiHead):
         return weights @ v  # (B, T, hs)
 
     def forward(self, x: Tensor, kv_cache: "LayerKVCache | None" = None) -> Tensor:
-        """Map (B, T, C) to (B, T, C); no key/value cache."""
-        self._no_cache(kv_cache)
+        """Map (B, T, C) to (B, T, C); with ``kv_cache`` (generation), through ``_sdpa``."""
+        if kv_cache is not None:
+            return self._sdpa(x, kv_cache)
         heads = [self._head(x, h) for h in range(self.n_head)]  # n_head tensors of (B, T, hs)
         return self.resid_dropout(self.proj(torch.cat(heads, dim=-1)))  # (B, T, C)
 
@@ -421,8 +450,9 @@ class MultiHeadAttention(_FusedMultiHead):
         self.register_buffer("mask", causal_mask(block_size), persistent=False)
 
     def forward(self, x: Tensor, kv_cache: "LayerKVCache | None" = None) -> Tensor:
-        """Map (B, T, C) to (B, T, C); no key/value cache."""
-        self._no_cache(kv_cache)
+        """Map (B, T, C) to (B, T, C); with ``kv_cache`` (generation), through ``_sdpa``."""
+        if kv_cache is not None:
+            return self._sdpa(x, kv_cache)
         T = x.size(1)
         q, k, v = self._heads_qkv(x)  # (B, nh, T, hs), (B, nkv, T, hs)
         k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, nh, T, hs)
@@ -440,34 +470,8 @@ class CausalSelfAttention(_FusedMultiHead):
     """
 
     def forward(self, x: Tensor, kv_cache: LayerKVCache | None = None) -> Tensor:
-        """Map (B, T, C) to (B, T, C).
-
-        With ``kv_cache`` the T new tokens sit at positions cache.start..cache.start+T: their keys/values are
-        appended and the queries attend to every cached position plus the new ones up to themselves.
-        """
-        start = 0 if kv_cache is None else kv_cache.start
-        q, k, v = self._heads_qkv(x, start)  # (B, nh, T, hs), (B, nkv, T, hs)
-        if kv_cache is not None:
-            k, v = kv_cache.append(k, v)  # (B, nkv, start+T, hs)
-        dropout_p = self.dropout if self.training else 0.0
-        gqa = self.n_kv_head != self.n_head  # SDPA lines key/value head h // group up with query head h
-        T = q.size(2)
-        if kv_cache is not None and kv_cache.visible is not None:
-            # A decoding step with fixed shapes: the whole cache buffer, its unfilled positions masked.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.visible, enable_gqa=gqa)
-        elif start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
-        elif T == 1:
-            # One new token is the latest position: it may see everything, so no mask is needed.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=gqa)
-        else:
-            # Several new tokens after a cached prefix: is_causal would align the triangle top-left (wrong
-            # here), so spell out that query i (absolute position start+i) sees keys 0..start+i.
-            visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=visible, dropout_p=dropout_p, enable_gqa=gqa
-            )
-        return self._merge_heads(y)  # (B, nh, T, hs) -> (B, T, C)
+        """Map (B, T, C) to (B, T, C); with ``kv_cache``, as ``_sdpa`` describes."""
+        return self._sdpa(x, kv_cache)
 
 
 # The names the model config uses to pick an attention implementation.

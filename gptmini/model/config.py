@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, check_finite_floats
 from gptmini.model.attention import ATTENTION_CLASSES
 
 # The values of GPTConfig's switches (the first of each is GPT-2's).
@@ -87,6 +87,7 @@ class GPTConfig:
     """None, or a cap c: logits become c·tanh(logits / c), so none exceeds ±c (Gemma 2, modded-nanogpt)."""
 
     def __post_init__(self) -> None:
+        check_finite_floats(self, prefix="GPTConfig.")  # NaN passes every range check below; inf, "> 0"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

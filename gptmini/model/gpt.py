@@ -233,15 +233,10 @@ class GPT(nn.Module):
     ) -> KVCache:
         """An empty key/value cache for ``batch_size`` sequences of up to block_size tokens.
 
-        Only ``attention="sdpa"`` supports caching; the ladder variants raise instead of silently
-        recomputing. device/dtype default to the model's parameters.
+        Every attention variant takes it (with a cache they all run the SDPA path on their shared weights).
+        device/dtype default to the model's parameters.
         """
         c = self.config
-        if c.attention != "sdpa":
-            raise GptMiniError(
-                f"attention={c.attention!r} has no KV cache; build the model with attention='sdpa' "
-                "(the same weights load into it) or generate without a cache"
-            )
         weight = self.wte.weight
         return KVCache(
             c.n_layer,

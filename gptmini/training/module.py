@@ -101,7 +101,10 @@ class GPTTrainingModule(L.LightningModule):
         return lambda x, y: self.model(x, y)[1]  # forward's loss: it runs compiled once forward is
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, self.optim, self.device)
+        trainer = self._trainer  # None outside a Trainer: a plain build, as bench/ does
+        precision = str(trainer.precision) if trainer is not None else None
+        clipping = bool(trainer.gradient_clip_val) if trainer is not None else False
+        optimizer = build_optimizer(self.model, self.optim, self.device, precision, clipping)
         progress = self._time_progress() if self.optim.schedule_by == "time" else None
         decay_steps = self.optim.decay_steps or (1 if progress else self._max_steps())  # unused by time
         schedule = build_lr_schedule(optimizer, self.optim, decay_steps, progress)
@@ -176,24 +179,18 @@ class GPTTrainingModule(L.LightningModule):
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip as Lightning does, except for a fused optimizer under bf16-mixed, which Lightning refuses.
+        """Clip as Lightning does, except for a fused optimizer, which Lightning's mixed precision refuses.
 
-        Lightning's mixed-precision plugin assumes that a fused optimizer unscales a float16 GradScaler's
-        gradients inside its step, so it will not clip before that step. bf16-mixed has no scaler: the
-        gradients are true values, and clipping them here is what a plain PyTorch loop does. Without this,
-        every bf16 run on a GPU (fused AdamW) stops at its first step.
+        The plugin assumes that a fused optimizer unscales a float16 GradScaler's gradients inside its step,
+        so it will not clip before that step, even under bf16-mixed, which has no scaler. ``adamw_fused``
+        never fuses where a scaler meets clipping (16-mixed), so a fused optimizer's gradients here are true
+        values under every precision, and clipping them is what a plain PyTorch loop does. Without this,
+        every bf16 run on a GPU (fused AdamW) stopped at its first step.
         """
         fused = any(group.get("fused") for group in optimizer.param_groups)
         # FSDP clips its shards through its own path (a local norm would be wrong): Lightning's, untouched.
         if not (fused and gradient_clip_val) or isinstance(self.trainer.strategy, FSDPStrategy):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        precision = str(self.trainer.precision)
-        if precision != "bf16-mixed":
-            raise GptMiniError(
-                f"trainer.precision={precision} with fused AdamW cannot clip gradients (the float16 scaler "
-                "unscales them inside the optimizer step); use trainer.precision=bf16-mixed or 32-true, or "
-                "trainer.gradient_clip_val=null."
-            )
         if gradient_clip_algorithm in (None, "norm"):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
         else:

@@ -1,10 +1,11 @@
 """The optimizer and its learning-rate schedule: ``OptimConfig``, ``build_optimizer``, ``build_lr_schedule``.
 
 - ``name="adamw"``: AdamW as nanoGPT sets it up: weight decay only on matrices (biases and norm gains are
-  left alone), the fused kernel on CUDA.
+  left alone), the fused kernel on CUDA unless it would clip float16-scaled gradients (``adamw_fused``).
 - ``name="muon"``: ``torch.optim.Muon`` for the 2-D weight matrices inside the transformer blocks, AdamW for
   everything else (embeddings, LM head, norm gains, biases), each with its own learning rate: the split
-  nanochat and the modded-nanogpt speedrun use. ``MuonWithAdamW`` steps both as one optimizer.
+  nanochat and the modded-nanogpt speedrun use. ``MuonWithAdamW`` steps both as one optimizer. Muon needs
+  torch 2.9; it is looked up only when chosen, so everything else works on torch 2.6.
 - The schedule, one multiplier for every group: linear warmup, then cosine decay to a floor, or
   warmup-stable-decay ("wsd": constant, then a linear decay over the last ``decay_fraction``). Its progress
   is counted in optimizer steps, or (``schedule_by="time"``) in elapsed training time over the run's
@@ -15,13 +16,14 @@ The LightningModule and bench/train.py's plain loop both build theirs here, so t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, check_finite_floats
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
@@ -63,11 +65,14 @@ class OptimConfig:
     """AdamW epsilon."""
 
     def __post_init__(self) -> None:
+        check_finite_floats(self, prefix="optim.")  # NaN passes range checks such as "< 0"; inf, "> 0"
         for name, valid in (("name", OPTIMIZERS), ("schedule", SCHEDULES), ("schedule_by", SCHEDULE_BY)):
             if getattr(self, name) not in valid:
                 raise GptMiniError(
                     f"optim.{name}={getattr(self, name)!r} is not known; valid: {', '.join(valid)}."
                 )
+        if self.name == "muon":
+            check_muon_available()  # an old torch: one line now, not an AttributeError at the first step
         if not self.muon_lr > 0:
             raise GptMiniError(f"optim.muon_lr must be > 0, got {self.muon_lr}; try optim.muon_lr=0.02.")
         if not 0 <= self.muon_momentum < 1:
@@ -87,6 +92,8 @@ class OptimConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise GptMiniError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}.")
+        if self.eps < 0:
+            raise GptMiniError(f"optim.eps must be >= 0, got {self.eps}; try optim.eps=1e-8.")
 
 
 def lr_at(step: int, optim: OptimConfig, decay_steps: int, progress: float | None = None) -> float:
@@ -120,12 +127,38 @@ def _decay(progress: float, optim: OptimConfig) -> float:
     return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
 
 
+# The precisions whose Lightning plugin scales float16 losses with a GradScaler (16: the old name).
+SCALED_PRECISIONS = ("16-mixed", "16")
+
+
+def adamw_fused(device: torch.device | str, precision: str | None = None, clipping: bool = False) -> bool:
+    """Whether AdamW runs fused (one kernel for all parameters): on CUDA, where its gradients can be clipped.
+
+    Fused AdamW unscales a GradScaler's gradients inside its own step (torch marks it
+    ``_step_supports_amp_scaling``), so with 16-mixed the gradients are still scaled when they would be
+    clipped, and Lightning refuses to clip: the run stopped at step 1. A run that clips under 16-mixed
+    therefore gets torch's default instead (foreach: multi-tensor kernels, nearly as fast). Every other
+    precision has true gradients before the step and stays fused: Lightning clips them (32-true, bf16-true,
+    ...), or ``GPTTrainingModule.configure_gradient_clipping`` does where Lightning's mixed-precision
+    plugin refuses a fused optimizer although it has no scaler (bf16-mixed). ``precision=None`` is a plain
+    loop outside Lightning (bench/), which clips itself: fused.
+    """
+    if torch.device(device).type != "cuda":
+        return False
+    return not (clipping and str(precision) in SCALED_PRECISIONS)
+
+
 def build_optimizer(
-    model: torch.nn.Module, optim: OptimConfig, device: torch.device | str
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    device: torch.device | str,
+    precision: str | None = None,
+    clipping: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model.configure_optimizer_groups`` (decay on matrices only), fused on CUDA; or, for
+    """AdamW over ``model.configure_optimizer_groups`` (decay on matrices only), fused where
+    ``adamw_fused`` allows (the Trainer's ``precision``, and whether it clips gradients); or, for
     optim.name="muon", ``MuonWithAdamW``."""
-    fused = torch.device(device).type == "cuda"  # one kernel for all parameters; only on CUDA
+    fused = adamw_fused(device, precision, clipping)
     adamw = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "fused": fused}
     if optim.name == "adamw":
         return torch.optim.AdamW(model.configure_optimizer_groups(optim.weight_decay), **adamw)
@@ -137,7 +170,8 @@ def build_optimizer(
         {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},  # gains and biases
     ]
     # torch's Muon runs its orthogonalisation in bfloat16, fast on GPUs but ~25x slower than float32 on CPUs.
-    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else Float32Muon
+    check_muon_available()
+    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else _float32_muon()
     muon = muon_class(hidden, lr=optim.muon_lr, weight_decay=optim.weight_decay, momentum=optim.muon_momentum)
     return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest_groups if g["params"]], **adamw))
 
@@ -172,34 +206,65 @@ def orthogonalize(update: torch.Tensor, coefficients: tuple[float, float, float]
     return x.T if tall else x
 
 
-class Float32Muon(torch.optim.Muon):
-    """``torch.optim.Muon`` with its Newton-Schulz iteration in float32 (``orthogonalize``), for CPUs.
+# torch.optim.Muon, which optim=muon builds on, arrived in torch 2.9; everything else here needs torch 2.6.
+MUON_TORCH = "2.9"
 
-    torch casts each update to bfloat16 for the iteration: on most CPUs that matmul is ~25x slower than in
-    float32, and a Muon step of the 1M-parameter Shakespeare model took 3 s instead of ~0.1 s. The rule
-    is torch's: Nesterov momentum in ``momentum_buffer`` (the same state, so checkpoints move between the
-    two), decoupled weight decay, and the rate scaled by sqrt(max(1, rows / cols)).
-    """
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, buffers = [], [], []
-            self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
-            lr, momentum = group["lr"], group["momentum"]
-            for param, grad, buf in zip(params, grads, buffers, strict=True):
-                buf.lerp_(grad, 1 - momentum)
-                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(
-                    update.to(param.dtype), alpha=-lr * math.sqrt(max(1.0, param.size(0) / param.size(1)))
-                )
-        return loss
+def check_muon_available() -> None:
+    """optim=muon on a torch without ``torch.optim.Muon``: one line naming the version it needs."""
+    if not hasattr(torch.optim, "Muon"):
+        raise GptMiniError(
+            f"optim=muon needs torch.optim.Muon, added in torch {MUON_TORCH}, but this is torch "
+            f"{torch.__version__}; upgrade it (pip install 'torch>={MUON_TORCH}') or use optim=adamw."
+        )
+
+
+@torch.no_grad()
+def _float32_muon_step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    """``Float32Muon.step``: torch's Muon update with the Newton-Schulz iteration in float32."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    for group in self.param_groups:
+        params, grads, buffers = [], [], []
+        self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
+        lr, momentum = group["lr"], group["momentum"]
+        for param, grad, buf in zip(params, grads, buffers, strict=True):
+            buf.lerp_(grad, 1 - momentum)
+            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+            update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            param.mul_(1 - lr * group["weight_decay"])
+            param.add_(update.to(param.dtype), alpha=-lr * math.sqrt(max(1.0, param.size(0) / param.size(1))))
+    return loss
+
+
+@functools.cache
+def _float32_muon() -> type[torch.optim.Optimizer]:
+    """The ``Float32Muon`` class, built on first use: its base, ``torch.optim.Muon``, exists only from torch
+    2.9, and importing this module (for AdamW) must work on older versions."""
+    check_muon_available()
+
+    class Float32Muon(torch.optim.Muon):
+        """``torch.optim.Muon`` with its Newton-Schulz iteration in float32 (``orthogonalize``), for CPUs.
+
+        torch casts each update to bfloat16 for the iteration: on most CPUs that matmul is ~25x slower than
+        in float32, and a Muon step of the 1M-parameter Shakespeare model took 3 s instead of ~0.1 s. The
+        rule is torch's: Nesterov momentum in ``momentum_buffer`` (the same state, so checkpoints move between
+        the two), decoupled weight decay, and the rate scaled by sqrt(max(1, rows / cols)).
+        """
+
+        step = _float32_muon_step
+
+    Float32Muon.__qualname__ = "Float32Muon"  # found as gptmini.training.optim.Float32Muon (pickle, repr)
+    return Float32Muon
+
+
+def __getattr__(name: str):
+    """``from gptmini.training.optim import Float32Muon`` builds the class then (PEP 562 module attribute)."""
+    if name == "Float32Muon":
+        return _float32_muon()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

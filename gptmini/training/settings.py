@@ -16,15 +16,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.common import GptMiniError, as_config
+from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.model.config import GPTConfig
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
-
-MAX_SEED = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
 
 
 @dataclass
@@ -62,11 +60,6 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
 
 def _plain(node: DictConfig) -> dict:
     return OmegaConf.to_container(node, resolve=True)
-
-
-def check_seed(seed: Any) -> None:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise GptMiniError(f"seed={seed!r} must be an integer in 0..{MAX_SEED}; try seed=1337.")
 
 
 def model_config_from(
