@@ -117,6 +117,7 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
         ("sample.max_new_tokens=-3", "sample.max_new_tokens must be a whole number >= 0"),
         ("sample.max_new_tokens=100000", "sample.max_new_tokens=100000 is too long for a sample"),
         ("threads=0", "threads=0 must be auto"),
+        ("trainer.gradient_clip_val=nan", "trainer.gradient_clip_val=nan must be a finite number"),
         ("threads=1000", "threads=1000 is more than the .* CPU cores this process may use"),
         ("trainer.max_time=60", "trainer.max_time=60 has no unit; give a duration"),
         ("trainer.max_time=-5", "trainer.max_time=-5 has no unit"),

@@ -16,7 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from gptmini.common import CONFIG_DIR, GptMiniError
+from gptmini.common import CONFIG_DIR, GptMiniError, check_finite_floats
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.eval.config import HellaSwagConfig
@@ -107,6 +107,7 @@ class TrainerSchema:
 
     def __post_init__(self) -> None:
         # Lightning accepts these values at construction and fails minutes later, or silently misbehaves.
+        check_finite_floats(self, "trainer.")  # gradient_clip_val=nan would pass the range check below
         for name in ("accumulate_grad_batches", "log_every_n_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
