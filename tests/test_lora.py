@@ -56,9 +56,18 @@ def test_adapters_leave_the_model_unchanged_until_trained():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"rank": 0}, r"finetune.rank=0 must be an integer >= 1"),
+        ({"rank": 0}, r"finetune.rank=0 must be an integer in 1..4096; try finetune.rank=8"),
+        ({"rank": 10**8}, r"finetune.rank=100000000 must be an integer in 1..4096"),
+        ({"rank": 2.5}, r"finetune.rank=2.5 must be an integer"),
         ({"targets": ["ffn"]}, r"finetune.targets=\['ffn'\] must be a non-empty list of: qkv, proj, mlp"),
+        ({"targets": "qkv"}, r"finetune.targets='qkv' must be a non-empty list of"),
         ({"method": "qlora"}, r"finetune.method='qlora' is unknown; use one of: full, lora"),
+        ({"alpha": float("inf")}, r"finetune.alpha=inf must be a finite number > 0; try finetune.alpha=16"),
+        ({"alpha": float("nan")}, r"finetune.alpha=nan must be a finite number > 0"),
+        ({"alpha": 0}, r"finetune.alpha=0 must be a finite number > 0"),
+        ({"alpha": "16"}, r"finetune.alpha='16' must be a finite number > 0"),
+        ({"dropout": float("nan")}, r"finetune.dropout=nan must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"finetune.dropout=1.0 must be in \[0, 1\)"),
     ],
 )
 def test_bad_finetune_settings(values, message):
