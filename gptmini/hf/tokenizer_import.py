@@ -75,8 +75,8 @@ def encoding_from_tokenizer_json(path: Path) -> tiktoken.Encoding:
         enc = tiktoken.Encoding(
             name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)}
         )
-    except ValueError as exc:  # tiktoken rejects a regex its engine cannot compile
-        raise _unreadable(path, f"its split pattern is not one tiktoken runs ({exc})") from None
+    except ValueError as exc:  # e.g. a split regex tiktoken's engine cannot compile
+        raise _unreadable(path, f"tiktoken cannot build it ({exc})") from None
     _check_same_as_file(enc, text, path)
     return enc
 
@@ -104,6 +104,11 @@ def _ranks_from_vocab(vocab: dict, path: Path) -> dict[bytes, int]:
         ranks[bytes(to_byte[char] for char in token)] = rank
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise _unreadable(path, "its token ids are not 0..n-1, one per token")
+    missing = sum(bytes([byte]) not in ranks for byte in range(256))
+    if missing:
+        raise _unreadable(
+            path, f"it lacks {missing} of the 256 byte tokens, so some text would have no tokens"
+        )
     return ranks
 
 
