@@ -174,6 +174,7 @@ def run_export_that_signals_itself(ckpt, out, signum, cwd):
     )
 
 
+@pytest.mark.slow
 def test_sigterm_on_a_real_export_exits_130_with_the_earlier_export_whole(tmp_path, ckpt, repo_root):
     out = tmp_path / "out"
     export(str(ckpt), out)
@@ -184,6 +185,7 @@ def test_sigterm_on_a_real_export_exits_130_with_the_earlier_export_whole(tmp_pa
     assert snapshot(out) == before and hidden_leftovers(out) == []
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_the_earlier_export_and_the_next_export_removes_the_leftover(tmp_path, ckpt, repo_root):
     out = tmp_path / "out"
     export(str(ckpt), out)
@@ -398,3 +400,143 @@ def test_damaged_checkpoint_contents_are_one_line_naming_the_file(tmp_path, ckpt
     with pytest.raises(GptMiniError, match=message) as info:
         load_checkpoint(tmp_path / "damaged.ckpt")
     assert str(tmp_path / "damaged.ckpt") in str(info.value) and "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A LoRA checkpoint and its base
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def base_and_lora(tmp_path, ckpt):
+    """(a Hugging Face folder exported from ``ckpt``, a LoRA checkpoint on it)."""
+    base = export(str(ckpt), tmp_path / "base")
+    return base, lora_checkpoint(tmp_path / "lora.ckpt", base)
+
+
+def test_a_replaced_base_is_refused_until_rebased_on_purpose(tmp_path, bpe, base_and_lora, capsys):
+    from gptmini.checkpoint import main as checkpoint_main
+    from gptmini.checkpoint import weights_fingerprint
+
+    base, lora = base_and_lora
+    assert read_checkpoint(lora)["gptmini"]["lora"]["base_fingerprint"] == weights_fingerprint(
+        read_source(base).state
+    )
+    load_checkpoint(lora)
+    export(str(bpe_checkpoint(tmp_path / "other.ckpt", bpe, seed=1)), base)  # same shape, other weights
+    with pytest.raises(
+        GptMiniError, match=r"whose base .*/base now holds other weights than the adapters"
+    ) as info:
+        load_checkpoint(lora)
+    assert f"python -m gptmini.checkpoint rebase ckpt={lora} base=<its base>" in str(info.value)
+    assert "\n" not in str(info.value)
+
+    assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={base}"]) == 0
+    assert "other weights than it was trained on: re-based" in capsys.readouterr().err
+    merged = load_checkpoint(lora).model.state_dict()  # the adapters, now on the new base
+    new_base, adapters = read_source(base).state, read_checkpoint(lora)["state_dict"]
+    a, b = adapters["model.blocks.0.attn.qkv.lora_a"], adapters["model.blocks.0.attn.qkv.lora_b"]
+    expected = new_base["blocks.0.attn.qkv.weight"] + 8.0 / 4 * (b @ a)  # alpha / rank
+    assert torch.allclose(merged["blocks.0.attn.qkv.weight"], expected)
+
+
+def test_rebase_refuses_what_it_cannot_apply_the_adapters_to(tmp_path, base_and_lora, capsys):
+    from gptmini.checkpoint import main as checkpoint_main
+
+    base, lora = base_and_lora
+    assert checkpoint_main(["rebase", f"ckpt={base / 'config.json'}"]) == 2
+    assert "usage: python -m gptmini.checkpoint rebase ckpt=" in one_line_error(capsys)
+    other = train_bpe([CORPUS[:5000]], vocab_size=320)
+    small = bpe_checkpoint(tmp_path / "small.ckpt", other)
+    assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={small}"]) == 2
+    assert "has another tokenizer than the one" in one_line_error(capsys)
+    assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={lora}"]) == 2
+    assert "bases form a cycle" in one_line_error(capsys)
+
+
+def test_an_old_lora_checkpoint_without_a_fingerprint_loads_with_a_warning(tmp_path, base_and_lora):
+    base, _ = base_and_lora
+    old = lora_checkpoint(tmp_path / "old.ckpt", base, fingerprint=False)
+    with pytest.warns(UserWarning, match=r"records no fingerprint of its LoRA base .* rebase ckpt="):
+        load_checkpoint(old)
+
+
+def _drop_a_lora_b(checkpoint):
+    del checkpoint["state_dict"][next(k for k in checkpoint["state_dict"] if k.endswith("lora_b"))]
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c, p: c["gptmini"]["lora"].update(rank=0), r"its LoRA entry has rank=0 \(an integer >= 1\)"),
+        (
+            lambda c, p: c["gptmini"]["lora"].update(alpha="abc"),
+            r"its LoRA entry has alpha='abc' \(a number > 0\)",
+        ),
+        (lambda c, p: c["gptmini"]["lora"].update(alpha=float("inf")), r"its LoRA entry has alpha=inf"),
+        (
+            lambda c, p: c["gptmini"]["lora"].pop("base"),
+            r"its LoRA entry has base=None \(the path or Hub name",
+        ),
+        (lambda c, p: c["gptmini"]["lora"].update(base=123), r"its LoRA entry has base=123"),
+        (
+            lambda c, p: c["gptmini"]["lora"].update(base=str(p)),
+            r"is a LoRA checkpoint that names itself as its base",
+        ),
+        (lambda c, p: c["gptmini"].update(lora=["a"]), r"its LoRA entry is a list, not a mapping"),
+        (
+            lambda c, p: c["gptmini"]["lora"].update(rank=64),
+            r"its LoRA entry does not fit its model \(finetune.rank=64",
+        ),
+        (
+            lambda c, p: _drop_a_lora_b(c),
+            r"do not fit the model its config describes: missing blocks.0.attn.qkv.lora_b",
+        ),
+    ],
+    ids=[
+        "rank-0",
+        "alpha-a-string",
+        "alpha-inf",
+        "no-base",
+        "base-not-a-path",
+        "base-itself",
+        "entry-a-list",
+        "rank-past-the-layers",
+        "missing-adapter",
+    ],
+)
+def test_a_damaged_lora_entry_is_one_line_naming_the_file(tmp_path, base_and_lora, damage, message):
+    _, lora = base_and_lora
+    checkpoint = read_checkpoint(lora)
+    damaged = tmp_path / "damaged.ckpt"
+    damage(checkpoint, damaged)
+    torch.save(checkpoint, damaged)
+    with pytest.raises(GptMiniError, match=message) as info:
+        load_checkpoint(damaged)
+    assert str(damaged) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_lora_bases_that_form_a_cycle_are_one_short_line(tmp_path, base_and_lora):
+    _, lora = base_and_lora
+    first, second = tmp_path / "a.ckpt", tmp_path / "b.ckpt"
+    for path, base in ((first, second), (second, first)):
+        checkpoint = read_checkpoint(lora)
+        checkpoint["gptmini"]["lora"].update(base=str(base), base_fingerprint=None)
+        torch.save(checkpoint, path)
+    with pytest.raises(
+        GptMiniError, match=r"the LoRA checkpoints' bases form a cycle \(.*a.ckpt -> .*b.ckpt -> .*a.ckpt\)"
+    ) as info:
+        load_checkpoint(first)
+    assert len(str(info.value)) < 600
+
+
+def test_a_base_of_another_shape_is_named_not_a_matmul_error(tmp_path, base_and_lora):
+    base, _ = base_and_lora
+    old = lora_checkpoint(tmp_path / "old.ckpt", base, fingerprint=False)  # nothing to tell weights apart
+    enc = read_source(base)
+    torch.manual_seed(0)
+    wider = GPT(GPTConfig(vocab_size=384, block_size=32, n_layer=2, n_head=2, n_embd=64))
+    save_model_checkpoint(tmp_path / "wider.ckpt", wider, enc.tokenizer_spec)
+    export(str(tmp_path / "wider.ckpt"), base)
+    with pytest.warns(UserWarning), pytest.raises(GptMiniError, match=r"the weights in .*base.* do not fit"):
+        load_checkpoint(old)
