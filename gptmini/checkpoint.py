@@ -262,9 +262,6 @@ class LoraEntry:
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 @dataclass
 class CheckpointContents:
@@ -334,7 +331,7 @@ def _lora_entry(lora: Any, path: Path) -> LoraEntry | None:
         (not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0, f"alpha={alpha!r} (a number > 0)"),
         (not _is_number(dropout) or not 0 <= dropout < 1, f"dropout={dropout!r} (in [0, 1))"),
         (
-            not isinstance(targets, list) or not targets or not set(targets) <= set(TARGETS),
+            not isinstance(targets, list) or not targets or not all(t in TARGETS for t in targets),
             f"targets={targets!r} (a list of {', '.join(TARGETS)})",
         ),
         (not isinstance(base, str) or not base, f"base={base!r} (the path or Hub name of its base)"),
