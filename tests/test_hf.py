@@ -304,3 +304,152 @@ def test_a_tokenizer_that_would_split_differently_is_not_exported():
     gpt2_split = train_bpe([corpus], vocab_size=300, pattern="gpt2")
     with pytest.raises(GptMiniError, match=r"would split text differently from tiktoken's 'bpe-300-gpt2'"):
         check_same_encoding(gpt2_split, build_tokenizer(gpt4_split))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Damaged folders, sharded saves, offline Hub names, and the tokenizer a folder is read with
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _edit_config(folder, **values):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **values}))
+
+
+def _edit_weights(folder, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    edit(state)
+    save_file(state, folder / "model.safetensors")
+
+
+def _as_bin(folder, state):
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda f: _edit_weights(f, lambda s: s.update({"transformer.h.0.attn.extra": torch.zeros(2)})),
+            r"do not fit the model its config describes: unexpected blocks.0.attn.extra",
+        ),
+        (
+            lambda f: _as_bin(f, {"transformer.wte.weight": [1.0, 2.0]}),
+            r"pytorch_model.bin holds a list under the key 'transformer.wte.weight', where a weights file",
+        ),
+        (lambda f: _as_bin(f, {1: torch.zeros(2)}), r"pytorch_model.bin holds a Tensor under the key 1"),
+        (
+            lambda f: _edit_config(f, layer_norm_epsilon="1e-5"),
+            r"config.json has layer_norm_epsilon='1e-5', which gptmini's GPT cannot reproduce",
+        ),
+        (lambda f: _edit_config(f, layer_norm_epsilon=None), r"config.json has layer_norm_epsilon=None"),
+        (
+            lambda f: _edit_config(f, n_positions=10**12),
+            r"config.json has n_positions=1,000,000,000,000, far past any model gptmini runs",
+        ),
+        (
+            lambda f: _edit_config(f, n_head=3),
+            r"config.json describes no valid GPT-2 \(GPTConfig.n_embd=32 is",
+        ),
+        (
+            lambda f: _edit_config(f, vocab_size=1000),
+            r"config.json has vocab_size=1000, fewer than its tokenizer's 50257 tokens",
+        ),
+        (
+            lambda f: _edit_weights(f, lambda s: s["transformer.wpe.weight"].__setitem__(0, float("nan"))),
+            r"model.safetensors: the weight wpe.weight holds NaN or infinite values",
+        ),
+        (
+            lambda f: _edit_weights(
+                f, lambda s: s.update({"transformer.wpe.weight": s["transformer.wpe.weight"].long()})
+            ),
+            r"model.safetensors: the weight wpe.weight is int64, not floating point",
+        ),
+        (
+            lambda f: (f / "tokenizer.json").write_text('{"model": {"type": "Unigram"}}'),
+            r"cannot read the tokenizer .*tokenizer.json: its model is not a BPE with a vocabulary",
+        ),
+    ],
+    ids=[
+        "unexpected-key",
+        "non-tensor-value",
+        "int-key",
+        "epsilon-a-string",
+        "epsilon-null",
+        "absurd-n-positions",
+        "n-head-not-dividing",
+        "vocab-below-the-tokenizer",
+        "nan-weights",
+        "int64-weights",
+        "foreign-tokenizer-json",
+    ],
+)
+def test_a_damaged_hf_folder_is_one_line(hf_folder, damage, message):
+    _, folder = hf_folder
+    damage(folder)
+    with pytest.raises(GptMiniError, match=message) as info:
+        load_checkpoint(folder)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_sharded_save_loads(tmp_path, gpt2_available):
+    model = hf_model()
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    idx = torch.randint(0, GPT2_VOCAB, (2, 32))
+    assert (logits_of(load_checkpoint(folder).model, idx) - logits_of(model, idx)).abs().max() <= 1e-4
+    next(folder.glob("model-*-of-*.safetensors")).unlink()
+    with pytest.raises(GptMiniError, match=r"names the shard model-.*, which is missing from"):
+        read_source(folder)
+
+
+def test_ckpt_gpt2_without_a_network_asks_the_cache_alone(tmp_path, monkeypatch):
+    """No network and HF_HUB_OFFLINE unset: the cache is asked with local_files_only (no ~25 s of retries)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    import gptmini.data.hf_source
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(gptmini.data.hf_source, "_hub_reachable", lambda: False)
+    asked, real = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda *a, **kw: asked.append(kw) or real(*a, **kw)
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        GptMiniError, match=r"no network: the Hub cannot be reached, and it is not in the cache"
+    ):
+        read_source("gpt2")
+    assert asked == [{"local_files_only": True}]
+
+
+def test_the_gpt2_ranks_fingerprint_is_tiktokens(gpt2_available):
+    import hashlib
+
+    import tiktoken
+
+    from gptmini.data.tokenizer import _ranks_to_text
+    from gptmini.hf.tokenizer_import import GPT2_RANKS_SHA256
+
+    ranks = tiktoken.get_encoding("gpt2")._mergeable_ranks
+    assert hashlib.sha256(_ranks_to_text(ranks).encode()).hexdigest() == GPT2_RANKS_SHA256
+
+
+@pytest.mark.slow
+def test_a_gpt2_tokenizer_json_reads_as_gpt2s_tokenizer(hf_folder, tmp_path, gpt2_available):
+    """gptmini's own GPT-2 export, and transformers' save of that tokenizer (ByteLevel with its regex)."""
+    model, folder = hf_folder
+    out = export(str(folder), tmp_path / "out")
+    assert read_source(out).tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"}
+    resaved = tmp_path / "resaved"
+    model.save_pretrained(resaved)
+    transformers.AutoTokenizer.from_pretrained(out).save_pretrained(resaved)
+    assert json.loads((resaved / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "ByteLevel"
+    assert read_source(resaved).tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"}

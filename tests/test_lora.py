@@ -1,6 +1,7 @@
 """LoRA: the layer, the frozen base, and a LoRA fine-tune that trains, resumes, exports and generates."""
 
 import csv
+import shutil
 
 import pytest
 import torch
@@ -56,14 +57,31 @@ def test_adapters_leave_the_model_unchanged_until_trained():
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"rank": 0}, r"finetune.rank=0 must be an integer >= 1"),
+        ({"rank": 0}, r"finetune.rank=0 must be an integer in 1..4096; try finetune.rank=8"),
+        ({"rank": 10**8}, r"finetune.rank=100000000 must be an integer in 1..4096"),
+        ({"rank": 2.5}, r"finetune.rank=2.5 must be an integer"),
         ({"targets": ["ffn"]}, r"finetune.targets=\['ffn'\] must be a non-empty list of: qkv, proj, mlp"),
+        ({"targets": "qkv"}, r"finetune.targets='qkv' must be a non-empty list of"),
         ({"method": "qlora"}, r"finetune.method='qlora' is unknown; use one of: full, lora"),
+        ({"alpha": float("inf")}, r"finetune.alpha=inf must be a finite number > 0; try finetune.alpha=16"),
+        ({"alpha": float("nan")}, r"finetune.alpha=nan must be a finite number > 0"),
+        ({"alpha": 0}, r"finetune.alpha=0 must be a finite number > 0"),
+        ({"alpha": "16"}, r"finetune.alpha='16' must be a finite number > 0"),
+        ({"dropout": float("nan")}, r"finetune.dropout=nan must be in \[0, 1\)"),
+        ({"dropout": 1.0}, r"finetune.dropout=1.0 must be in \[0, 1\)"),
     ],
 )
 def test_bad_finetune_settings(values, message):
     with pytest.raises(GptMiniError, match=message):
         FinetuneConfig(**values)
+
+
+def test_a_rank_past_the_layers_width_is_refused():
+    model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(
+        GptMiniError, match=r"finetune.rank=32 is larger than the layers it adapts \(16 x 48\), so"
+    ):
+        add_lora(model, FinetuneConfig(method="lora", rank=32))
 
 
 def test_lora_cannot_adapt_the_stacked_heads_variant():
@@ -126,6 +144,21 @@ def test_lora_fine_tune_trains_resumes_exports_and_generates(
 
     with pytest.raises(GptMiniError, match=r"is a LoRA run's \(adapters only\) checkpoint, but this run has"):
         train(compose_train(overrides + [f"ckpt_path={run}", "finetune=none"]), out_dir=run)
+    assert saved["gptmini"]["lora"]["base_fingerprint"].startswith("sha256:")
+    with pytest.raises(
+        GptMiniError, match=r"was trained with finetune.alpha=16.0, this run has finetune.alpha=32"
+    ):
+        train(compose_train(overrides + [f"ckpt_path={run}", "finetune.alpha=32"]), out_dir=run)
+    # The base replaced by another model of the same shape: the adapters would land on other weights.
+    base.rename(tmp_path / "original")
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(hf_config).save_pretrained(base)
+    with pytest.raises(GptMiniError, match=r"whose base .*base now holds other weights than the adapters"):
+        train(compose_train(overrides + [f"ckpt_path={run}"]), out_dir=run)
+    with pytest.raises(GptMiniError, match=r"whose base .*base now holds other weights than the adapters"):
+        load_checkpoint(run)
+    shutil.rmtree(base)
+    (tmp_path / "original").rename(base)
     # The same command plus ckpt_path resumes it (init_from names the base the checkpoint was started from).
     summary = train(compose_train(overrides + [f"ckpt_path={run}"]), out_dir=run)
     assert summary["steps"] == 10
@@ -148,3 +181,37 @@ def test_lora_fine_tune_trains_resumes_exports_and_generates(
         GptMiniError, match=r"is a LoRA checkpoint that holds only adapters, and its base .*base"
     ):
         load_checkpoint(run)
+
+
+def test_a_lora_step_gives_frozen_weights_no_gradient_and_leaves_them_bitwise_unchanged():
+    from gptmini.training.optim import OptimConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=32))
+    assert model.lm_head.weight is model.wte.weight  # the head is tied to the embedding: frozen with it
+    add_lora(model, FinetuneConfig(method="lora", rank=4))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    adapters = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1), "cpu")  # decay would move them
+    idx = torch.randint(0, 100, (4, 16))
+    loss = model.loss(idx[:, :-1].contiguous(), idx[:, 1:].contiguous())
+    assert loss.grad_fn.saved_tensors[1] is None  # the chunked loss made no (V, C) gradient for the head
+    loss.backward()
+    opt.step()
+    for name, param in model.named_parameters():
+        if name in frozen:
+            assert param.grad is None, name
+            assert torch.equal(param, frozen[name]), name
+    assert any(not torch.equal(p, adapters[n]) for n, p in model.named_parameters() if n in adapters)
+
+
+@pytest.mark.parametrize("value", ["finetune.alpha=inf", "finetune.alpha=nan", "finetune.dropout=nan"])
+def test_nonsense_finetune_values_are_refused_before_any_data(
+    value, tiny_train_overrides, compose_train, tmp_path
+):
+    from gptmini.training.run import train
+
+    key = value.split("=")[0]
+    with pytest.raises(GptMiniError, match=rf"{key}=(inf|nan) must be"):
+        train(compose_train(tiny_train_overrides + ["finetune=lora", value]), out_dir=tmp_path / "run")
+    assert not (tmp_path / "cache").exists()

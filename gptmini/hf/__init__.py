@@ -4,6 +4,7 @@
   standard HF cache) or a local folder, resolved to its config.json and weights file.
 - ``convert``: GPT-2 state dicts and configs between the Hugging Face layout and gptmini's ``GPT``.
 - ``tokenizer_export``: a ``tokenizer.json`` (and GPT-2's vocab.json/merges.txt) from a tiktoken encoding.
+- ``tokenizer_import``: the other way: a folder's ``tokenizer.json`` as the tiktoken encoding it describes.
 
 ``gptmini.export`` (``python -m gptmini.export``) writes a whole folder with them.
 """

@@ -11,6 +11,9 @@ The two models compute the same function; only the storage differs:
   does the same) and exports drop the padding rows.
 - Old HF files carry ``attn.bias`` / ``attn.masked_bias`` (the causal mask as a buffer) and keys without the
   ``transformer.`` prefix; both are accepted.
+- A config value of the wrong type (``layer_norm_epsilon: null``) or absurd size (``n_positions: 1e12``) is
+  one line naming the key; the weights are then checked against the config by
+  ``gptmini.checkpoint.check_weights`` (names, shapes, floating point, finite).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 
+# config.json's names for GPTConfig's fields, where they differ (for messages).
+HF_NAMES = {"block_size": "n_positions"}
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which gptmini's blocks use, and GPT-2's
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # HF's names for GELU's tanh approximation
 # HF Conv1D modules and the gptmini Linear each becomes (within a block).
@@ -58,13 +63,11 @@ def config_from_hf(hf: dict, source: str) -> GPTConfig:
             f"{source} is a {model_type!r} model; gptmini imports GPT-2 models only (model_type 'gpt2')."
         )
     n_embd = _int(hf, "n_embd", source)
+    epsilon = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
+    is_number = isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool)
     checks = [
         ("activation_function", hf.get("activation_function", "gelu_new") in TANH_GELUS, "gelu_new"),
-        (
-            "layer_norm_epsilon",
-            math.isclose(hf.get("layer_norm_epsilon", LAYER_NORM_EPS), LAYER_NORM_EPS),
-            "1e-05",
-        ),
+        ("layer_norm_epsilon", is_number and math.isclose(epsilon, LAYER_NORM_EPS), "1e-05"),
         ("n_inner", hf.get("n_inner") in (None, 4 * n_embd), "null (4 x n_embd)"),
         ("tie_word_embeddings", hf.get("tie_word_embeddings", True) is True, "true"),
         ("scale_attn_weights", hf.get("scale_attn_weights", True) is True, "true"),
@@ -77,15 +80,20 @@ def config_from_hf(hf: dict, source: str) -> GPTConfig:
                 f"{source}: config.json has {key}={hf.get(key)!r}, which gptmini's GPT cannot reproduce "
                 f"exactly (it computes GPT-2's {key}={gpt2_value}); use a standard GPT-2 model."
             )
-    return GPTConfig(
-        vocab_size=_int(hf, "vocab_size", source),
-        block_size=_int(hf, "n_positions", source, fallback="n_ctx"),
-        n_layer=_int(hf, "n_layer", source),
-        n_head=_int(hf, "n_head", source),
-        n_embd=n_embd,
-        bias=True,
-        pad_vocab_multiple=1,  # no padding rows: see the module docstring
-    )
+    try:
+        return GPTConfig(
+            vocab_size=_int(hf, "vocab_size", source),
+            block_size=_int(hf, "n_positions", source, fallback="n_ctx"),
+            n_layer=_int(hf, "n_layer", source),
+            n_head=_int(hf, "n_head", source),
+            n_embd=n_embd,
+            bias=True,
+            pad_vocab_multiple=1,  # no padding rows: see the module docstring
+        )
+    except GptMiniError as error:  # e.g. n_embd not divisible by n_head
+        raise GptMiniError(
+            f"{source}: config.json describes no valid GPT-2 ({error}); save it again."
+        ) from None
 
 
 def _int(hf: dict, key: str, source: str, fallback: str | None = None) -> int:
@@ -98,7 +106,20 @@ def _int(hf: dict, key: str, source: str, fallback: str | None = None) -> int:
 
 
 def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of model.safetensors, or of pytorch_model.bin loaded with ``weights_only=True``."""
+    """The tensors of model.safetensors, or of pytorch_model.bin loaded with ``weights_only=True``; for a
+    sharded save (``path`` is its ``*.index.json``), of every shard it names."""
+    from gptmini.hf.hub import INDEX_SUFFIX, shard_files
+
+    if not path.name.endswith(INDEX_SUFFIX):
+        return _read_weights_file(path)
+    state = {}
+    for shard in shard_files(path):
+        state.update(_read_weights_file(shard))
+    return state
+
+
+def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """One weights file: a mapping of names to tensors, or one line saying what it holds instead."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -115,6 +136,12 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     if not isinstance(state, dict):
         raise GptMiniError(f"{path} holds no state dict of tensors; save the model with save_pretrained.")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise GptMiniError(
+                f"{path} holds a {type(value).__name__} under the key {key!r}, where a weights file holds "
+                "tensors named by strings; save the model again with save_pretrained."
+            )
     return state
 
 

@@ -2,7 +2,10 @@
 
 ``ckpt=gpt2`` (and gpt2-medium, gpt2-large, gpt2-xl) downloads config.json and model.safetensors once with
 ``huggingface_hub``; they stay in the HF cache (``HF_HOME``), and ``HF_HUB_OFFLINE=1`` uses only that cache.
-A local folder holds config.json plus model.safetensors or pytorch_model.bin. What is missing is one line.
+Without a network (the Hub's host name does not resolve) the cache is used at once, as with
+``HF_HUB_OFFLINE``, instead of after huggingface_hub's ~25 s of retries.
+A local folder holds config.json plus model.safetensors or pytorch_model.bin, or the index of their shards
+(``save_pretrained(max_shard_size=...)``). What is missing is one line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ HUB_MODELS = {
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "pytorch_model.bin"
+INDEX_SUFFIX = ".index.json"  # a sharded save: model.safetensors.index.json maps each tensor to its shard
+# The weights files of a folder, in the order they are looked for: whole files first, then shard indexes.
+WEIGHTS_FILES = (SAFETENSORS_FILE, TORCH_FILE, SAFETENSORS_FILE + INDEX_SUFFIX, TORCH_FILE + INDEX_SUFFIX)
 INSTALL_HINT = 'pip install -e ".[hf]"'
 
 
@@ -33,7 +39,8 @@ class HFFiles:
 
     source: str  # what the user typed: a Hub name or a folder
     config: dict
-    weights: Path
+    weights: Path  # a weights file, or the index of a sharded save
+    folder: Path | None = None  # a local folder (where its tokenizer.json is looked for); None for the Hub
 
 
 def is_hf_spec(spec: str | os.PathLike) -> bool:
@@ -43,9 +50,7 @@ def is_hf_spec(spec: str | os.PathLike) -> bool:
     """
     path = Path(spec).expanduser()
     if path.exists():
-        return path.is_dir() and any(
-            (path / name).is_file() for name in (CONFIG_FILE, SAFETENSORS_FILE, TORCH_FILE)
-        )
+        return path.is_dir() and any((path / name).is_file() for name in (CONFIG_FILE, *WEIGHTS_FILES))
     return str(spec) in HUB_MODELS
 
 
@@ -64,26 +69,47 @@ def _local_folder(folder: Path) -> HFFiles:
             "save the model there with save_pretrained(folder), which writes both files."
         )
     config = _read_config(folder / CONFIG_FILE)
-    for name in (SAFETENSORS_FILE, TORCH_FILE):
+    for name in WEIGHTS_FILES:
         if (folder / name).is_file():
-            return HFFiles(str(folder), config, folder / name)
+            return HFFiles(str(folder), config, folder / name, folder)
     raise GptMiniError(
         f"the Hugging Face folder {folder} has no weights: expected {SAFETENSORS_FILE} or {TORCH_FILE} "
-        f"beside {CONFIG_FILE}. Save the model there with save_pretrained(folder)."
+        f"(or a sharded save's {SAFETENSORS_FILE}{INDEX_SUFFIX}) beside {CONFIG_FILE}. Save the model "
+        "there with save_pretrained(folder)."
     )
 
 
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a sharded save's index names (its ``weight_map`` values), each inside its folder."""
+    data = _read_config(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise GptMiniError(f"{index} has no weight_map of tensors to shards; save the model again.")
+    names = sorted(set(weight_map.values()), key=str)
+    for name in names:
+        # A shard is a plain file name beside the index: never a path that leads out of the folder.
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise GptMiniError(
+                f"{index} names the shard {name!r}, which is not a file name; save the model again."
+            )
+        if not (index.parent / name).is_file():
+            raise GptMiniError(
+                f"{index} names the shard {name}, which is missing from {index.parent}; copy the whole "
+                "folder again."
+            )
+    return [index.parent / name for name in names]
+
+
 def _read_config(path: Path) -> dict:
+    """A JSON object file of a model folder (config.json, a shard index)."""
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise GptMiniError(
-            f"cannot read {path}: {type(exc).__name__}; it must be a model's JSON config."
+            f"cannot read {path}: {type(exc).__name__}; it must be a JSON object, as save_pretrained writes."
         ) from None
     if not isinstance(config, dict):
-        raise GptMiniError(
-            f"{path} is not a model config (a JSON object); save the model with save_pretrained."
-        )
+        raise GptMiniError(f"{path} is not a JSON object; save the model with save_pretrained.")
     return config
 
 
@@ -100,14 +126,25 @@ def _from_hub(name: str) -> HFFiles:
 
 
 def _download(hf_hub_download, repo: str, name: str, filename: str) -> Path:
-    """One file through the HF cache; any failure (offline, no network, no such file) is one line."""
-    try:
-        return Path(hf_hub_download(repo, filename))
-    except Exception as exc:  # noqa: BLE001 - offline, network, HTTP and cache errors all mean "not available"
-        from huggingface_hub import constants  # HF_HUB_OFFLINE as huggingface_hub read it
+    """One file through the HF cache; any failure (offline, no network, no such file) is one line.
 
-        offline = constants.HF_HUB_OFFLINE
-        why = "HF_HUB_OFFLINE is set and it is not in the cache" if offline else type(exc).__name__
+    Without a network the cache alone is asked (``local_files_only``), the check data=hf makes too: else
+    huggingface_hub retries for ~25 s before it gives up.
+    """
+    from huggingface_hub import constants  # HF_HUB_OFFLINE as huggingface_hub read it
+
+    from gptmini.data.hf_source import _hub_reachable
+
+    no_network = not constants.HF_HUB_OFFLINE and not _hub_reachable()
+    try:
+        return Path(hf_hub_download(repo, filename, local_files_only=no_network))
+    except Exception as exc:  # noqa: BLE001 - offline, network, HTTP and cache errors all mean "not available"
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set and it is not in the cache"
+        elif no_network:
+            why = "no network: the Hub cannot be reached, and it is not in the cache"
+        else:
+            why = type(exc).__name__
         cache = constants.HF_HUB_CACHE
         raise GptMiniError(
             f"{name}: cannot get {filename} of {repo} ({why}; cache {cache}). Connect once to download it, "

@@ -26,6 +26,7 @@ from gptmini.common import GptMiniError
 METHODS = ("full", "lora")
 TARGETS = ("qkv", "proj", "mlp")  # attention's input projection(s), its output projection, the MLP's layers
 ADAPTER_NAMES = ("lora_a", "lora_b")
+MAX_RANK = 4096  # past the width of every layer gptmini builds; larger is a typo (and a huge allocation)
 
 
 @dataclass
@@ -44,25 +45,36 @@ class FinetuneConfig:
     """lora: which layers get adapters: any of qkv, proj, mlp."""
 
     def __post_init__(self) -> None:
+        # Checked whatever the method, at config time: a nonsense value (alpha=inf) must not wait until the
+        # loss diverges, where the message could only blame the learning rate.
         if self.method not in METHODS:
             raise GptMiniError(
                 f"finetune.method={self.method!r} is unknown; use one of: {', '.join(METHODS)}."
             )
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise GptMiniError(f"finetune.rank={self.rank!r} must be an integer >= 1; try finetune.rank=8.")
-        if not self.alpha > 0:
-            raise GptMiniError(f"finetune.alpha={self.alpha!r} must be > 0; try finetune.alpha=16.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GptMiniError(f"finetune.dropout={self.dropout!r} must be in [0, 1); use 0.0 to disable it.")
-        unknown = [t for t in self.targets if t not in TARGETS]
-        if unknown or not self.targets:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= MAX_RANK:
             raise GptMiniError(
-                f"finetune.targets={list(self.targets)!r} must be a non-empty list of: {', '.join(TARGETS)}."
+                f"finetune.rank={self.rank!r} must be an integer in 1..{MAX_RANK}; try finetune.rank=8."
+            )
+        if not _is_finite_number(self.alpha) or self.alpha <= 0:
+            raise GptMiniError(
+                f"finetune.alpha={self.alpha!r} must be a finite number > 0; try finetune.alpha=16."
+            )
+        if not _is_finite_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise GptMiniError(f"finetune.dropout={self.dropout!r} must be in [0, 1); use 0.0 to disable it.")
+        targets = self.targets
+        if isinstance(targets, str) or not targets or any(t not in TARGETS for t in targets):
+            shown = list(targets) if isinstance(targets, (list, tuple)) else targets
+            raise GptMiniError(
+                f"finetune.targets={shown!r} must be a non-empty list of: {', '.join(TARGETS)}."
             )
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class LoRALinear(nn.Linear):
@@ -112,6 +124,13 @@ def add_lora(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     wrapped = []
     for i, block in enumerate(model.blocks):
         for owner, name in _target_layers(block, cfg.targets):
+            layer = getattr(owner, name)
+            if cfg.rank > min(layer.in_features, layer.out_features):
+                raise GptMiniError(
+                    f"finetune.rank={cfg.rank} is larger than the layers it adapts ({layer.in_features} x "
+                    f"{layer.out_features}), so the update is not low-rank; use at most "
+                    f"finetune.rank={min(layer.in_features, layer.out_features)} (8 is typical)."
+                )
             setattr(owner, name, LoRALinear(getattr(owner, name), cfg.rank, cfg.alpha, cfg.dropout))
             wrapped.append(f"blocks.{i}.{'attn' if owner is block.attn else 'mlp'}.{name}")
     return wrapped

@@ -35,14 +35,16 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         # Under autocast do the matmuls in its dtype (as nn.Linear would) and the softmax in fp32.
         autocast = torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
-        need_grad = grads and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        # Only the gradients autograd asks for: a frozen head (LoRA freezes it, and the embedding it is tied
+        # to) must cost no (V, C) matmul per chunk and no (V, C) buffer.
+        need_x, need_w = (grads and needed for needed in ctx.needs_input_grad[:2])
         with torch.autocast(device, enabled=False):
             xs, w = x.to(dtype), weight.to(dtype)
             keep = targets != -1  # (N,)
             safe_targets = targets.clamp(min=0)  # -1 would be an invalid index; those rows are masked
             total = torch.zeros((), device=x.device, dtype=torch.float32)
-            grad_x = torch.empty_like(xs) if need_grad else None  # (N, C)
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None  # (V, C)
+            grad_x = torch.empty_like(xs) if need_x else None  # (N, C)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None  # (V, C)
             for start in range(0, x.size(0), chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 x_c, t_c, keep_c = xs[rows], safe_targets[rows, None], keep[rows, None]  # (n, C), (n, 1)
@@ -52,14 +54,16 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                     logits = capped * softcap
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
                 total += ((lse - logits.gather(1, t_c)) * keep_c).sum()
-                if need_grad:
+                if need_x or need_w:
                     grad = logits.sub_(lse).exp_()  # softmax, in place: (n, V)
                     grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0))  # softmax - one_hot
                     if softcap is not None:
                         grad.mul_(1.0 - capped.square())  # d(c·tanh(z/c))/dz = 1 - tanh(z/c)²
                     grad = grad.mul_(keep_c).to(dtype)
-                    grad_x[rows] = grad @ w  # (n, C)
-                    grad_w.add_(grad.t() @ x_c)  # (V, C), accumulated in fp32
+                    if need_x:
+                        grad_x[rows] = grad @ w  # (n, C)
+                    if need_w:
+                        grad_w.add_(grad.t() @ x_c)  # (V, C), accumulated in fp32
             count = keep.sum().clamp(min=1)  # a tensor: no host sync
         ctx.save_for_backward(grad_x, grad_w, count)
         ctx.x_dtype = x.dtype
@@ -69,4 +73,6 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grad_x, grad_w, count = ctx.saved_tensors
         scale = grad_out / count  # the gradients above are of the summed loss
-        return (grad_x * scale).to(ctx.x_dtype), grad_w * scale, None, None, None, None
+        dx = None if grad_x is None else (grad_x * scale).to(ctx.x_dtype)
+        dw = None if grad_w is None else grad_w * scale
+        return dx, dw, None, None, None, None

@@ -10,12 +10,15 @@
   reads anything ``gptmini.checkpoint.read_source`` reads: a gptmini checkpoint, a Hugging Face GPT-2 (a
   Hub name or a folder) or a LoRA checkpoint (merged into its base).
 - ``finetune_from`` and ``load_init_weights``: full fine-tuning or LoRA (``gptmini.model.lora``). A LoRA
-  run's checkpoints hold only the adapters and name their base, so a resume reads the base again.
+  run's checkpoints hold only the adapters, name their base and record its fingerprint, so a resume reads
+  the base again and refuses one that now holds other weights; it also refuses other finetune settings
+  than the run's (another ``finetune.alpha`` would rescale what the adapters learnt).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +28,18 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from gptmini.checkpoint import (
-    GPTMINI_KEY,
+    CheckpointContents,
     atomic_torch_save,
+    check_base_fingerprint,
     check_state_fits,
     crop_positions,
     gptmini_info,
     load_weights,
-    model_state_dict,
     read_checkpoint,
+    read_contents,
     read_source,
     resolve_checkpoint,
+    weights_fingerprint,
 )
 from gptmini.common import (
     GptMiniError,
@@ -109,31 +114,48 @@ def check_resumable(
     """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer;
     return the optimizer step it was written at. A LoRA run's checkpoint is checked against its adapters."""
     finetune = finetune or FinetuneConfig()
-    checkpoint = read_checkpoint(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
-    info = gptmini_info(checkpoint, ckpt_path)
-    is_lora = bool(info.get("lora"))
-    if is_lora != (finetune.method == "lora"):
-        saved = "a LoRA run's (adapters only)" if is_lora else "a full run's"
-        raise GptMiniError(
-            f"{ckpt_path} is {saved} checkpoint, but this run has finetune.method={finetune.method}; resume "
-            "with the finetune settings the run was started with."
-        )
+    contents = read_contents(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
+    check_same_finetune(contents, finetune)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(model_config)
-        if is_lora:
+        if contents.lora is not None:
             add_lora(model, finetune)
     own = model.state_dict()
-    check_state_fits(adapter_state(own) if is_lora else own, model_state_dict(checkpoint), ckpt_path)
-    saved_spec = checkpoint[GPTMINI_KEY].get("tokenizer")
-    if saved_spec and saved_spec != tokenizer_spec:
+    check_state_fits(adapter_state(own) if contents.lora else own, contents.state, ckpt_path)
+    saved_spec = contents.tokenizer_spec
+    if saved_spec != tokenizer_spec:
         raise GptMiniError(
             f"{ckpt_path} was trained with another tokenizer than this run's "
             f"({saved_spec.get('name')!r} vs {tokenizer_spec.get('name')!r}, or the same kind trained on "
             "other text): its token ids would mean other things. Resume with the run's data and tokenizer "
             "settings."
         )
-    step = checkpoint.get("global_step", 0)
-    return int(step) if isinstance(step, int) else 0
+    return contents.global_step or 0
+
+
+def check_same_finetune(contents: CheckpointContents, finetune: FinetuneConfig) -> None:
+    """A resume trains what the checkpoint holds with its own settings: a LoRA checkpoint with LoRA, of the
+    same rank, targets and alpha (another alpha rescales what the adapters learnt); dropout may change."""
+    lora, path = contents.lora, contents.path
+    if (lora is not None) != (finetune.method == "lora"):
+        saved = "a LoRA run's (adapters only)" if lora is not None else "a full run's"
+        raise GptMiniError(
+            f"{path} is {saved} checkpoint, but this run has finetune.method={finetune.method}; resume "
+            "with the finetune settings the run was started with."
+        )
+    if lora is None:
+        return
+    saved = {"rank": lora.rank, "alpha": lora.alpha, "targets": sorted(lora.targets)}
+    asked = {"rank": finetune.rank, "alpha": float(finetune.alpha), "targets": sorted(finetune.targets)}
+    for key, value in saved.items():
+        if asked[key] != value:
+            shown = value if key != "targets" else "[" + ",".join(lora.targets) + "]"
+            change = "rescale" if key == "alpha" else "reshape"
+            raise GptMiniError(
+                f"{path} was trained with finetune.{key}={shown}, this run has finetune.{key}="
+                f"{asked[key]}: resuming would {change} what the adapters learnt. Resume with "
+                f"finetune.{key}={shown}, or start a new fine-tune (init_from=...)."
+            )
 
 
 @dataclass
@@ -145,6 +167,11 @@ class InitSource:
     model_config: GPTConfig
     tokenizer: tiktoken.Encoding
     spec: str = ""  # an absolute path or a Hub name: what a LoRA checkpoint records as its base
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What a LoRA checkpoint records of its base (``gptmini.checkpoint.weights_fingerprint``)."""
+        return weights_fingerprint(self.state)
 
 
 def read_init_source(spec: str) -> InitSource:
@@ -162,14 +189,16 @@ def read_init_source(spec: str) -> InitSource:
 
 def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource | None:
     """The weights a run starts from: ``init_from``; or, resuming a LoRA run without it, the base its
-    checkpoint names (the checkpoint holds only the adapters)."""
-    if init_from:
-        return read_init_source(init_from)
-    if ckpt_path is not None:
-        lora = _entry(ckpt_path).get("lora")
-        if lora:
-            return read_init_source(lora["base"])
-    return None
+    checkpoint names (the checkpoint holds only the adapters). A LoRA run's base must still hold the
+    weights its adapters were trained on (the fingerprint its checkpoint recorded)."""
+    lora = read_contents(ckpt_path, mmap=True).lora if ckpt_path is not None else None
+    spec = init_from or (lora.base if lora is not None else None)
+    if spec is None:
+        return None
+    init = read_init_source(spec)
+    if lora is not None:
+        check_base_fingerprint(lora, init.state, ckpt_path)
+    return init
 
 
 def _entry(ckpt_path: Path) -> dict:
@@ -192,7 +221,8 @@ def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
 
 
 def finetune_from(cfg: Any) -> FinetuneConfig:
-    """The checked ``finetune`` settings; LoRA needs weights to adapt (``init_from``, or a LoRA resume)."""
+    """The checked ``finetune`` settings; LoRA needs weights to adapt (``init_from``, or a LoRA resume), and
+    a resume keeps the settings its checkpoint was trained with (checked here, before any data is read)."""
     from omegaconf import OmegaConf
 
     node = cfg.get("finetune") if hasattr(cfg, "get") else None
@@ -203,6 +233,8 @@ def finetune_from(cfg: Any) -> FinetuneConfig:
             "finetune=lora adapts pretrained weights, but no init_from is set; add init_from=gpt2 (or a "
             "checkpoint, run directory or Hugging Face folder)."
         )
+    if cfg.ckpt_path:
+        check_same_finetune(read_contents(resolve_checkpoint(cfg.ckpt_path), mmap=True), finetune)
     return finetune
 
 
@@ -220,5 +252,6 @@ def finetune_info(init_from: str | None, init: InitSource | None, finetune: Fine
     info: dict = {"init_from": init_from} if init_from else {}
     if finetune.method == "lora" and init is not None:
         lora = {"rank": finetune.rank, "alpha": finetune.alpha, "dropout": finetune.dropout}
-        info["lora"] = {**lora, "targets": list(finetune.targets), "base": init.spec}
+        base = {"base": init.spec, "base_fingerprint": init.fingerprint}
+        info["lora"] = {**lora, "targets": list(finetune.targets), **base}
     return info
