@@ -215,3 +215,12 @@ def test_nonsense_finetune_values_are_refused_before_any_data(
     with pytest.raises(GptMiniError, match=rf"{key}=(inf|nan) must be"):
         train(compose_train(tiny_train_overrides + ["finetune=lora", value]), out_dir=tmp_path / "run")
     assert not (tmp_path / "cache").exists()
+
+
+def test_lora_with_muon_is_refused_before_any_data(tiny_train_overrides, compose_train, tmp_path):
+    from gptmini.training.run import train
+
+    overrides = tiny_train_overrides + ["finetune=lora", "optim=muon", f"init_from={tmp_path / 'base'}"]
+    with pytest.raises(GptMiniError, match="optim=muon trains a GPT's hidden matrices, but finetune=lora"):
+        train(compose_train(overrides), out_dir=tmp_path / "run")
+    assert not (tmp_path / "cache").exists()

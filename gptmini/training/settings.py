@@ -55,6 +55,13 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
         trainer_args=trainer_arguments(cfg, run_dir),
     )
     check_trainer_arguments(settings.trainer_args)
+    if settings.optim.name == "muon" and cfg.finetune.get("method") == "lora":
+        # Muon orthogonalises a network's hidden weight matrices; LoRA trains only rank-r factors of
+        # frozen ones, where that update has no meaning (and AdamW would be left with nothing to train).
+        raise GptMiniError(
+            "optim=muon trains a GPT's hidden matrices, but finetune=lora trains only low-rank adapters; "
+            "use optim=adamw with finetune=lora."
+        )
     return settings
 
 
