@@ -298,7 +298,7 @@ def test_model_vocab_size_other_than_the_tokenizers_is_refused_before_training(
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be an integer >= 1"),
         ("trainer.val_check_interval=0", "trainer.val_check_interval=0 must be a whole number"),
         ("trainer.val_check_interval=0.5", "trainer.val_check_interval=0.5 must be a whole number"),
-        ("trainer.max_time=abc", r"not a valid duration.*\(trainer.max_time\)"),
+        ("trainer.max_time=abc", r"trainer.max_time='abc' is not DD:HH:MM:SS; give a duration"),
         ("trainer.accelerator=tpu", r"torch_xla.*\(trainer.accelerator\)"),
         ("trainer.accelerator=gpu", "Lightning rejects the trainer settings: No supported gpu backend"),
         ("trainer.devices=0", r"devices=0.*\(trainer.devices\)"),
