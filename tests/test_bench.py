@@ -148,3 +148,12 @@ def test_data_bench_smallest():
     summary = run_script(sys.executable, "bench/data.py", "--big-mb", "0", "--skip-gpt2", "--repeats", "1")
     assert summary["bench"] == "data"
     assert summary["results"]
+
+
+def test_structure_counts_modules_and_finds_no_import_circle():
+    result = run_script(sys.executable, "bench/structure.py")
+    assert result["modules"] == len(list((REPO_ROOT / "gptmini").rglob("*.py")))
+    assert result["lines"] >= result["code_lines"] > 0
+    assert result["circles"] == []  # the flow runs one way: no two modules import each other
+    assert "gptmini.training.run" in result["train_path"]
+    assert not any(module.startswith("gptmini.generation.text") for module in result["train_path"])
