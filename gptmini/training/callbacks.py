@@ -24,12 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.common import atomic_file
 from gptmini.training.perf import mfu, peak_flops
-from gptmini.training.steps import (
-    align_logged_step,
-    finished_optimizer_step,
-    is_accumulating,
-    is_logging_step,
-)
+from gptmini.training.steps import StepBoundaries, align_logged_step, is_logging_step
 
 
 class Throughput(L.Callback):
@@ -51,6 +46,7 @@ class Throughput(L.Callback):
         self._paused = False
         self.last_tokens_per_s: float | None = None
         self.last_mfu: float | None = None
+        self._steps = StepBoundaries()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak = peak_flops(pl_module.device, str(trainer.precision), self.peak_override)
@@ -73,10 +69,13 @@ class Throughput(L.Callback):
         self._window_seconds += elapsed
         return self._window_seconds
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._steps.batch_started(trainer)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x, _ = batch
         self._window_tokens += x.numel() * trainer.world_size
-        if is_accumulating(trainer) or trainer.global_step % self.every_n_steps:
+        if not self._steps.ended_a_step(trainer) or trainer.global_step % self.every_n_steps:
             return
         elapsed = self._close_window(pl_module)
         self.train_tokens += self._window_tokens
@@ -133,6 +132,7 @@ class LossHistory(L.Callback):
         self.val: list[tuple[int, float]] = []
         self.tokens_per_batch = 0
         self.last_val_step: int | None = None
+        self._steps = StepBoundaries()
 
     def state_dict(self) -> dict:
         return {"train": list(self.train), "val": list(self.val)}
@@ -146,9 +146,12 @@ class LossHistory(L.Callback):
         batches = trainer.global_step * trainer.accumulate_grad_batches
         return batches * self.tokens_per_batch * trainer.world_size
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._steps.batch_started(trainer)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens_per_batch = batch[0].numel()
-        if finished_optimizer_step(trainer) and is_logging_step(trainer):
+        if self._steps.ended_a_step(trainer) and is_logging_step(trainer):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             # Lightning hands back the loss divided by the accumulation factor (what backward saw).
             self.train.append((self.tokens_seen(trainer), float(loss) * trainer.accumulate_grad_batches))
@@ -286,6 +289,7 @@ class GracefulInterrupt(L.Callback):
         self.received: str | None = None
         self.saved = False  # the checkpoint is written; the loop is left before the next step
         self._previous: dict[int, object] = {}
+        self._steps = StepBoundaries()
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed here, after Lightning's own handlers (which Lightning restores when fit ends).
@@ -306,7 +310,7 @@ class GracefulInterrupt(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if is_accumulating(trainer) or self.saved:
+        if not self._steps.ended_a_step(trainer) or self.saved:
             return
         stop = self.received is not None
         if trainer.world_size > 1:
@@ -322,6 +326,7 @@ class GracefulInterrupt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.saved:
             raise TrainingInterrupted(self.received or "signal on another rank")
+        self._steps.batch_started(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

@@ -23,7 +23,7 @@ from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
-from gptmini.training.steps import is_logging_step
+from gptmini.training.steps import RunPlan, is_logging_step
 
 
 class GPTTrainingModule(L.LightningModule):
@@ -40,6 +40,10 @@ class GPTTrainingModule(L.LightningModule):
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
         run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
         finetune: ``FinetuneConfig`` fields as a dict; method "lora" freezes the GPT and trains adapters.
+        plan: ``RunPlan`` fields as a dict: the run's length, schedule length, precision and clipping, as
+            ``train()`` decided them.
+        clock: with optim.schedule_by=time, the Timer that ends the run; the schedule's progress is its
+            elapsed fraction (not saved as a hyperparameter: it is a live object).
     """
 
     def __init__(
@@ -53,10 +57,12 @@ class GPTTrainingModule(L.LightningModule):
         tokenizer_spec: dict | None = None,
         run_info: dict | None = None,
         finetune: dict | None = None,
+        plan: dict | None = None,
+        clock: Timer | None = None,
     ) -> None:
         super().__init__()
         # The tokenizer can be large (a BPE's ranks): it goes in the checkpoint's gptmini entry.
-        self.save_hyperparameters(ignore=["tokenizer_spec", "run_info"])
+        self.save_hyperparameters(ignore=["tokenizer_spec", "run_info", "clock"])
         self.model = GPT(GPTConfig(**model_config))
         # LoRA freezes the GPT and adds adapters; its checkpoints keep only those (their base is named).
         self._lora = bool(finetune) and finetune.get("method") == "lora"
@@ -64,6 +70,8 @@ class GPTTrainingModule(L.LightningModule):
             add_lora(self.model, FinetuneConfig(**finetune))
             self.strict_loading = False  # a resume loads the adapters; the base came from init_from
         self.optim = OptimConfig(**(optim or {}))
+        self.plan = RunPlan(**(plan or {}))
+        self.clock = clock
         self.val_bytes_per_token = val_bytes_per_token
         self.tokenizer_spec = tokenizer_spec
         self.run_info = run_info or {}
@@ -101,37 +109,33 @@ class GPTTrainingModule(L.LightningModule):
         return lambda x, y: self.model(x, y)[1]  # forward's loss: it runs compiled once forward is
 
     def configure_optimizers(self):
-        trainer = self._trainer  # None outside a Trainer: a plain build, as bench/ does
-        precision = str(trainer.precision) if trainer is not None else None
-        clipping = bool(trainer.gradient_clip_val) if trainer is not None else False
-        optimizer = build_optimizer(self.model, self.optim, self.device, precision, clipping)
+        plan = self.plan
+        optimizer = build_optimizer(self.model, self.optim, self.device, plan.precision, plan.clipping)
         progress = self._time_progress() if self.optim.schedule_by == "time" else None
-        decay_steps = self.optim.decay_steps or (1 if progress else self._max_steps())  # unused by time
+        decay_steps = 1 if progress else self._schedule_steps()  # unused when the schedule follows time
         schedule = build_lr_schedule(optimizer, self.optim, decay_steps, progress)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _max_steps(self) -> int:
-        max_steps = self.trainer.max_steps if self._trainer is not None else -1
-        if max_steps is None or max_steps <= 0:
+    def _schedule_steps(self) -> int:
+        if not self.plan.schedule_steps or self.plan.schedule_steps <= 0:
             raise GptMiniError(
                 "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
                 "or optim.decay_steps."
             )
-        return max_steps
+        return self.plan.schedule_steps
 
     def _time_progress(self):
-        """schedule_by=time: a function giving the fraction of trainer.max_time used so far.
+        """schedule_by=time: a function giving the fraction of the time budget used so far.
 
-        It reads Lightning's Timer, the clock that also stops the run, so the decay ends when the run does;
-        a resumed run restores the Timer's elapsed time from its checkpoint and continues with the rest.
+        It reads the Timer that also stops the run (``clock``), so the decay ends when the run does; a resumed
+        run restores the Timer's elapsed time from its checkpoint and continues with the rest.
         """
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None or timer.time_remaining() is None:
+        if self.clock is None or self.clock.time_remaining() is None:
             raise GptMiniError(
                 "optim.schedule_by=time needs a time budget: set trainer.max_time (e.g. 00:00:02:00)."
             )
-        budget = timer.time_elapsed() + timer.time_remaining()  # the duration, in seconds
-        return lambda: min(1.0, timer.time_elapsed() / budget)
+        budget = self.clock.time_elapsed() + self.clock.time_remaining()  # the duration, in seconds
+        return lambda: min(1.0, self.clock.time_elapsed() / budget)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, T, vocab_size); what the model summary runs on ``example_input_array``.
@@ -148,7 +152,8 @@ class GPTTrainingModule(L.LightningModule):
         loss = self._train_loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
         self._record_if_nonfinite(loss)
         steps_done = self.trainer.global_step + 1  # once this step's optimizer has stepped
-        if is_logging_step(self.trainer, steps_done) or 0 < self.trainer.max_steps <= steps_done:
+        last = self.plan.max_steps is not None and steps_done >= self.plan.max_steps
+        if is_logging_step(self.trainer, steps_done) or last:
             # self.log costs a little on every call; Lightning only writes it out on logging steps anyway.
             self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -228,7 +233,7 @@ class GPTTrainingModule(L.LightningModule):
         if self.optim.schedule_by == "time":  # the rate now: a time-based schedule has no step formula
             lr = self.trainer.optimizers[0].param_groups[-1]["lr"]
         else:
-            lr = lr_at(bad_step, self.optim, self.optim.decay_steps or self._max_steps())
+            lr = lr_at(bad_step, self.optim, self._schedule_steps())
         if self._saved_step is None:
             kept = "no checkpoint had been written yet"
         else:

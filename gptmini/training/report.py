@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: float, val_tokens: int) -> dict:
@@ -37,14 +37,7 @@ def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: flo
         "val_tokens": val_tokens,
         "threads": torch.get_num_threads(),
         "schedule_by": lit.optim.schedule_by,  # steps (deterministic) or time (trainer.max_time's budget)
-        "train_time_s": _timer_seconds(trainer),
     }
-
-
-def _timer_seconds(trainer) -> float | None:
-    """Training time by Lightning's Timer (the clock of trainer.max_time and optim.schedule_by=time)."""
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    return None if timer is None else timer.time_elapsed()
 
 
 def _bpb(loss: float, bytes_per_token: float | None) -> float | None:

@@ -11,12 +11,13 @@ import json
 import time
 import warnings
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, OmegaConf
 
 from gptmini.checkpoint import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
@@ -43,12 +44,14 @@ from gptmini.training.checkpointing import (
     init_source_for,
     load_init_weights,
 )
+from gptmini.training.config import max_time_seconds
 from gptmini.training.eval_callback import hellaswag_callbacks, hellaswag_config
 from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.perf import training_step_probe
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint, say
 from gptmini.training.settings import check_settings, model_config_from, resolve_loss
+from gptmini.training.steps import RunPlan
 
 
 def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: list | None = None) -> dict:
@@ -69,6 +72,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     init = init_source_for(cfg.init_from, ckpt_path)  # init_from, or the base of a LoRA run resumed
     if init is not None:
         model_config_from(cfg, None, source=init.model_config)  # a contradicting model.* fails before data
+    plan, trainer_args = plan_run(settings)
+    clock = training_clock(settings.trainer_args["max_time"])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # text → tokenizer → token cache, here rather than in a DataModule's prepare_data hook: the model's
@@ -93,6 +98,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
             **finetune_info(cfg.init_from, init, finetune),
         },
         finetune=asdict(finetune),
+        plan=asdict(plan),
+        clock=clock,
     )
     if init is not None:
         load_init_weights(module.model, init, model_config)
@@ -114,11 +121,12 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         StopAtMaxSteps(),
         saved,
         *hellaswag_callbacks(hellaswag, cache.tokenizer),
+        *([clock] if clock else []),
         *(extra_callbacks or []),
         interrupt,  # last: every other callback has seen the step before it saves and leaves the loop
     ]
     trainer = L.Trainer(
-        **settings.trainer_args,
+        **trainer_args,
         callbacks=callbacks,
         logger=build_loggers(cfg),
         plugins=[AtomicCheckpointIO()],
@@ -147,6 +155,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     _finish(trainer, module, datamodule, history, saved, ckpt_dir / "last.ckpt")
 
     summary = build_summary(trainer, module, throughput, history, ckpt_dir, wall_s, cache.meta["val_tokens"])
+    summary["train_time_s"] = clock.time_elapsed() if clock else None  # the clock of trainer.max_time
     summary["threads_choice"] = threads.as_dict()
     if trainer.is_global_zero:
         history.plot(run_dir / "loss_curve.png")
@@ -175,6 +184,31 @@ def choose_threads(cfg: DictConfig, trainer: L.Trainer, model, resumed: Path | N
     choice = apply_threads(cfg.threads, probe)  # auto without a probe keeps torch's default
     say(choice.describe())
     return choice
+
+
+def plan_run(settings) -> tuple[RunPlan, dict]:
+    """The run's facts, decided once: its length, the schedule's length, precision and clipping; and the
+    Trainer's arguments that follow from them. A time budget ends the run through ``training_clock``'s Timer
+    (so Lightning's ``max_time`` is not passed: it would start a second Timer), and it has no step limit.
+    """
+    args = dict(settings.trainer_args)
+    by_time = settings.optim.schedule_by == "time"
+    max_steps = None if by_time or args["max_steps"] in (None, -1) else int(args["max_steps"])
+    plan = RunPlan(
+        max_steps=max_steps,
+        schedule_steps=None if by_time else (settings.optim.decay_steps or max_steps),
+        precision=str(args["precision"]),
+        clipping=bool(args.get("gradient_clip_val")),
+    )
+    args.update(max_steps=max_steps or -1, max_time=None)
+    return plan, args
+
+
+def training_clock(max_time: str | dict | None) -> Timer | None:
+    """The Timer of ``trainer.max_time``: it stops the run, and a time-based schedule reads its progress."""
+    if max_time is None:
+        return None
+    return Timer(duration=timedelta(seconds=max_time_seconds(max_time)), interval="step", verbose=True)
 
 
 def use_tensor_cores(trainer: L.Trainer) -> None:

@@ -1,4 +1,5 @@
-"""Lightning's step bookkeeping, read in one place: which optimizer step this is, and whether it is logged.
+"""Lightning's step bookkeeping, read in one place: which optimizer step this is, whether a batch ended one,
+and whether it is logged.
 
 Lightning counts ``trainer.global_step`` in optimizer steps: during a training step it still holds the number
 of steps already finished, and after the optimizer has stepped it holds one more. A step is a *logging step*
@@ -7,6 +8,24 @@ its logged values out then). Every callback and the LightningModule use these he
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's facts, decided once by ``train()`` and handed to the module as plain values, so nothing reads
+    them back from Lightning at hook time."""
+
+    max_steps: int | None = None
+    """Optimizer steps to train; None when a time budget ends the run."""
+    schedule_steps: int | None = None
+    """The learning-rate decay's length in optimizer steps (optim.decay_steps, else max_steps); None when the
+    schedule follows the time budget."""
+    precision: str | None = None
+    """The Trainer's precision ("32-true", "bf16-mixed", ...): it decides whether AdamW may be fused."""
+    clipping: bool = False
+    """Whether gradients are clipped (trainer.gradient_clip_val)."""
 
 
 def log_every(trainer) -> int:
@@ -24,17 +43,23 @@ def is_logging_step(trainer, steps_done: int | None = None) -> bool:
     return steps % log_every(trainer) == 0
 
 
-def is_accumulating(trainer) -> bool:
-    """True between the micro-batches of one optimizer step (gradient accumulation), False on the last one.
+class StepBoundaries:
+    """Tells, in ``on_train_batch_end``, whether that batch ended an optimizer step.
 
-    Wraps Lightning's private ``fit_loop._should_accumulate()``; Lightning offers no public equivalent.
+    Under gradient accumulation several micro-batches make one step. The optimizer stepped during a batch
+    exactly when ``trainer.global_step`` moved, so comparing it with its value at the batch's start answers
+    from public values alone (Lightning's own answer, ``fit_loop._should_accumulate()``, is private).
+    Call ``batch_started`` from ``on_train_batch_start``.
     """
-    return trainer.fit_loop._should_accumulate()
 
+    def __init__(self) -> None:
+        self._step_at_start: int | None = None
 
-def finished_optimizer_step(trainer) -> bool:
-    """From ``on_train_batch_end``: whether this batch ended an optimizer step (not mid-accumulation)."""
-    return not is_accumulating(trainer)
+    def batch_started(self, trainer) -> None:
+        self._step_at_start = trainer.global_step
+
+    def ended_a_step(self, trainer) -> bool:
+        return self._step_at_start is None or trainer.global_step != self._step_at_start
 
 
 def align_logged_step(trainer) -> None:
