@@ -338,3 +338,16 @@ def test_every_switch_compiles_to_the_same_loss_and_gradients():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_the_decoding_step_takes_a_position_per_row():
+    """Rows at different lengths (as a server batches them) step together: each reads only its own past."""
+    model = small_model(pos_emb="rope", n_kv_head=2)
+    idx = random_tokens(2, 16)
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        expected, _ = model(idx)
+        model(idx[:, :10], kv_cache=cache)  # row 0 then continues at position 4, row 1 at position 9
+        positions = torch.tensor([4, 9])
+        got = model.decode_step(torch.stack([idx[0, 4:5], idx[1, 9:10]]), positions, cache)
+    torch.testing.assert_close(got, torch.stack([expected[0, 4], expected[1, 9]]), rtol=1e-5, atol=1e-5)

@@ -210,14 +210,15 @@ class GPT(nn.Module):
         return self._softcap(self.lm_head(x))[:, : self.config.vocab_size]  # (B, V)
 
     def decode_step(self, token: Tensor, position: Tensor, kv_cache: KVCache) -> Tensor:
-        """Logits (B, vocab_size) for one new token per row, (B, 1), at ``position`` (a 0-dim tensor).
+        """Logits (B, vocab_size) for one new token per row, (B, 1), at ``position``: a 0-dim tensor, or (B,)
+        when the rows sit at different positions.
 
         Generation's inner step. Its keys and values are written into ``kv_cache`` at ``position`` and the
         attention reads the whole cache under a mask, so every step has the same shapes and touches no Python
         state: ``torch.compile`` captures it once (on a GPU, as one CUDA graph), where ``next_token_logits``
         would see a new shape per token. The caller advances ``kv_cache.length``. Inference only (no dropout).
         """
-        positions = position.view(1, 1)  # (1, 1)
+        positions = position.view(-1, 1)  # (1, 1) or (B, 1)
         x = self._trunk(token, positions, kv_cache.views(positions, span=kv_cache.max_length))  # (B, 1, C)
         return self._softcap(self.lm_head(x[:, -1, :]))[:, : self.config.vocab_size]  # (B, V)
 
