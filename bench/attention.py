@@ -1,8 +1,9 @@
 """Chapter 3's efficient-attention comparison: every multi-head variant, forward and forward+backward.
 
-Variants: the stacked-heads wrapper, the compact MHA, the efficient CausalSelfAttention the model trains with,
-and "bare-sdpa" -- the same two projections around ``scaled_dot_product_attention`` with no module around
-them, the floor the others are measured against. Prints a table, then one JSON line with every figure.
+Variants: the book's stacked heads ("heads") and compact MHA ("mha") from gptmini/book, the model's
+CausalSelfAttention ("sdpa"), its explicit-softmax pass for attention maps ("sdpa-maps"), and "bare-sdpa":
+the same two projections around ``scaled_dot_product_attention`` with no module around them, the floor the
+others are measured against. Prints a table, then one JSON line with every figure.
 
     python bench/attention.py --small          # 2 x 256 tokens x 256 dims x 4 heads: minutes on a CPU
     python bench/attention.py                  # 8 x 1024 x 768 x 12 (GPT-2 small's attention) on a GPU
@@ -20,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptmini.book.attention import CompactMultiHeadAttention, StackedHeadsAttention
 from gptmini.common import pick_device
-from gptmini.model.attention import ATTENTION_CLASSES
+from gptmini.model.attention import CausalSelfAttention
 
 
 class BareSDPA(nn.Module):
@@ -39,6 +41,17 @@ class BareSDPA(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MapsPass(nn.Module):
+    """The model's attention on its explicit-softmax path, the one attention maps take."""
+
+    def __init__(self, attention: CausalSelfAttention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, maps=[])
 
 
 def parse_args() -> argparse.Namespace:
@@ -129,11 +142,15 @@ def main() -> None:
     dtype = pick_dtype(dev, args.dtype)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.seq, args.embd, device=dev, dtype=dtype, requires_grad=True)
-    # Every model variant with the constructor the model uses: (n_embd, n_head, block_size, dropout, bias).
+    # Every variant maps embd features to embd features: the book's stacked heads make embd // heads each.
+    C, nh, T = args.embd, args.heads, args.seq
     modules = {
-        name: cls(args.embd, args.heads, args.seq, 0.0, True) for name, cls in ATTENTION_CLASSES.items()
+        "heads": StackedHeadsAttention(C, C // nh, T, 0.0, num_heads=nh, qkv_bias=True),
+        "mha": CompactMultiHeadAttention(C, C, T, 0.0, num_heads=nh, qkv_bias=True),
+        "sdpa": CausalSelfAttention(C, nh, T, 0.0, True),
+        "sdpa-maps": MapsPass(CausalSelfAttention(C, nh, T, 0.0, True)),
+        "bare-sdpa": BareSDPA(C, nh),
     }
-    modules["bare-sdpa"] = BareSDPA(args.embd, args.heads)
 
     results = {}
     for name, module in modules.items():

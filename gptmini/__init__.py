@@ -3,7 +3,8 @@
 The package follows the one-way flow of a run, one sub-package per stage:
 
     data/        text → tokenizer → token cache → batches (the LightningDataModule)
-    model/       the attention ladder, GPTConfig and named sizes, the GPT (pure PyTorch)
+    model/       GPTConfig and named sizes, the attention, the KV cache, the GPT (pure PyTorch)
+    book/        chapter 3's attention ladder and worked example, beside the model (not used by it)
     training/    train(cfg): the LightningModule, optimizer and schedule, callbacks, configs, sweeps
     checkpoint   self-contained checkpoints between training and generation
     generation/  the sampling loop and the text generation behind generate.py

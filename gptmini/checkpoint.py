@@ -157,7 +157,7 @@ def model_config_of(info: dict, path: Path | str):
             f"{path} has no gptmini model config: it was not written by gptmini's train.py. "
             "Retrain, or save one with gptmini.checkpoint.save_model_checkpoint."
         )
-    known = {field.name for field in dataclasses.fields(GPTConfig)}
+    known = {field.name for field in dataclasses.fields(GPTConfig)} | {"attention"}  # old: GPTConfig drops it
     unknown = sorted(set(config) - known, key=str)
     if unknown:
         raise GptMiniError(

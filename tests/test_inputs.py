@@ -3,22 +3,37 @@
 import re
 
 import pytest
+import torch
 
+from gptmini.checkpoint import GPTMINI_KEY
 from gptmini.common import GptMiniError
 from gptmini.generation.text import GenerateTextConfig, generate_text
 from gptmini.training.run import train
 
 
-@pytest.mark.parametrize("attention", ["heads", "mha"])
-def test_every_attention_trains_samples_resumes_and_generates(
-    attention, tmp_path, tiny_train_overrides, compose_train, capsys
+def test_model_attention_is_refused_naming_the_book(tmp_path, tiny_train_overrides, compose_train):
+    """The option is gone (the GPT has one attention): one line that says where chapter 3's rungs went."""
+    with pytest.raises(
+        GptMiniError, match=r"^model.attention=mha: the GPT has one attention now.*gptmini/book"
+    ):
+        train(compose_train(tiny_train_overrides + ["model.attention=mha"]), out_dir=tmp_path / "run")
+
+
+def test_a_run_saved_with_an_attention_class_resumes_generates_and_fine_tunes(
+    tmp_path, tiny_train_overrides, compose_train
 ):
-    """model.attention=mha or heads died at the first validation: its sample asked for the sdpa-only cache."""
-    overrides = tiny_train_overrides + [f"model.attention={attention}"]
+    """Runs saved while model.attention existed name "heads", "mha" or "sdpa" in their model config; all
+    three shared today's weight layout, so reading such a checkpoint drops the key and everything works."""
     run = tmp_path / "run"
-    assert train(compose_train(overrides), out_dir=run)["steps"] == 12
-    assert (run / "samples.txt").read_text().count("sample at step") == 2  # validations at steps 6 and 12
-    resumed = train(compose_train(overrides + [f"ckpt_path={run}", "trainer.max_steps=14"]), out_dir=run)
+    assert train(compose_train(tiny_train_overrides), out_dir=run)["steps"] == 12
+    for path in run.rglob("*.ckpt"):  # as an old gptmini wrote them
+        checkpoint = torch.load(path, weights_only=False)
+        checkpoint[GPTMINI_KEY]["model_config"]["attention"] = "heads"
+        checkpoint["hyper_parameters"]["model_config"]["attention"] = "heads"
+        torch.save(checkpoint, path)
+    resumed = train(
+        compose_train(tiny_train_overrides + [f"ckpt_path={run}", "trainer.max_steps=14"]), out_dir=run
+    )
     assert resumed["steps"] == 14
 
     plot = tmp_path / "maps.png"
@@ -29,12 +44,8 @@ def test_every_attention_trains_samples_resumes_and_generates(
         )
         assert len(texts) == 1
     assert plot.read_bytes()[:4] == b"\x89PNG"
-    if attention == "mha":  # LoRA adapts mha's qkv layer; "heads" bypasses it and is refused in one line
-        lora = overrides + [f"init_from={run}", "finetune=lora", "trainer.max_steps=6"]
-        assert train(compose_train(lora), out_dir=tmp_path / "lora")["steps"] == 6
-    else:
-        with pytest.raises(GptMiniError, match="finetune=lora cannot train model.attention='heads'"):
-            train(compose_train(overrides + [f"init_from={run}", "finetune=lora"]), out_dir=tmp_path / "lora")
+    lora = tiny_train_overrides + [f"init_from={run}", "finetune=lora", "trainer.max_steps=6"]
+    assert train(compose_train(lora), out_dir=tmp_path / "lora")["steps"] == 6
 
 
 NOT_FINITE = "must be a finite number, not nan or inf; the default is"

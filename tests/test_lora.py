@@ -84,12 +84,6 @@ def test_a_rank_past_the_layers_width_is_refused():
         add_lora(model, FinetuneConfig(method="lora", rank=32))
 
 
-def test_lora_cannot_adapt_the_stacked_heads_variant():
-    model = GPT(GPTConfig(vocab_size=100, block_size=8, n_layer=1, n_head=2, n_embd=16, attention="heads"))
-    with pytest.raises(GptMiniError, match=r"finetune=lora cannot train model.attention='heads'"):
-        add_lora(model, FinetuneConfig(method="lora"))
-
-
 def test_lora_without_weights_to_adapt_is_refused(tiny_train_overrides, compose_train, tmp_path):
     from gptmini.training.run import train
 

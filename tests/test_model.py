@@ -1,4 +1,5 @@
-"""The GPT model: shapes, initial loss, causality, swappable attention, KV cache, tying, counts, config."""
+"""The GPT model: shapes, initial loss, causality, one trunk (KV cache, decoding step, maps), tying, counts,
+config."""
 
 import dataclasses
 import math
@@ -7,11 +8,8 @@ import pytest
 import torch
 
 from gptmini.common import GptMiniError
-from gptmini.model.attention import ATTENTION_CLASSES
 from gptmini.model.config import MODEL_SIZES, GPTConfig, swiglu_hidden
 from gptmini.model.gpt import GPT
-
-KINDS = list(ATTENTION_CLASSES)
 
 
 def small_config(**overrides) -> GPTConfig:
@@ -53,9 +51,8 @@ def test_targets_of_minus_one_are_ignored():
     torch.testing.assert_close(loss, expected)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_model_is_causal(kind):
-    model = small_model(attention=kind)
+def test_model_is_causal():
+    model = small_model()
     idx = random_tokens()
     changed = idx.clone()
     changed[:, 7:] = (changed[:, 7:] + 1) % 100
@@ -64,18 +61,6 @@ def test_model_is_causal(kind):
         after, _ = model(changed)
     torch.testing.assert_close(before[:, :7], after[:, :7])
     assert not torch.allclose(before[:, 7:], after[:, 7:])
-
-
-def test_same_weights_same_logits_for_every_attention():
-    reference = small_model(attention="sdpa")
-    idx = random_tokens()
-    with torch.no_grad():
-        expected, _ = reference(idx)
-        for kind in ("heads", "mha"):
-            other = GPT(small_config(attention=kind)).eval()
-            other.load_state_dict(reference.state_dict())
-            got, _ = other(idx)
-            assert (got - expected).norm() / expected.norm() < 1e-5, kind
 
 
 def test_cached_decode_matches_full_forward():
@@ -105,22 +90,24 @@ def test_kv_cache_overflow():
             model(random_tokens(1, 17))
 
 
-@pytest.mark.parametrize("kind", ["heads", "mha"])
-def test_every_attention_decodes_with_the_kv_cache(kind):
-    """The ladder variants take a cache too (through the SDPA path), so generation works for every value."""
-    model = small_model(attention=kind)
+def test_prefill_steps_decoding_step_and_maps_walk_one_trunk():
+    """Prefill, eager steps, the fixed-shape step that compile=true runs, and the maps pass give the logits
+    of one full forward pass."""
+    model = small_model()
     idx = random_tokens(2, 16)
-    cache = model.new_kv_cache(batch_size=2)
+    cache, fixed_shape = model.new_kv_cache(batch_size=2), model.new_kv_cache(batch_size=2)
     with torch.no_grad():
-        expected, _ = model(idx)  # the variant's own explicit path
+        expected, _ = model(idx)
         steps = [model(idx[:, :6], kv_cache=cache)[0]]
         steps += [model(idx[:, t : t + 1], kv_cache=cache)[0] for t in range(6, 16)]
-        fixed_shape = model.new_kv_cache(batch_size=2)
         model(idx[:, :6], kv_cache=fixed_shape)
-        # The fixed-shape step that compile=true runs.
         step = model.decode_step(idx[:, 6:7], fixed_shape.positions[6], fixed_shape)
+        maps: list[torch.Tensor] = []
+        with_maps = model.lm_head(model._hidden(idx, None, maps))[..., :100]
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(step, expected[:, 6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(with_maps, expected, rtol=1e-5, atol=1e-5)
+    assert len(maps) == model.config.n_layer  # one pass: each layer's weights once
 
 
 def test_weight_tying_shares_storage():
@@ -219,7 +206,7 @@ def test_named_sizes_are_one_table_and_explicit_fields_win():
         ({"pad_vocab_multiple": 0}, "pad_vocab_multiple=0 must be a positive integer"),
         ({"dropout": 1.0}, r"dropout=1.0 must be in \[0, 1\)"),
         ({"dropout": -0.1}, r"dropout=-0.1 must be in \[0, 1\)"),
-        ({"attention": "flash"}, "attention='flash' is not known; valid: heads, mha, sdpa"),
+        ({"attention": "flash"}, "GPTConfig.attention='flash': the GPT has one attention now.*gptmini/book"),
         ({"n_kv_head": 3}, "n_head=4 is not divisible by n_kv_head=3"),
         ({"n_kv_head": 0}, "n_kv_head=0 must be a positive integer"),
         ({"pos_emb": "rope", "n_embd": 36, "n_head": 4}, "pos_emb='rope' needs an even head size.*= 9"),
@@ -228,7 +215,6 @@ def test_named_sizes_are_one_table_and_explicit_fields_win():
         ({"mlp": "geglu"}, "mlp='geglu' is not known; valid: gelu, relu2, swiglu"),
         ({"logit_softcap": 0.0}, "logit_softcap=0.0 must be > 0, or null"),
         ({"rope_base": -1.0}, "rope_base=-1.0 must be > 0"),
-        ({"attention": "heads", "qk_norm": True}, "attention='heads' has GPT-2's attention only"),
         # NaN passed every range check and inf every "> 0": runs then failed later, blaming optim.lr.
         ({"rope_base": float("inf")}, r"GPTConfig.rope_base=inf must be a finite number, not nan or inf; "
          r"the default is 10000.0\.$"),
@@ -323,10 +309,13 @@ def test_gqa_shrinks_the_kv_cache():
     assert multi_query.keys[0].shape == (2, 1, 16, 8)
 
 
-def test_an_old_checkpoint_without_the_new_keys_loads():
-    """A config saved before the switches existed has none of their keys: GPT-2's defaults fill them."""
-    old_keys = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "attention"}
+@pytest.mark.parametrize("attention", ["heads", "mha", "sdpa"])
+def test_an_old_checkpoint_without_the_new_keys_loads(attention):
+    """A config saved before the switches existed has none of their keys: GPT-2's defaults fill them. It
+    names one of the attention classes that are gone; all shared today's weights, so the key is dropped."""
+    old_keys = {"vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias"}
     old_config = {k: v for k, v in vars(small_config()).items() if k in old_keys | {"pad_vocab_multiple"}}
+    old_config["attention"] = attention
     reference = small_model()
     restored = GPT(GPTConfig(**old_config)).eval()
     restored.load_state_dict(reference.state_dict())  # strict: the same parameters, the same names
@@ -349,3 +338,16 @@ def test_every_switch_compiles_to_the_same_loss_and_gradients():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_the_decoding_step_takes_a_position_per_row():
+    """Rows at different lengths (as a server batches them) step together: each reads only its own past."""
+    model = small_model(pos_emb="rope", n_kv_head=2)
+    idx = random_tokens(2, 16)
+    cache = model.new_kv_cache(batch_size=2)
+    with torch.no_grad():
+        expected, _ = model(idx)
+        model(idx[:, :10], kv_cache=cache)  # row 0 then continues at position 4, row 1 at position 9
+        positions = torch.tensor([4, 9])
+        got = model.decode_step(torch.stack([idx[0, 4:5], idx[1, 9:10]]), positions, cache)
+    torch.testing.assert_close(got, torch.stack([expected[0, 4], expected[1, 9]]), rtol=1e-5, atol=1e-5)

@@ -66,6 +66,42 @@ def test_greedy_is_identical_with_and_without_cache(model, prompt_len, penalty):
         assert len(set(cached)) > n // 2
 
 
+# Greedy continuations of two seeded models (GPT-2's switches, then every switch beyond them), pinned
+# before the model's trunk was unified: prefill, cached steps and full recomputation must keep choosing
+# these tokens.
+BEYOND_GPT2 = {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "n_kv_head": 1,
+               "tie_embeddings": False, "logit_softcap": 15.0}  # fmt: skip
+PINNED_GREEDY = {
+    "gpt2": (
+        {},
+        [
+            "47 124 159 139 205 227 160 45 251 234 114 249 98 66 66 66 108 211 113 207 84 131 29 215",
+            "30 141 47 102 44 215 189 189 180 113 207 110 110 205 227 160 132 53 53 176 217 178 20 20",
+        ],
+    ),
+    "modern": (
+        BEYOND_GPT2,
+        [
+            "161 156 111 162 31 211 113 254 250 53 235 200 96 130 20 191 2 44 129 226 63 64 86 85",
+            "11 57 175 183 22 114 153 123 195 165 13 191 24 76 32 35 250 53 40 256 49 188 207 96",
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("name", PINNED_GREEDY)
+def test_greedy_continuation_of_a_seeded_model_is_pinned(name, use_cache):
+    switches, expected = PINNED_GREEDY[name]
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, **switches)
+    model = GPT(config).eval()
+    prompt = torch.tensor([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    greedy = SamplingOptions(max_new_tokens=24, temperature=0.0, repetition_penalty=2.0)  # slides once
+    tokens = torch.cat(list(sample_tokens(model, prompt, greedy, use_cache=use_cache)), dim=1)
+    assert tokens.tolist() == [[int(t) for t in row.split()] for row in expected]
+
+
 def test_seeded_sampling_is_identical_with_and_without_cache(model):
     prompt = torch.tensor([[1, 2, 3]])
 

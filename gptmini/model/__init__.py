@@ -1,8 +1,8 @@
 """Stage 2: the model, pure PyTorch.
 
-- ``attention``: the chapter-3 ladder, from simplified self-attention to the efficient attention the model
-  trains with; ``walkthrough`` prints the chapter's numbers (``python -m gptmini.model.walkthrough``).
 - ``config``: ``GPTConfig`` and the one table of named sizes (``MODEL_SIZES``, ``GPTConfig.from_name``).
+- ``attention``: the model's causal self-attention (chapter 3's ladder lives in ``gptmini.book``).
+- ``kv_cache``: the key/value cache generation decodes with, and the per-pass views its layers read.
 - ``loss``: the chunked LM-head cross-entropy used by training steps.
 - ``gpt``: the GPT itself, top to bottom.
 

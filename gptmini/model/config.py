@@ -7,15 +7,20 @@ the row, and every ``model.<field>`` that is set overrides it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import InitVar, dataclass, fields
 
 from gptmini.common import GptMiniError, check_finite_floats
-from gptmini.model.attention import ATTENTION_CLASSES
 
 # The values of GPTConfig's switches (the first of each is GPT-2's).
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "relu2", "swiglu")
+# The attention option that once picked a rung of chapter 3's ladder; old checkpoints still hold one of these.
+OLD_ATTENTIONS = ("heads", "mha", "sdpa")
+ATTENTION_GONE = (
+    "the GPT has one attention now, so there is nothing to choose; chapter 3's rungs (stacked heads, compact "
+    "MHA) live in gptmini/book (python -m gptmini.book.walkthrough). Drop model.attention."
+)
 
 
 def swiglu_hidden(n_embd: int) -> int:
@@ -28,7 +33,7 @@ def swiglu_hidden(n_embd: int) -> int:
 
 
 # Named model sizes: small ones that train in minutes on a laptop CPU, then GPT-2's four published sizes.
-# Fields not named here take GPTConfig's defaults (GPT-2's: biases, no dropout, sdpa attention).
+# Fields not named here take GPTConfig's defaults (GPT-2's: biases, no dropout).
 MODEL_SIZES: dict[str, dict] = {
     # The default run: trains in about 4 minutes on 2 CPU cores.
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
@@ -60,9 +65,9 @@ class GPTConfig:
     """Dropout probability on embeddings, attention weights and residual branches; in [0, 1)."""
     bias: bool = True
     """Biases in Linear layers and LayerNorms (GPT-2 has them; without is slightly faster)."""
-    attention: str = "sdpa"
-    """Attention implementation: "heads" (stacked wrapper), "mha" (compact) or "sdpa" (efficient, default).
-    All three share one weight layout, so a checkpoint loads into any of them."""
+    attention: InitVar[str | None] = None
+    """Gone: the GPT has one attention, and chapter 3's rungs live in gptmini/book. Configs saved before hold
+    "heads", "mha" or "sdpa", which all shared today's weight layout: those are accepted and dropped."""
     pad_vocab_multiple: int = 64
     """Embedding/LM-head rows are padded up to a multiple of this (faster matmuls on GPUs); 1 = no padding."""
     # Switches beyond GPT-2's 2019 recipe. Their defaults are GPT-2's, so old checkpoints and GPT-2's weights
@@ -86,7 +91,9 @@ class GPTConfig:
     logit_softcap: float | None = None
     """None, or a cap c: logits become c·tanh(logits / c), so none exceeds ±c (Gemma 2, modded-nanogpt)."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, attention: str | None) -> None:
+        if attention not in (None, *OLD_ATTENTIONS):
+            raise GptMiniError(f"GPTConfig.attention={attention!r}: {ATTENTION_GONE}")
         check_finite_floats(self, prefix="GPTConfig.")  # NaN passes every range check below; inf, "> 0"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
             value = getattr(self, name)
@@ -99,10 +106,6 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise GptMiniError(f"GPTConfig.dropout={self.dropout!r} must be in [0, 1); use 0.0 to disable it")
-        if self.attention not in ATTENTION_CLASSES:
-            raise GptMiniError(
-                f"GPTConfig.attention={self.attention!r} is not known; valid: {', '.join(ATTENTION_CLASSES)}"
-            )
         self._check_switches()
 
     def _check_switches(self) -> None:
@@ -131,12 +134,6 @@ class GPTConfig:
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise GptMiniError(
                 f"GPTConfig.logit_softcap={self.logit_softcap!r} must be > 0, or null for no cap; try 15"
-            )
-        beyond_gpt2 = self.pos_emb != "learned" or self.qk_norm or self.kv_heads != self.n_head
-        if self.attention == "heads" and beyond_gpt2:
-            raise GptMiniError(
-                "attention='heads' has GPT-2's attention only (the ladder's stacked heads); with "
-                "pos_emb=rope, qk_norm or n_kv_head use attention='mha' or 'sdpa'"
             )
 
     @property

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gptmini.common import GptMiniError
-from gptmini.model.attention import ATTENTION_CLASSES
+from gptmini.model.attention import CausalSelfAttention
 from gptmini.model.config import GPTConfig, swiglu_hidden
-from gptmini.model.kv_cache import KVCache, LayerKVCache
+from gptmini.model.kv_cache import CacheView, KVCache
 from gptmini.model.loss import ChunkedLMHeadLoss
 
 
@@ -72,7 +72,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         c = config
         self.ln_1 = make_norm(c)
-        self.attn = ATTENTION_CLASSES[c.attention](
+        self.attn = CausalSelfAttention(
             c.n_embd,
             c.n_head,
             c.block_size,
@@ -85,9 +85,11 @@ class TransformerBlock(nn.Module):
         self.ln_2 = make_norm(c)
         self.mlp = FeedForward(c)
 
-    def forward(self, x: Tensor, kv_cache: LayerKVCache | None = None) -> Tensor:
-        """(B, T, C) to (B, T, C); ``kv_cache`` is this layer's ``LayerKVCache`` view, if any."""
-        x = x + self.attn(self.ln_1(x), kv_cache)  # tokens exchange information
+    def forward(
+        self, x: Tensor, positions: Tensor, cache: CacheView | None = None, maps: list[Tensor] | None = None
+    ) -> Tensor:
+        """(B, T, C) to (B, T, C); the other arguments go to ``CausalSelfAttention.forward``."""
+        x = x + self.attn(self.ln_1(x), positions, cache, maps)  # tokens exchange information
         x = x + self.mlp(self.ln_2(x))  # each token processes what it gathered
         return x
 
@@ -126,13 +128,6 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
-    def _embed(self, idx: Tensor, start: int) -> Tensor:
-        """Token + position embeddings for tokens at positions start..start+T: (B, T) to (B, T, C)."""
-        if self.wpe is None:  # RoPE: positions enter in attention
-            return self.drop(self.wte(idx))  # (B, T, C)
-        pos = torch.arange(start, start + idx.size(1), device=idx.device)  # (T,)
-        return self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C) + (T, C) broadcasts over the batch
-
     def _check_length(self, idx: Tensor, kv_cache: KVCache | None) -> int:
         """Raise if the tokens do not fit the context; return the position of the first new token."""
         B, T = idx.shape
@@ -150,15 +145,32 @@ class GPT(nn.Module):
             )
         return start
 
-    def _hidden(self, idx: Tensor, kv_cache: KVCache | None) -> Tensor:
-        """The final, normalised hidden states that the LM head scores: (B, T) to (B, T, C)."""
-        start = self._check_length(idx, kv_cache)
-        x = self._embed(idx, start)  # (B, T, C)
+    def _trunk(
+        self, idx: Tensor, positions: Tensor, caches: list[CacheView] | None, maps: list[Tensor] | None = None
+    ) -> Tensor:
+        """The one pass every entry point walks: embeddings, the blocks, the final norm. (B, T) to (B, T, C).
+
+        ``positions`` (B or 1, T) are the tokens' positions; ``caches`` the layers' KV-cache views, if any;
+        a ``maps`` list collects every layer's attention weights.
+        """
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:  # with RoPE, positions enter in attention instead
+            x = x + self.wpe(positions)  # (B or 1, T, C) broadcasts over the batch
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if kv_cache is None else kv_cache.layer(i))  # (B, T, C)
-        if kv_cache is not None:
-            kv_cache.length += idx.size(1)
+            x = block(x, positions, None if caches is None else caches[i], maps)  # (B, T, C)
         return self.ln_f(x)
+
+    def _hidden(self, idx: Tensor, kv_cache: KVCache | None, maps: list[Tensor] | None = None) -> Tensor:
+        """Final hidden states of tokens continuing ``kv_cache`` (or starting at 0): (B, T) to (B, T, C)."""
+        start = self._check_length(idx, kv_cache)
+        end = start + idx.size(1)
+        positions = torch.arange(start, end, device=idx.device).unsqueeze(0)  # (1, T)
+        if kv_cache is None:
+            return self._trunk(idx, positions, None, maps)
+        x = self._trunk(idx, positions, kv_cache.views(positions, span=end), maps)  # reads the filled slots
+        kv_cache.length = end
+        return x
 
     def _softcap(self, logits: Tensor) -> Tensor:
         """c·tanh(logits / c) with ``logit_softcap`` c: smooth, bounded logits (no-op when c is None)."""
@@ -198,22 +210,17 @@ class GPT(nn.Module):
         return self._softcap(self.lm_head(x))[:, : self.config.vocab_size]  # (B, V)
 
     def decode_step(self, token: Tensor, position: Tensor, kv_cache: KVCache) -> Tensor:
-        """Logits (B, vocab_size) for one new token per row, (B, 1), at ``position`` (a 0-dim tensor).
+        """Logits (B, vocab_size) for one new token per row, (B, 1), at ``position``: a 0-dim tensor, or (B,)
+        when the rows sit at different positions.
 
         Generation's inner step. Its keys and values are written into ``kv_cache`` at ``position`` and the
         attention reads the whole cache under a mask, so every step has the same shapes and touches no Python
         state: ``torch.compile`` captures it once (on a GPU, as one CUDA graph), where ``next_token_logits``
         would see a new shape per token. The caller advances ``kv_cache.length``. Inference only (no dropout).
         """
-        x = self.wte(token)  # (B, 1, C)
-        if self.wpe is not None:
-            x = x + self.wpe(position.view(1))  # (B, 1, C) + (1, C)
-        visible = kv_cache.visible_through(position)  # (1, 1, 1, block_size)
-        for i, block in enumerate(self.blocks):
-            view = LayerKVCache(kv_cache.keys[i], kv_cache.values[i], position, visible)
-            x = block(x, view)  # (B, 1, C)
-        x = self.ln_f(x)[:, -1, :]  # (B, C)
-        return self._softcap(self.lm_head(x))[:, : self.config.vocab_size]  # (B, V)
+        positions = position.view(-1, 1)  # (1, 1) or (B, 1)
+        x = self._trunk(token, positions, kv_cache.views(positions, span=kv_cache.max_length))  # (B, 1, C)
+        return self._softcap(self.lm_head(x[:, -1, :]))[:, : self.config.vocab_size]  # (B, V)
 
     def loss(self, idx: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
         """The training loss alone, as ``forward(idx, targets)[1]``, without materialising the logits.
@@ -233,7 +240,6 @@ class GPT(nn.Module):
     ) -> KVCache:
         """An empty key/value cache for ``batch_size`` sequences of up to block_size tokens.
 
-        Every attention variant takes it (with a cache they all run the SDPA path on their shared weights).
         device/dtype default to the model's parameters.
         """
         c = self.config
@@ -253,15 +259,11 @@ class GPT(nn.Module):
     def attention_maps(self, idx: Tensor) -> Tensor:
         """Softmax attention weights of every layer and head: (n_layer, B, n_head, T, T).
 
-        Computed on the explicit (non-fused) path, before attention dropout; call ``eval()`` first so the
-        embedding and residual dropout do not perturb them.
+        The forward pass with the softmax spelled out (not fused), the weights kept before attention dropout;
+        call ``eval()`` first so the embedding and residual dropout do not perturb them.
         """
-        self._check_length(idx, None)
-        x = self._embed(idx, 0)  # (B, T, C)
-        maps = []
-        for block in self.blocks:
-            maps.append(block.attn.attention_weights(block.ln_1(x)))  # (B, nh, T, T)
-            x = block(x)
+        maps: list[Tensor] = []
+        self._hidden(idx, None, maps)
         return torch.stack(maps)  # (n_layer, B, nh, T, T)
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -1,11 +1,11 @@
 """The key/value cache that makes generation cost one position per new token instead of the whole context.
 
 ``KVCache`` holds every layer's keys and values in preallocated (B, nkv, max_length, hs) tensors and counts
-the filled positions; each forward pass hands a layer its ``LayerKVCache`` view. Two ways to use a view:
-with an int ``start`` (a variable-shape call: the new tokens' keys/values are written at start..start+T and
-attention reads the filled prefix), or with a tensor ``start`` and a ``visible`` mask (``GPT.decode_step``:
-one token, fixed shapes, the whole buffer read under the mask, so ``torch.compile`` captures the step once).
-Pure torch; imports nothing of gptmini.
+the filled positions. For a forward pass it hands each layer a ``CacheView``: the first ``span`` slots of
+its buffers, the new tokens' positions (a tensor, one row per sequence) and the mask of the slots each new
+token may see. Prefill and eager decoding read the filled prefix (span = length + T); the compiled decoding
+step reads the whole buffer (span = max_length), so every step has the same shapes and ``torch.compile``
+captures it once. Both walk the same attention code. Pure torch; imports nothing of gptmini.
 """
 
 from dataclasses import dataclass
@@ -15,38 +15,31 @@ from torch import Tensor
 
 
 @dataclass
-class LayerKVCache:
-    """One layer's view of a ``KVCache``: where new keys/values go and what the queries may attend to."""
+class CacheView:
+    """One layer's view of a ``KVCache`` for one forward pass."""
 
-    keys: Tensor  # (B, nkv, max_length, hs), preallocated
-    values: Tensor  # (B, nkv, max_length, hs), preallocated
-    start: int | Tensor  # positions already filled before this forward call
-    visible: Tensor | None = None
-    """For a one-token decoding step whose position ``start`` is a 0-dim tensor: (1, 1, 1, max_length), True
-    up to that position. Attention then reads the whole buffer under this mask: every step has the same
-    shapes, which is what lets ``torch.compile`` (and CUDA graphs) capture the step once."""
+    keys: Tensor  # (B, nkv, span, hs): the first span slots of the layer's preallocated buffer
+    values: Tensor  # (B, nkv, span, hs)
+    positions: Tensor  # (B, T): each new token's position, i.e. the slot its key and value go to
+    mask: Tensor  # (B, 1, T, span): True where a new token may see a slot (its own position and earlier)
 
-    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nkv, T, hs) at positions start..start+T; return all keys/values so far (the whole
-        buffer when ``start`` is a tensor: ``visible`` says which positions count)."""
-        if isinstance(self.start, Tensor):
-            self.keys.index_copy_(2, self.start.view(1), k.to(self.keys.dtype))
-            self.values.index_copy_(2, self.start.view(1), v.to(self.values.dtype))
-            return self.keys.to(k.dtype), self.values.to(v.dtype)  # (B, nkv, max_length, hs)
-        end = self.start + k.size(2)
-        self.keys[:, :, self.start : end] = k
-        self.values[:, :, self.start : end] = v
+    def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, nkv, T, hs) at each row's positions; return the view's keys and values, all span
+        slots (the mask says which count)."""
+        index = self.positions[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
+        self.keys.scatter_(2, index, k.to(self.keys.dtype))
+        self.values.scatter_(2, index, v.to(self.values.dtype))
         # .to() is a no-op unless the cache was made in another dtype (e.g. fp32 cache under bf16 autocast).
-        return self.keys[:, :, :end].to(k.dtype), self.values[:, :, :end].to(v.dtype)  # (B, nkv, end, hs)
+        return self.keys.to(k.dtype), self.values.to(v.dtype)
 
 
 class KVCache:
     """Keys and values of every layer for the tokens processed so far, so generation does not recompute them.
 
     Preallocated (B, nkv, max_length, hs) tensors per layer; ``length`` counts the filled positions. The
-    model hands each layer ``layer(i)`` and advances ``length`` after a forward pass. Use under
-    ``torch.no_grad()``. With grouped-query attention it holds only the ``n_kv_head`` key/value heads
-    (``n_kv_head=None``: all ``n_head``), so its memory shrinks by n_head / n_kv_head.
+    model asks for ``views`` and advances ``length`` after a forward pass. Use under ``torch.no_grad()``.
+    With grouped-query attention it holds only the ``n_kv_head`` key/value heads (``n_kv_head=None``: all
+    ``n_head``), so its memory shrinks by n_head / n_kv_head.
     """
 
     def __init__(
@@ -66,15 +59,16 @@ class KVCache:
         self.batch_size = batch_size
         self.max_length = max_length
         self.length = 0
-        self.positions = torch.arange(max_length, device=device)  # for decoding steps' visibility masks
+        self.positions = torch.arange(max_length, device=device)  # every slot's position
 
-    def layer(self, i: int) -> LayerKVCache:
-        """The view that layer i reads and writes during the current forward pass."""
-        return LayerKVCache(self.keys[i], self.values[i], self.length)
-
-    def visible_through(self, position: Tensor) -> Tensor:
-        """(1, 1, 1, max_length) bool mask of the positions up to ``position`` (a 0-dim tensor)."""
-        return (self.positions <= position).view(1, 1, 1, -1)
+    def views(self, positions: Tensor, span: int) -> list[CacheView]:
+        """Every layer's view for new tokens at ``positions`` (B, T), over the first ``span`` slots."""
+        positions = positions.expand(self.batch_size, -1)  # (B, T)
+        mask = (self.positions[:span] <= positions[..., None]).unsqueeze(1)  # (B, 1, T, span)
+        return [
+            CacheView(keys[:, :, :span], values[:, :, :span], positions, mask)
+            for keys, values in zip(self.keys, self.values, strict=True)
+        ]
 
     def reset(self) -> None:
         """Forget all cached tokens (the tensors are reused, not reallocated)."""

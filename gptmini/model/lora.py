@@ -112,13 +112,6 @@ class LoRALinear(nn.Linear):
 
 def add_lora(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     """Freeze every parameter of a ``GPT`` and put adapters on the target layers; return their names."""
-    attention = getattr(model.config, "attention", "sdpa")
-    if attention == "heads":
-        # That variant slices qkv.weight per head instead of calling the layer: an adapter would be ignored.
-        raise GptMiniError(
-            "finetune=lora cannot train model.attention='heads' (it bypasses the qkv layer); "
-            "use model.attention=sdpa (the same weights load into it)."
-        )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     wrapped = []

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
-from gptmini.model.config import GPTConfig
+from gptmini.model.config import ATTENTION_GONE, GPTConfig
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
@@ -77,9 +77,11 @@ def model_config_from(
 
     With ``source`` (the config of the ``init_from`` weights) the source's shape wins instead: a set
     ``model.<field>`` that contradicts it is an error, except ``block_size`` (may be cropped shorter),
-    ``dropout`` and ``attention`` (free: they change no tensor).
+    ``dropout`` (free: it changes no tensor).
     """
     values = {k: v for k, v in _plain(cfg.model).items() if v is not None}
+    if "attention" in values:  # the option is gone; refused rather than silently ignored
+        raise GptMiniError(f"model.attention={values['attention']}: {ATTENTION_GONE}")
     size = values.pop("size", None) or "tiny"  # null in the YAML: a source's shape is not contradicted
     requested = values.pop("vocab_size", None)
     if requested is not None and tokenizer_vocab is not None and requested != tokenizer_vocab:
@@ -97,7 +99,7 @@ def model_config_from(
     return GPTConfig.from_name(size, vocab_size=tokenizer_vocab or requested or 1, **values)
 
 
-FREE_FIELDS = ("dropout", "attention")  # change no tensor's shape or meaning: free on a fine-tune
+FREE_FIELDS = ("dropout",)  # changes no tensor's shape or meaning: free on a fine-tune
 
 
 def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vocab: int | None) -> GPTConfig:

@@ -3,10 +3,11 @@
 Each step builds its module right after the book's ``torch.manual_seed`` call, in the book's order, so the
 random initial weights -- and therefore the printed context vectors -- are the ones a reader of chapter 3
 sees. ``chapter3_numbers`` computes them (the tests pin them); ``main`` prints them. Run it with
-``python -m gptmini.model.walkthrough``.
+``python -m gptmini.book.walkthrough``.
 
-The model's multi-head classes store all heads in one fused ``qkv`` matrix; ``fused_from_stacked_heads``
-loads the book's separate heads into that layout, so the walkthrough can show both give the same numbers.
+The model's attention (``gptmini.model.attention.CausalSelfAttention``) stores all heads in one fused ``qkv``
+matrix; ``fused_from_stacked_heads`` loads the book's separate heads into it, so the walkthrough can show
+that the model computes the book's numbers.
 
 One rung goes beyond chapter 3: grouped-query attention (``gqa_numbers``), which shares key/value heads
 between query heads so that a KV cache holds fewer of them.
@@ -16,31 +17,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gptmini.common import GptMiniError
-from gptmini.model.attention import (
+from gptmini.book.attention import (
     EXAMPLE_INPUTS,
     EXAMPLE_WORDS,
     CausalAttention,
-    CausalSelfAttention,
     CompactMultiHeadAttention,
     GroupedQueryAttention,
-    MultiHeadAttention,
-    MultiHeadAttentionWrapper,
     SelfAttention,
     SelfAttentionV1,
     StackedHeadsAttention,
     simplified_self_attention,
 )
+from gptmini.common import GptMiniError
+from gptmini.model.attention import CausalSelfAttention
 
 
-def fused_from_stacked_heads(stacked: StackedHeadsAttention) -> MultiHeadAttentionWrapper:
-    """Copy the book's separate causal heads into the model's fused layout.
+def fused_from_stacked_heads(stacked: StackedHeadsAttention) -> CausalSelfAttention:
+    """Copy the book's separate causal heads into the model's attention, with its fused layout.
 
     The fused layout is square: it reads and writes n_embd = num_heads·d_out features. The book's heads read
     d_in features (3 in the example, fewer than 2·2 = 4), so the extra input columns of ``qkv`` get zero
     weight: feed the result inputs zero-padded to n_embd features and the padding adds nothing to any dot
     product. ``proj`` becomes the identity because the book's wrapper just concatenates the heads. Outputs
-    then equal ``stacked``'s (in eval mode or with dropout 0: the fused wrapper also drops after ``proj``).
+    then equal ``stacked``'s (in eval mode or with dropout 0: the model also drops after ``proj``).
     """
     heads: list[CausalAttention] = list(stacked.heads)
     d_out, d_in = heads[0].W_query.weight.shape
@@ -50,7 +49,7 @@ def fused_from_stacked_heads(stacked: StackedHeadsAttention) -> MultiHeadAttenti
             f"d_in={d_in} is wider than num_heads·d_out={n_embd}; the fused layout can't hold it"
         )
     bias = heads[0].W_query.bias is not None
-    fused = MultiHeadAttentionWrapper(n_embd, n_head, heads[0].mask.size(0), heads[0].dropout.p, bias)
+    fused = CausalSelfAttention(n_embd, n_head, heads[0].mask.size(0), heads[0].dropout.p, bias)
     with torch.no_grad():
         fused.qkv.weight.zero_()
         fused.proj.weight.copy_(torch.eye(n_embd))
@@ -87,14 +86,11 @@ def chapter3_numbers() -> dict[str, Tensor]:
     torch.manual_seed(123)
     numbers["compact_row1"] = CompactMultiHeadAttention(3, 2, 6, 0.0, num_heads=2)(batch)[0, 0]
 
-    # The same two heads in the model's fused layout, and that layout's state_dict in the other two classes.
+    # The same two heads in the model's attention: its fused kernel, then its explicit softmax (maps).
     fused = fused_from_stacked_heads(stacked)
     padded = F.pad(batch, (0, fused.n_embd - batch.size(-1)))  # (2, 6, 4): a zero 4th feature
-    numbers["fused_heads_row1"] = fused(padded)[0, 0]
-    for key, cls in [("fused_mha_row1", MultiHeadAttention), ("fused_sdpa_row1", CausalSelfAttention)]:
-        other = cls(fused.n_embd, fused.n_head, fused.block_size, 0.0, fused.qkv.bias is not None)
-        other.load_state_dict(fused.state_dict())
-        numbers[key] = other(padded)[0, 0]
+    numbers["model_row1"] = fused(padded)[0, 0]
+    numbers["model_explicit_row1"] = fused(padded, maps=[])[0, 0]
     return numbers
 
 
@@ -153,10 +149,9 @@ def main() -> None:
         f"  KV cache per token: {g['cache_floats_mha']} numbers with 2 key/value heads, "
         f"{g['cache_floats_mqa']} with 1: decoding reads that much less memory per token"
     )
-    print("\n6. The stacked heads' weights in the model's fused layout (inputs zero-padded to 4 features)")
-    print(f"  MultiHeadAttentionWrapper attention='heads': first row {_fmt(n['fused_heads_row1'])}")
-    print(f"  MultiHeadAttention        attention='mha':   first row {_fmt(n['fused_mha_row1'])}")
-    print(f"  CausalSelfAttention       attention='sdpa':  first row {_fmt(n['fused_sdpa_row1'])}")
+    print("\n6. The stacked heads' weights in the model's attention (inputs zero-padded to 4 features)")
+    print(f"  CausalSelfAttention, SDPA kernel:      first row {_fmt(n['model_row1'])}")
+    print(f"  CausalSelfAttention, explicit softmax: first row {_fmt(n['model_explicit_row1'])}")
 
 
 if __name__ == "__main__":
