@@ -188,7 +188,7 @@ def choose_threads(cfg: DictConfig, trainer: L.Trainer, model, resumed: Path | N
 
 def plan_run(settings) -> tuple[RunPlan, dict]:
     """The run's facts, decided once: its length, the schedule's length, precision and clipping; and the
-    Trainer's arguments that follow from them. A time budget ends the run through ``training_clock``'s Timer
+    Trainer's arguments that follow from them, every interval in optimizer steps. A time budget ends the run through ``training_clock``'s Timer
     (so Lightning's ``max_time`` is not passed: it would start a second Timer), and it has no step limit.
     """
     args = dict(settings.trainer_args)
@@ -200,7 +200,9 @@ def plan_run(settings) -> tuple[RunPlan, dict]:
         precision=str(args["precision"]),
         clipping=bool(args.get("gradient_clip_val")),
     )
-    args.update(max_steps=max_steps or -1, max_time=None)
+    # Lightning counts val_check_interval in micro-batches; gptmini counts every interval in optimizer steps.
+    val_every = args["val_check_interval"] * args["accumulate_grad_batches"]
+    args.update(max_steps=max_steps or -1, max_time=None, val_check_interval=val_every)
     return plan, args
 
 
