@@ -91,8 +91,8 @@ def measure(
 
     rss_after_import = peak_rss_mb()
     cfg = data.DataConfig(name=corpus, path=path, cache_dir=cache_dir)
-    corpus = data.resolve_corpus(cfg)
-    files = corpus.files
+    resolved = data.resolve_corpus(cfg)
+    files = resolved.files
     total = sum(p.stat().st_size for p in files)
     threads = encode_threads()
     out = {"corpus": corpus, "files": len(files), "mb": total / MB, "threads": threads}
@@ -112,7 +112,7 @@ def measure(
 
     # The parts on their own: the same calls prepare_cache makes.
     start = time.perf_counter()
-    source = TextSource(corpus, cfg.val_fraction)
+    source = TextSource(resolved, cfg.val_fraction)
     enc = _train_tokenizer(source, TokenizerConfig(vocab_size=vocab_size))
     out["bpe_train_s"] = time.perf_counter() - start
     encodings = {"bpe": enc}
