@@ -726,6 +726,35 @@ def test_orphans_of_killed_builds_are_removed_at_the_next_prepare(tmp_path):
     assert leftovers(parent) == []
 
 
+def test_an_interrupted_text_build_resumes_keeping_its_shards_and_its_bpe(tmp_path, monkeypatch, caplog):
+    make_corpus(tmp_path / "corpus", n_files=6, lines=2000)
+    data = text_config(tmp_path, tmp_path / "corpus", shard_tokens=4000)
+    reference = prepared(text_config(tmp_path / "ref", tmp_path / "corpus", shard_tokens=4000))
+    monkeypatch.setattr(corpus_mod, "PIECE_CHARS", 4096)  # many batches, so there is something to resume
+    monkeypatch.setattr(shards_mod, "COMMIT_EVERY_S", 0.0)
+    real_write, commits = shards_mod._write_progress, []
+
+    def write_then_stop(*args):
+        real_write(*args)
+        commits.append(1)
+        if len(commits) == 5:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards_mod, "_write_progress", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_cache(data, TOK)
+    (building,) = (tmp_path / "cache").rglob(".*.building")
+    kept = {p.name: p.stat().st_ino for p in building.glob("train_*.bin")}
+    caplog.set_level(logging.INFO)
+    cache = prepared(data)
+    assert "resuming the interrupted build" in caplog.text and "training a" not in caplog.text
+    assert kept and all((cache.folder / name).stat().st_ino == ino for name, ino in kept.items())
+    assert cache.meta["shards"] == reference.meta["shards"]
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == reference.stream(split)[:].tolist()
+
+
 # --- damaged caches ---
 
 
