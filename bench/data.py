@@ -85,12 +85,14 @@ def measure(
 ) -> dict:
     """Everything for one corpus, in this (child) process; throughputs are the best of ``repeats`` runs."""
     import gptmini.data as data
-    from gptmini.data.encode import bpe_sample, encode_corpus, encode_threads
-    from gptmini.data.tokenizer import TokenizerConfig, load_encoding, train_bpe
+    from gptmini.data.corpus import TextSource
+    from gptmini.data.shards import _train_tokenizer, encode_threads, write_cache
+    from gptmini.data.tokenizer import TokenizerConfig, load_encoding
 
     rss_after_import = peak_rss_mb()
     cfg = data.DataConfig(name=corpus, path=path, cache_dir=cache_dir)
-    files = data.resolve_corpus(cfg).files
+    resolved = data.resolve_corpus(cfg)
+    files = resolved.files
     total = sum(p.stat().st_size for p in files)
     threads = encode_threads()
     out = {"corpus": corpus, "files": len(files), "mb": total / MB, "threads": threads}
@@ -110,7 +112,8 @@ def measure(
 
     # The parts on their own: the same calls prepare_cache makes.
     start = time.perf_counter()
-    enc = train_bpe(bpe_sample(files, cfg.val_fraction), vocab_size)
+    source = TextSource(resolved, cfg.val_fraction)
+    enc = _train_tokenizer(source, TokenizerConfig(vocab_size=vocab_size))
     out["bpe_train_s"] = time.perf_counter() - start
     encodings = {"bpe": enc}
     if with_gpt2:
@@ -124,7 +127,7 @@ def measure(
         for _ in range(repeats):
             with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
                 start = time.perf_counter()
-                encode_corpus(Path(scratch), files, cfg.val_fraction, encoding, f"tokenizing ({name})")
+                write_cache(source, cfg, Path(scratch), TokenizerConfig(), encoding)  # the writer alone
                 pipeline_s = min(pipeline_s, time.perf_counter() - start)
             baseline_s = min(baseline_s, baseline_encode(encoding, files, threads))
         out[f"{name}_pipeline_mb_s"] = total / MB / pipeline_s

@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from gptmini.data.encode import encode_threads
+    from gptmini.data.shards import encode_threads
 
     threads = encode_threads()
     if args.child:

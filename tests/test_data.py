@@ -20,10 +20,9 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
-from filelock import FileLock
 
 import gptmini.data.corpus as corpus_mod
-import gptmini.data.token_cache as cache_mod
+import gptmini.data.shards as shards_mod
 from gptmini.common import GptMiniError
 from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.datamodule import TextDataModule, TrainBatches, ValWindows
@@ -60,7 +59,7 @@ def prepared(data: DataConfig, tok: TokenizerConfig = TOK, encoding=None) -> Tok
 
 
 def decoded(cache: TokenCache, split: str) -> str:
-    return cache.tokenizer.decode(cache.tokens(split).tolist())
+    return cache.tokenizer.decode(cache.stream(split)[:].tolist())
 
 
 def datamodule(tmp_path: Path, block_size: int = 16, batch_size: int = 4, **kwargs) -> TextDataModule:
@@ -188,16 +187,16 @@ def test_bad_block_size_seed_and_cache(tmp_path):
 # --- corpora and splits ---
 
 
-def test_documents_joined_by_eot_id(tmp_path):
+def test_every_document_is_preceded_by_the_eot_id(tmp_path):
     texts = make_corpus(tmp_path / "corpus")
     texts[1] = f"this document mentions {EOT} literally\n" + texts[1]
     (tmp_path / "corpus" / "doc1.txt").write_text(texts[1])
     cache = prepared(text_config(tmp_path, tmp_path / "corpus", val_fraction=0.0))
-    tokens = cache.tokens("train").tolist()
-    assert tokens.count(cache.tokenizer.eot_token) == len(texts) - 1  # separators only; the literal is text
-    assert cache.tokenizer.decode(tokens) == EOT.join(texts)
+    tokens = cache.stream("train")[:].tolist()
+    assert tokens.count(cache.tokenizer.eot_token) == len(texts)  # one before each; the literal is text
+    assert cache.tokenizer.decode(tokens) == EOT + EOT.join(texts)
     assert cache.meta["val_tokens"] == 0 and cache.meta["train_bytes"] == sum(len(t.encode()) for t in texts)
-    assert len(cache.tokens("val")) == 0
+    assert len(cache.stream("val")[:]) == 0
 
 
 def test_split_is_last_fraction_by_bytes_at_a_character_boundary(tmp_path):
@@ -207,6 +206,8 @@ def test_split_is_last_fraction_by_bytes_at_a_character_boundary(tmp_path):
     for fraction in (0.1, 0.37):
         cache = prepared(text_config(tmp_path, path, val_fraction=fraction))
         train, val = decoded(cache, "train"), decoded(cache, "val")
+        assert train.startswith(EOT) and EOT not in val  # the file's start, not the cut, is a document start
+        train = train.removeprefix(EOT)
         assert train + val == text
         cut = int(len(text.encode()) * (1 - fraction))
         assert 0 <= len(train.encode()) - cut <= 3  # moved forward to the next character at most
@@ -223,7 +224,10 @@ def test_long_documents_encode_as_if_whole(tmp_path, monkeypatch):
     text = "".join(f"    indented {i}\n\n\nword{i} x = [{i}]\n  \n" for i in range(200))
     (tmp_path / "long.txt").write_text(text)
     cache = prepared(text_config(tmp_path, tmp_path / "long.txt", val_fraction=0.0))
-    assert cache.tokens("train").tolist() == cache.tokenizer.encode_ordinary(text)
+    assert cache.stream("train")[:].tolist() == [
+        cache.tokenizer.eot_token,
+        *cache.tokenizer.encode_ordinary(text),
+    ]
 
 
 def test_invalid_utf8_is_replaced_and_reported(tmp_path):
@@ -325,16 +329,16 @@ def test_token_files_hold_every_id(tmp_path):
     # 300 ids fit two bytes per token; a vocabulary beyond 65535 ids needs four, and its ids must survive.
     make_corpus(tmp_path / "corpus")
     small = prepared(text_config(tmp_path, tmp_path / "corpus"))
-    assert (small.folder / "train.bin").stat().st_size == 2 * small.meta["train_tokens"]
+    assert (small.folder / "train_000000.bin").stat().st_size == 2 * small.meta["train_tokens"]
     # Every byte pair is a token and single bytes (each one a pre-token here) have the ids above 65535.
     ranks = {bytes([a, b]): a * 256 + b for a in range(256) for b in range(256)}
     ranks |= {bytes([i]): 65536 + i for i in range(256)}
     ranks = dict(sorted(ranks.items(), key=lambda item: item[1]))
     big = tiktoken.Encoding("bytes-big", pat_str=r"\S|\s", mergeable_ranks=ranks, special_tokens={EOT: 65792})
     cache = prepared(text_config(tmp_path, tmp_path / "corpus"), encoding=big)
-    assert cache.vocab_size == 65793 and cache.tokens("train").max() > 65535
-    assert (cache.folder / "train.bin").stat().st_size == 4 * cache.meta["train_tokens"]
-    assert decoded(cache, "train").split(EOT)[0] == (tmp_path / "corpus" / "doc0.txt").read_text()
+    assert cache.vocab_size == 65793 and cache.stream("train")[:].max() > 65535
+    assert (cache.folder / "train_000000.bin").stat().st_size == 4 * cache.meta["train_tokens"]
+    assert decoded(cache, "train").split(EOT)[1] == (tmp_path / "corpus" / "doc0.txt").read_text()
 
 
 # --- shakespeare ---
@@ -426,14 +430,14 @@ def test_cache_reused_then_invalidated(tmp_path):
     texts = make_corpus(tmp_path / "corpus")
     data = text_config(tmp_path, tmp_path / "corpus")
     folder = prepare_cache(data, TOK)
-    stamp = (folder / "train.bin").stat().st_mtime_ns
-    before = open_cache(folder).tokens("train").copy()
+    stamp = (folder / "train_000000.bin").stat().st_mtime_ns
+    before = open_cache(folder).stream("train")[:].copy()
     assert prepare_cache(data, TOK) == folder
-    assert (folder / "train.bin").stat().st_mtime_ns == stamp  # not re-tokenized
+    assert (folder / "train_000000.bin").stat().st_mtime_ns == stamp  # not re-tokenized
 
     (tmp_path / "corpus" / "doc0.txt").write_text(texts[0] + "a brand new closing line.\n")
     changed = prepare_cache(data, TOK)
-    assert changed != folder and not np.array_equal(open_cache(changed).tokens("train"), before)
+    assert changed != folder and not np.array_equal(open_cache(changed).stream("train")[:], before)
     other_tokenizer = prepare_cache(data, TokenizerConfig(vocab_size=300, pattern="gpt2"))
     assert other_tokenizer.parent.name == "bpe-300-gpt2"
     other_split = prepare_cache(text_config(tmp_path, tmp_path / "corpus", val_fraction=0.2), TOK)
@@ -465,7 +469,7 @@ def test_token_cache_attributes(tmp_path):
     )
     json.dumps(cache.tokenizer_spec)  # plain values only
     for split in ("train", "val"):
-        assert len(cache.tokens(split)) == cache.meta[f"{split}_tokens"] > 0
+        assert len(cache.stream(split)[:]) == cache.meta[f"{split}_tokens"] > 0
         assert cache.bytes_per_token(split) == cache.meta[f"{split}_bytes"] / cache.meta[f"{split}_tokens"]
     with pytest.raises(GptMiniError, match="split='test'"):
         cache.bytes_per_token("test")
@@ -476,9 +480,11 @@ def test_bpe_training_reports_one_line_not_rustbpe_progress(tmp_path, caplog):
     caplog.set_level(logging.INFO)  # as train.py's logging shows it
     prepare_cache(text_config(tmp_path, tmp_path / "corpus"), TOK)
     assert [r for r in caplog.records if r.name.startswith("rustbpe")] == []
-    lines = [r.getMessage() for r in caplog.records if r.name == cache_mod.__name__]
-    assert any(line.startswith("training a 300-token BPE on 0.0 MB of text files from") for line in lines)
-    assert any(line.startswith("trained the BPE in") for line in lines) and len(lines) <= 4
+    lines = [r.getMessage() for r in caplog.records if r.name == shards_mod.__name__]
+    assert any(
+        line.startswith("training a 300-token BPE on up to 32 MB of text files from") for line in lines
+    )
+    assert any(line.startswith("trained the BPE on") for line in lines) and len(lines) <= 4
 
 
 def test_given_encoding_is_used_exactly_and_cached_apart(tmp_path, caplog):
@@ -492,7 +498,7 @@ def test_given_encoding_is_used_exactly_and_cached_apart(tmp_path, caplog):
     cache = prepared(data, encoding=other)
     assert not any("training a" in r.getMessage() for r in caplog.records)  # no BPE trained
     assert cache.folder != trained.folder and cache.tokenizer_spec == tokenizer_to_spec(other)
-    assert cache.tokens("train").tolist()[:50] == other.encode_ordinary(texts[0])[:50]
+    assert cache.stream("train")[:].tolist()[1:50] == other.encode_ordinary(texts[0])[:49]
     assert prepare_cache(data, TOK, other) == cache.folder  # found again
     assert open_cache(trained.folder).tokenizer_spec == trained.tokenizer_spec  # the other is untouched
 
@@ -506,7 +512,7 @@ def test_given_named_encoding(tmp_path, gpt2_available):
 
 def test_gpt2_has_one_cache_key_however_it_was_obtained(tmp_path, gpt2_available):
     from gptmini.checkpoint import GPT2_TOKENIZER
-    from gptmini.data.cache_files import tokenizer_folder, tokenizer_key
+    from gptmini.data.shards import tokenizer_folder, tokenizer_key
     from gptmini.data.tokenizer import tokenizer_from_spec
 
     gpt2 = TokenizerConfig(name="gpt2")
@@ -533,7 +539,7 @@ def test_gpt2_has_one_cache_key_however_it_was_obtained(tmp_path, gpt2_available
     assert tokenizer_to_spec(impostor)["kind"] == "bpe"
     cache = prepared(data, encoding=impostor)
     assert cache.folder != folder and cache.vocab_size == 257
-    assert cache.tokens("train").tolist()[:20] == impostor.encode_ordinary(make_text(0))[:20]
+    assert cache.stream("train")[:].tolist()[1:20] == impostor.encode_ordinary(make_text(0))[:19]
 
 
 def test_encoding_without_end_of_text_is_refused(tmp_path):
@@ -567,8 +573,8 @@ def test_two_processes_prepare_one_cache(tmp_path):
         assert process.exitcode == 0
     assert folders[0] == folders[1]
     cache = open_cache(Path(folders[0]))
-    assert (cache.folder / "train.bin").stat().st_size == cache.meta["train_tokens"] * 2
-    assert (cache.folder / "val.bin").stat().st_size == cache.meta["val_tokens"] * 2
+    assert (cache.folder / "train_000000.bin").stat().st_size == cache.meta["train_tokens"] * 2
+    assert (cache.folder / "val_000000.bin").stat().st_size == cache.meta["val_tokens"] * 2
     assert leftovers(tmp_path / "cache") == []  # no temporary folders left behind
     assert [p.name for p in cache.folder.parent.iterdir() if not p.name.endswith(".lock")] == [
         cache.folder.name
@@ -645,39 +651,38 @@ def test_ctrl_c_during_tokenizing_leaves_no_partial_cache(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         prepare_cache(data, TOK)
     assert leftovers(tmp_path) == [] and not list((tmp_path / "cache").rglob("*.bin"))
+    assert list((tmp_path / "cache").rglob(".*.building/progress.json"))  # kept, to resume
     monkeypatch.undo()
     assert open_cache(prepare_cache(data, TOK)).meta["train_tokens"] > 0
 
 
-# The child's corpus reader, once tokenizing has begun: it hands over its first piece, says so on stdout and
+# The child's corpus reader, once tokenizing has begun: it hands over its first batch, says so on stdout and
 # then waits on its stdin, a pipe the test holds open. The SIGINT can only land mid-tokenizing, however
 # fast or slow the machine is (the old version raced a 240,000-line corpus against the clock).
 HELD_TOKENIZER = """
 import sys
-import gptmini.data.encode as encode
-import gptmini.data.token_cache as token_cache
-from gptmini.data.corpus import DataConfig
+from gptmini.data.corpus import DataConfig, TextSource
+from gptmini.data.token_cache import prepare_cache
 from gptmini.data.tokenizer import TokenizerConfig
 
-real_pieces, real_encode_corpus = encode.iter_pieces, token_cache.encode_corpus
+real_batches, calls = TextSource.batches, []
 
 
-def held_pieces(*args):
-    pieces = real_pieces(*args)
-    yield next(pieces)
+def held_batches(self, start, batch_docs):
+    calls.append(start)
+    batches = real_batches(self, start, batch_docs)
+    if len(calls) == 1:  # the BPE's training reads the corpus too: only tokenizing is held
+        yield from batches
+        return
+    yield next(batches)
     print("tokenizing", flush=True)
     sys.stdin.read()  # never returns: the test keeps the pipe open until this process has exited
-    yield from pieces
+    yield from batches
 
 
-def encode_corpus(*args):  # the BPE's training reads the corpus too: only tokenizing is held
-    encode.iter_pieces = held_pieces
-    return real_encode_corpus(*args)
-
-
-token_cache.encode_corpus = encode_corpus
+TextSource.batches = held_batches
 data = DataConfig(name="text", path=sys.argv[1], cache_dir=sys.argv[2])
-token_cache.prepare_cache(data, TokenizerConfig(vocab_size=300))
+prepare_cache(data, TokenizerConfig(vocab_size=300))
 """
 
 
@@ -695,7 +700,7 @@ def test_sigint_during_tokenizing_in_a_real_process(tmp_path):
         try:
             said = process.stdout.readline()  # returns once the child is held mid-tokenizing (or has died)
             assert said == "tokenizing\n", (tmp_path / "stderr.txt").read_text()[-2000:]
-            assert list(cache.rglob(".train.bin.*.tmp"))  # the token files are open, being written
+            assert list(cache.rglob("train_000000.bin.partial"))  # the token files are open, being written
             process.send_signal(signal.SIGINT)
             process.wait(timeout=60)
         finally:
@@ -712,19 +717,42 @@ def test_orphans_of_killed_builds_are_removed_at_the_next_prepare(tmp_path):
     make_corpus(tmp_path / "corpus")
     data = text_config(tmp_path, tmp_path / "corpus")
     parent = prepare_cache(data, TOK).parent
-    # What kill -9 leaves: half-built folders of other keys and a 0-byte temporary file of an atomic write.
-    for name in (".0123456789abcdef.tmp", ".fedcba9876543210.tmp"):
-        (parent / name).mkdir()
-        (parent / name / "train.bin").write_bytes(b"\0" * 100)
+    # What kill -9 leaves beside the caches: the 0-byte temporary file of an atomic write (a killed build
+    # itself is resumed, see test_ctrl_c_during_tokenizing_leaves_no_partial_cache).
     orphan = parent / ".meta.json.x1y2.tmp"
     orphan.write_bytes(b"")
     os.utime(orphan, (time.time() - 3600, time.time() - 3600))
-    # A build in progress in another process holds its lock: its folder is left alone.
-    with FileLock(str(parent / "fedcba9876543210") + ".lock"):
-        prepare_cache(data, TOK)
-    assert leftovers(parent) == [".fedcba9876543210.tmp"]
     prepare_cache(data, TOK)
     assert leftovers(parent) == []
+
+
+def test_an_interrupted_text_build_resumes_keeping_its_shards_and_its_bpe(tmp_path, monkeypatch, caplog):
+    make_corpus(tmp_path / "corpus", n_files=6, lines=2000)
+    data = text_config(tmp_path, tmp_path / "corpus", shard_tokens=4000)
+    reference = prepared(text_config(tmp_path / "ref", tmp_path / "corpus", shard_tokens=4000))
+    monkeypatch.setattr(corpus_mod, "PIECE_CHARS", 4096)  # many batches, so there is something to resume
+    monkeypatch.setattr(shards_mod, "COMMIT_EVERY_S", 0.0)
+    real_write, commits = shards_mod._write_progress, []
+
+    def write_then_stop(*args):
+        real_write(*args)
+        commits.append(1)
+        if len(commits) == 5:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shards_mod, "_write_progress", write_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_cache(data, TOK)
+    (building,) = (tmp_path / "cache").rglob(".*.building")
+    kept = {p.name: p.stat().st_ino for p in building.glob("train_*.bin")}
+    caplog.set_level(logging.INFO)
+    cache = prepared(data)
+    assert "resuming the interrupted build" in caplog.text and "training a" not in caplog.text
+    assert kept and all((cache.folder / name).stat().st_ino == ino for name, ino in kept.items())
+    assert cache.meta["shards"] == reference.meta["shards"]
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == reference.stream(split)[:].tolist()
 
 
 # --- damaged caches ---
@@ -735,9 +763,9 @@ def _damage_tokenizer(folder: Path) -> None:
 
 
 def _damage_ids(folder: Path) -> None:
-    tokens = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    tokens = np.fromfile(folder / "train_000000.bin", dtype=np.uint16)
     tokens[len(tokens) // 2] = 40000  # the vocabulary has 300 ids; the size is unchanged
-    tokens.tofile(folder / "train.bin")
+    tokens.tofile(folder / "train_000000.bin")
 
 
 def _damage_meta(key, value):
@@ -750,7 +778,7 @@ def _damage_meta(key, value):
 
 
 def _truncate_val(folder: Path) -> None:
-    with open(folder / "val.bin", "r+b") as f:
+    with open(folder / "val_000000.bin", "r+b") as f:
         f.truncate(10)
 
 
@@ -758,14 +786,14 @@ def _truncate_val(folder: Path) -> None:
     ("damage", "reason"),
     [
         (_damage_tokenizer, "is not a saved BPE tokenizer"),
-        (_damage_ids, "train.bin holds token id 40000, the tokenizer has 300"),
+        (_damage_ids, "train_000000.bin holds token id 40000, the tokenizer has 300"),
         (_damage_meta("dtype", "banana"), "dtype 'banana'"),
         (_damage_meta("dtype", "float16"), "dtype 'float16'"),  # same size as uint16: passed the size check
         (_damage_meta("vocab_size", 5000), "its tokenizer has 300 ids"),
         (_damage_meta("train_tokens", "many"), "no valid train_tokens"),
-        (_truncate_val, "val.bin has 10 bytes"),
+        (_truncate_val, "val_000000.bin has 10 bytes"),
         (lambda folder: (folder / "meta.json").write_text("{not json"), "meta.json is unreadable"),
-        (lambda folder: (folder / "train.bin").unlink(), "train.bin is missing"),
+        (lambda folder: (folder / "train_000000.bin").unlink(), "train_000000.bin is missing"),
     ],
     ids=["tokenizer", "ids", "dtype", "float-dtype", "vocab", "counts", "size", "meta", "missing"],
 )
@@ -784,13 +812,18 @@ def test_open_cache_of_a_missing_folder(tmp_path):
         open_cache(tmp_path / "nope")
 
 
-def test_cache_of_an_older_version_is_rebuilt_under_a_new_key(tmp_path, monkeypatch):
+def test_cache_of_an_older_version_is_rebuilt_under_a_new_key(tmp_path, monkeypatch, caplog):
     make_corpus(tmp_path / "corpus")
     data = text_config(tmp_path, tmp_path / "corpus")
-    monkeypatch.setattr(cache_mod, "CACHE_VERSION", cache_mod.CACHE_VERSION - 1)
+    monkeypatch.setattr(shards_mod, "CACHE_VERSION", shards_mod.CACHE_VERSION - 1)
     old = prepare_cache(data, TOK)
     monkeypatch.undo()
-    new = prepare_cache(data, TOK)
+    with caplog.at_level(logging.WARNING):
+        new = prepare_cache(data, TOK)
+    assert (
+        f"rebuilding the token cache: the cache(s) in {old.parent} were written in another format"
+        in caplog.text
+    )
     assert new != old and new.parent == old.parent and open_cache(new).meta["train_tokens"] > 0
     with pytest.raises(GptMiniError, match="written by another gptmini") as info:
         open_cache(old)
@@ -802,7 +835,7 @@ def test_cache_of_an_older_version_is_rebuilt_under_a_new_key(tmp_path, monkeypa
 
 def test_windows_are_shifted_contiguous_slices(tmp_path):
     dm = datamodule(tmp_path, block_size=16, batch_size=4)
-    tokens = np.asarray(dm.cache.tokens("train"))
+    tokens = np.asarray(dm.cache.stream("train")[:])
     all_windows = np.lib.stride_tricks.sliding_window_view(tokens, 17)
     for x, y in first_batches(dm, 3):
         assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
@@ -847,7 +880,7 @@ def test_ranks_get_different_windows(tmp_path):
 
 def test_validation_windows_cover_the_split(tmp_path):
     dm = datamodule(tmp_path, block_size=16, batch_size=4)
-    tokens = np.asarray(dm.cache.tokens("val"))
+    tokens = np.asarray(dm.cache.stream("val")[:])
     ys = torch.cat([y for _, y in dm.val_dataloader()]).flatten().numpy()
     xs = torch.cat([x for x, _ in dm.val_dataloader()]).flatten().numpy()
     covered = len(ys)
@@ -881,11 +914,11 @@ def test_train_batches_pickle_without_the_token_file(tmp_path):
     make_corpus(tmp_path / "corpus", n_files=3, lines=2000)
     dm = datamodule(tmp_path)
     stream = TrainBatches(
-        dm.cache.token_file("train"), dm.cache.meta["dtype"], 16, 4, seed=1, rank=0, start=0
+        dm.cache.token_files("train")[0], dm.cache.meta["dtype"], 16, 4, seed=1, rank=0, start=0
     )
     x, _ = stream.batch(0)
     copy = pickle.loads(pickle.dumps(stream))
-    assert len(pickle.dumps(stream)) < dm.cache.token_file("train").stat().st_size / 10
+    assert len(pickle.dumps(stream)) < dm.cache.token_files("train")[0].stat().st_size / 10
     assert torch.equal(copy.batch(0)[0], x)
 
 

@@ -66,7 +66,7 @@ def test_local_jsonl_tokenized_into_shards_by_documents(tmp_path):
     cache = open_cache(prepare_cache(data, GPT2))
     expected = expected_split(cache.tokenizer, texts)
     meta = cache.meta
-    assert meta["layout"] == "shards" and meta["train_documents"] + meta["val_documents"] == len(texts)
+    assert meta["val_split"] == "documents" and meta["train_documents"] + meta["val_documents"] == len(texts)
     for split in ("train", "val"):
         assert cache.stream(split)[:].tolist() == expected[split]
         lengths = meta["shards"][split]

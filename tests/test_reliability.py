@@ -276,7 +276,7 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, tiny_train_overrides
 
 def test_damaged_token_cache_is_reported_with_the_fix(tmp_path, tiny_train_overrides, compose_train):
     train(compose_train(tiny_train_overrides), out_dir=tmp_path / "a")
-    (train_bin,) = (tmp_path / "cache").glob("**/train.bin")
+    (train_bin,) = (tmp_path / "cache").glob("**/train_000000.bin")
     train_bin.write_bytes(train_bin.read_bytes()[:100])  # a truncated token file
     with pytest.raises(GptMiniError, match=r"token cache .* is damaged .* delete that folder"):
         train(compose_train(tiny_train_overrides), out_dir=tmp_path / "b")
@@ -414,7 +414,7 @@ def test_ctrl_c_while_tokenizing_exits_130_with_one_line_and_leaves_no_cache(tmp
     ]
     process = run_cli.start("train.py", *command)
     deadline = time.time() + 120
-    while time.time() < deadline and not any(cache.glob("**/.*.tmp")):  # the build folder appeared
+    while time.time() < deadline and not any(cache.glob("**/.*.building")):  # the build folder appeared
         time.sleep(0.2)
     time.sleep(1.0)
     process.send_signal(signal.SIGINT)

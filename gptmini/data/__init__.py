@@ -4,11 +4,10 @@ One module per concern, each importing only the ones before it:
 
     corpus       which files are the corpus, the train/val split, reading text in pieces; DataConfig
     tokenizer    tiktoken encodings and trained BPEs, saved and carried in checkpoints as specs
-    encode       streaming a corpus through a tokenizer into token files
     hf_records   data=hf: checking that a source's local records are text, and naming a bad one
     hf_source    data=hf: a Hugging Face datasets source as batches of documents, the seeded val split
-    shards       data=hf: parallel, resumable building of a sharded cache (docs/data.md)
-    token_cache  the cache folder: key, lock, atomic build, meta.json, ``open_cache`` (checked), TokenStream
+    shards       the one cache writer: any source's documents into shards; key, lock, resume, meta.json
+    token_cache  which cache a run uses (``prepare_cache``), ``open_cache`` (checked), TokenStream
     datamodule   the LightningDataModule over an opened cache: training and validation windows
 
 A run does ``cache = open_cache(prepare_cache(data, tokenizer))`` then

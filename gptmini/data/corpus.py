@@ -459,8 +459,9 @@ def iter_pieces(
 ) -> Iterator[tuple[str, bool, str]]:
     """Yield ``(split, starts_document, text)`` for the whole corpus, train split first.
 
-    ``starts_document`` is True on the first piece of each file within a split: a separator goes there.
-    Bytes that are not UTF-8 become U+FFFD, counted in ``invalid_utf8`` when one is given.
+    ``starts_document`` is True on the first piece of each file: a separator goes there (not where the
+    validation split cuts a file). Bytes that are not UTF-8 become U+FFFD, counted in ``invalid_utf8`` when
+    one is given.
     """
     invalid = InvalidUtf8Counter() if invalid_utf8 is None else invalid_utf8
     split_at = split_offset(files, val_fraction)
@@ -471,8 +472,48 @@ def iter_pieces(
         if 0 < cut < size:
             cut = _char_boundary(path, cut)
         for split, start, end in (("train", 0, cut), ("val", cut, size)):
-            first = True
+            first = start == 0
             for text in _read_region(path, start, end, invalid) if end > start else ():
                 yield split, first, text
                 first = False
         offset += size
+
+
+class TextSource:
+    """A corpus of files as a source of the cache writer (``gptmini.data.shards``): its pieces, in batches of
+    about PIECE_CHARS characters, validation text being the last ``val_fraction`` of the bytes."""
+
+    val_split = "bytes"
+    empty_hint = None  # an empty corpus is refused before any build (see ``gptmini.data.token_cache``)
+
+    def __init__(self, corpus: Corpus, val_fraction: float) -> None:
+        self.files, self.val_fraction = corpus.files, val_fraction
+        self.folder, self.description = corpus.name, corpus.description
+        self.fingerprint = {"corpus": corpus.name, "contents": fingerprint(corpus.files)}
+        self.file_bytes = sum(path.stat().st_size for path in corpus.files)
+        self.invalid = InvalidUtf8Counter()
+
+    def open(self) -> None:
+        """Nothing to load: the files are read as the batches go."""
+
+    def documents(self) -> None:
+        return None  # files differ too much in size for a count to estimate the total; file_bytes does
+
+    def invalid_utf8_bytes(self) -> int:
+        return self.invalid.bytes_replaced
+
+    def batches(self, start: int, batch_docs: int) -> Iterator[list[tuple[str, bool, str]]]:
+        """Batches of ``(split, starts_document, text)`` pieces from piece ``start`` on; the pieces skipped
+        are read again (decoding is far cheaper than encoding) so the invalid UTF-8 count covers them too."""
+        self.invalid = InvalidUtf8Counter()  # each pass counts afresh
+        batch, chars = [], 0
+        for index, item in enumerate(iter_pieces(self.files, self.val_fraction, self.invalid)):
+            if index < start:
+                continue
+            batch.append(item)
+            chars += len(item[2])
+            if chars >= PIECE_CHARS:
+                yield batch
+                batch, chars = [], 0
+        if batch:
+            yield batch

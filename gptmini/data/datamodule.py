@@ -10,7 +10,7 @@ Decisions worth knowing:
 - **Training windows.** Batch ``k`` of rank ``r`` holds random windows drawn from ``(seed, r, k)`` alone, so
   ranks draw disjoint streams, any number of loader workers gives the same batches in the same order, and
   resuming at batch ``k`` (``state_dict``) continues the stream exactly.
-- **Shards.** A split's files (one, or the shards of a ``data=hf`` cache) are read as one token sequence
+- **Shards.** A split's shard files (one for a small corpus) are read as one token sequence
   (``TokenStream``): a window start is drawn uniformly over the whole sequence and may run on into the next
   shard, so every window is equally likely and a one-file cache draws exactly what it always drew.
 - **Validation windows.** Non-overlapping windows of ``block_size`` targets tile the split from its start;
@@ -112,7 +112,7 @@ def _check_validation_split(meta: dict) -> None:
     fraction, tokens = meta.get("val_fraction") or 0, meta["val_tokens"]
     if fraction <= 0 or tokens >= 2:  # a window needs an input token and its target
         return
-    if meta.get("layout") == "shards":
+    if meta["val_split"] == "documents":
         documents = meta["train_documents"] + meta["val_documents"]
         drawn = f"drew {meta['val_documents']} of its {documents} documents"
         more = "more documents" + (" (a larger data.max_tokens)" if meta.get("max_tokens") else "")

@@ -353,3 +353,37 @@ def val_mask(first: int, count: int, fraction: float, seed: int) -> np.ndarray:
     draws = np.concatenate([np.random.default_rng([seed, block]).random(VAL_BLOCK) for block in blocks])
     offset = first - blocks[0] * VAL_BLOCK
     return draws[offset : offset + count] < fraction
+
+
+class HFSource:
+    """``data=hf`` as a source of the cache writer (``gptmini.data.shards``): documents in reading order, each
+    validation text by ``val_mask``; the dataset is loaded by ``open``, under the build's lock."""
+
+    val_split = "documents"
+    empty_hint = "check data.hf.text_field and data.hf.split."
+
+    def __init__(self, data) -> None:
+        self.hf, self.val_fraction = data.hf, data.val_fraction
+        self.folder = f"hf/{folder_name(self.hf)}"
+        self.description = describe(self.hf)
+        self.fingerprint = {**source_fingerprint(self.hf), "split_seed": self.hf.split_seed}
+        self.file_bytes = sum(p.stat().st_size for p in local_files(self.hf))
+        self.dataset = None
+
+    def open(self) -> None:
+        self.dataset = load_hf_dataset(self.hf)
+
+    def documents(self) -> int | None:
+        return known_documents(self.dataset, self.hf)
+
+    def invalid_utf8_bytes(self) -> int:
+        return 0  # datasets refuses text that is not UTF-8 (see hf_records)
+
+    def batches(self, start: int, batch_docs: int) -> Iterator[list[tuple[str, bool, str]]]:
+        """Batches of ``(split, True, text)``, one per document, from document ``start`` on."""
+        for texts in iter_text_batches(self.dataset, self.hf, start, batch_docs):
+            mask = val_mask(start, len(texts), self.val_fraction, self.hf.split_seed)
+            start += len(texts)
+            yield [
+                ("val" if is_val else "train", True, text) for text, is_val in zip(texts, mask, strict=True)
+            ]

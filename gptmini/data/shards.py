@@ -1,40 +1,59 @@
-"""Sharded token caches (``data=hf``): tokenize a stream of documents into fixed-size shard files, resumably.
+"""The one token-cache writer: any source's documents into fixed-size shard files, resumably.
 
-One concern: building a sharded cache folder from ``gptmini.data.hf_source``'s documents: parallel encoding,
-shard files, the progress state that lets an interrupted build resume, and the progress bar. Imports
-``gptmini.common`` and ``gptmini.data`` modules (``cache_files`` for the version, the stored tokenizer and
-write errors), never ``token_cache``, which imports this module; must not import ``gptmini.model``,
-``gptmini.training`` or ``gptmini.generation``. docs/data.md describes the format on disk.
+One concern: building a cache folder from a *source* (``gptmini.data.corpus.TextSource`` for text files,
+the standard library and Tiny Shakespeare; ``gptmini.data.hf_source.HFSource`` for ``data=hf``): its key, the
+tokenizer it stores, parallel encoding, shard files, the progress state that lets an interrupted build
+resume, ``meta.json`` and the progress bar. ``gptmini.data.token_cache`` opens what this writes. Imports
+``gptmini.common`` and ``gptmini.data.tokenizer`` only (a source is passed in); must not import
+``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``. docs/data.md describes the format on disk.
+
+A source has ``folder`` (its caches' folder under the cache root), ``description``, ``fingerprint`` (what
+identifies its documents, for the key), ``val_split`` ("bytes" or "documents", for messages),
+``file_bytes``, ``empty_hint``, ``open()`` (called once, under the lock), ``documents()`` (the count when
+known cheaply), ``invalid_utf8_bytes()`` and ``batches(start, batch_docs)``: lists of ``(split,
+starts_document, text)`` items from item ``start`` on. The source decides which split an item belongs to; the writer decides everything else.
 
 Decisions worth knowing:
 
 - **Documents.** Every document is preceded by the ``<|endoftext|>`` id (as llm.c and build-nanogpt do), so a
-  window that crosses into a new document always sees the separator. Documents are read in batches of
-  ``BATCH_DOCS`` and encoded by a pool of threads calling tiktoken's ``encode_to_numpy`` (tiktoken releases
-  the GIL); bench/prepare.py measured this faster here than ``encode_ordinary_batch`` or worker processes.
+  window that crosses into a new document always sees the separator; text that contains the literal string
+  is encoded as ordinary text. A document cut by the validation split gets no second separator, so Tiny
+  Shakespeare's validation tokens are nanoGPT's. Items are encoded by a pool of threads calling tiktoken's
+  ``encode_to_numpy`` (tiktoken releases the GIL); bench/prepare.py measured this faster here than
+  ``encode_ordinary_batch`` or worker processes.
 - **Shards.** Each split fills ``<split>_<index>.bin`` files of exactly ``data.shard_tokens`` ids (the last
-  one shorter). A shard is written as ``<name>.partial``, fsynced and renamed when full, so a ``.bin`` name
-  only ever holds a whole shard. Train and validation shards are numbered independently.
-- **Resume.** The build lives in ``.<key>.building/`` beside the final folder. After every finished shard
-  (and at least every ``COMMIT_EVERY_S``), ``progress.json`` records, atomically, the next document to read
-  and each split's finished shards and partial length. A build that was interrupted (Ctrl-C, ``kill -9``, a
-  lost connection) restarts from there: finished shards are kept, partial files are cut back to the recorded
-  length, and reading skips the documents already done. When every document is in, ``meta.json`` is
-  written and the folder renamed to ``<key>/``: a cache folder only ever appears complete.
-- **Memory** is bounded by the batches in flight (``2 × threads`` batches of ``BATCH_DOCS`` documents and
-  their tokens), not by the corpus or the shard size: bench/prepare.py measures the peak RSS.
+  one shorter): a small corpus is a one-shard cache. Ids are uint16 when every id fits, else uint32. A
+  shard is written as ``<name>.partial``, fsynced and renamed when full, so a ``.bin`` name only ever holds a
+  whole shard. Train and validation shards are numbered independently.
+- **Cache key.** ``cache_key`` hashes the source's fingerprint, the tokenizer (what it does, see
+  ``_settings_for``), ``val_fraction``, ``max_tokens``, ``shard_tokens``, the BPE sample size and
+  ``CACHE_VERSION``, so any change gives a new folder and nothing stale is reused.
+- **Resume.** The build lives in ``.<key>.building/`` beside the final folder, under ``<key>.lock`` (other
+  processes wait, then find the cache). After every finished shard (and at least every ``COMMIT_EVERY_S``),
+  ``progress.json`` records, atomically, the next item to read and each split's finished shards and partial
+  length. A build that was interrupted (Ctrl-C, ``kill -9``, a full disk, a lost connection) restarts from
+  there: finished shards are kept, partial files are cut back to the recorded length, and reading skips the
+  items already done. When every item is in, ``meta.json`` is written and the folder renamed to ``<key>/``:
+  a cache folder only ever appears complete.
+- **BPE sample.** A BPE is trained on the first ``BPE_SAMPLE_BYTES`` of training text (rustbpe takes ~3 s
+  per 30 MB here; the vocabulary barely changes beyond that).
+- **Memory** is bounded by the batches in flight (``2 × threads`` batches and their tokens), not by the
+  corpus or the shard size: bench/data.py and bench/prepare.py measure the peak RSS.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -44,32 +63,104 @@ import tiktoken
 from filelock import FileLock
 from tqdm import tqdm  # installed with lightning
 
-from gptmini.common import GptMiniError, atomic_write_text
-from gptmini.data import hf_source
-from gptmini.data.cache_files import (
-    CACHE_VERSION,
-    cannot_write,
-    save_tokenizer,
-    tokenizer_folder,
-    tokenizer_key,
+from gptmini.common import GptMiniError, atomic_write_text, describe_os_error, remove_stale_temp_files
+from gptmini.data.tokenizer import (
+    TokenizerConfig,
+    load_bpe,
+    load_encoding,
+    save_bpe,
+    tokenizer_id,
+    tokenizer_to_spec,
+    train_bpe,
 )
-from gptmini.data.corpus import DataConfig, cache_root
-from gptmini.data.encode import BPE_SAMPLE_BYTES, SPLITS, encode_threads, token_dtype
-from gptmini.data.tokenizer import TokenizerConfig, load_encoding, train_bpe
 
 log = logging.getLogger(__name__)
 
-LAYOUT = "shards"
+# Bump when the cache layout or contents change, so old caches are not reused. 4: one writer for every
+# source (shards everywhere, <|endoftext|> before every document).
+CACHE_VERSION = 4
+SPLITS = ("train", "val")
 PROGRESS_FILE = "progress.json"
-# Documents per read batch (a few MB of web text): one encoding task per split per batch.
+# Upper bound on the text a BPE trains on (see the module docstring).
+BPE_SAMPLE_BYTES = 32 * 2**20
+# Documents per read batch of a document source (a few MB of web text): one encoding task per split per batch.
 BATCH_DOCS = 512
 # Commit progress at least this often, so a crash redoes at most this much work of a partial shard.
 COMMIT_EVERY_S = 30.0
+MB = 1e6
 
 
 def shard_name(split: str, index: int) -> str:
     """The file name of shard ``index`` of ``split``: ``train_000000.bin``."""
     return f"{split}_{index:06d}.bin"
+
+
+def encode_threads() -> int:
+    """Threads for tiktoken: the usable cores, at most 8 (beyond that reading the text is the limit)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def token_dtype(n_vocab: int) -> type:
+    """The narrowest unsigned dtype that holds every id below ``n_vocab``."""
+    return np.uint16 if n_vocab <= 65535 else np.uint32
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The tokenizer a cache stores, and its part of the key
+
+
+def _settings_for(
+    tok: TokenizerConfig, encoding: tiktoken.Encoding | None
+) -> tuple[TokenizerConfig, tiktoken.Encoding | None]:
+    """The tokenizer as settings where settings say exactly what it does.
+
+    A cache is keyed by what its tokenizer does, not by how the tokenizer was obtained: tiktoken's own "gpt2"
+    (the tokenizer of every imported GPT-2, init_from=gpt2) is the tokenizer ``tokenizer=gpt2`` loads, so both
+    share one cache and FineWeb is tokenized once. ``tiktoken_name`` checks the contents, not just the name.
+    """
+    if encoding is not None and tokenizer_to_spec(encoding)["kind"] == "tiktoken":
+        return TokenizerConfig(name=encoding.name), None
+    return tok, encoding
+
+
+def tokenizer_folder(tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
+    """The path component naming a cache's tokenizer: its settings' id, or a given BPE's name."""
+    tok, encoding = _settings_for(tok, encoding)
+    if encoding is None:
+        return tokenizer_id(tok)
+    return re.sub(r"[^A-Za-z0-9._-]", "_", encoding.name) or "tokenizer"
+
+
+def tokenizer_key(tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> dict:
+    """The tokenizer's part of a cache key: what the tokenizer does (see ``_settings_for``). A named tiktoken
+    encoding is its name; a BPE trained from settings is those settings (its vocabulary follows from them
+    and the corpus, also in the key); any other given encoding is its full spec, ranks included."""
+    tok, encoding = _settings_for(tok, encoding)
+    if encoding is None:
+        return {"id": tokenizer_id(tok), "bpe_sample_bytes": BPE_SAMPLE_BYTES if tok.name == "bpe" else None}
+    spec = json.dumps(tokenizer_to_spec(encoding), sort_keys=True).encode()
+    return {"spec_sha256": hashlib.sha256(spec).hexdigest()}
+
+
+def save_tokenizer(enc: tiktoken.Encoding, folder: Path) -> dict:
+    """Store ``enc`` in the cache folder; return what meta.json records to load it again."""
+    if tokenizer_to_spec(enc)["kind"] == "tiktoken":
+        return {"kind": "tiktoken", "name": enc.name}
+    save_bpe(enc, folder / "tokenizer.tiktoken")
+    return {"kind": "bpe", "name": enc.name, "file": "tokenizer.tiktoken"}
+
+
+def cannot_write(error: OSError, root: Path) -> GptMiniError:
+    """A cache that cannot be written: what happened, where, and the fix."""
+    if error.errno == errno.ENOSPC:
+        fix = "free some space there, or set data.cache_dir=/a/folder/on/a/disk/with/room"
+    else:
+        fix = "set data.cache_dir=/a/folder/you/can/write"
+    return GptMiniError(f"{describe_os_error(error, f'the token cache under {root}')}; {fix}.")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -167,12 +258,14 @@ class ShardWriter:
 # Encoding
 
 
-def _encode_documents(enc: tiktoken.Encoding, texts: list[str]) -> tuple[np.ndarray, int]:
-    """``<|endoftext|>`` + the tokens of each text, concatenated (runs in a worker thread)."""
+def _encode_items(enc: tiktoken.Encoding, items: list[tuple[bool, str]]) -> tuple[np.ndarray, int]:
+    """The tokens of ``(starts_document, text)`` items, ``<|endoftext|>`` before each document's first item
+    (runs in a worker thread)."""
     eot = np.array([enc.eot_token], dtype=np.uint32)
     parts, nbytes = [], 0
-    for text in texts:
-        parts.append(eot)
+    for starts_document, text in items:
+        if starts_document:
+            parts.append(eot)
         # No special tokens allowed or disallowed == encode_ordinary, without building a Python list.
         parts.append(enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
         nbytes += len(text.encode("utf-8"))
@@ -212,24 +305,27 @@ class Progress:
 # The build
 
 
-def _train_tokenizer(data: DataConfig, tok: TokenizerConfig, dataset) -> tiktoken.Encoding:
-    """A BPE trained on the first BPE_SAMPLE_BYTES of training documents."""
+def _train_tokenizer(source, tok: TokenizerConfig) -> tiktoken.Encoding:
+    """A BPE trained on the first BPE_SAMPLE_BYTES of the source's training text."""
+    size = 0
 
     def sample():
-        size, first = 0, 0
-        for texts in hf_source.iter_text_batches(dataset, data.hf, 0, BATCH_DOCS):
-            mask = hf_source.val_mask(first, len(texts), data.val_fraction, data.hf.split_seed)
-            first += len(texts)
-            for text, is_val in zip(texts, mask, strict=True):
-                if not is_val:
+        nonlocal size
+        for batch in source.batches(0, BATCH_DOCS):
+            for split, _, text in batch:
+                if split == "train":
                     yield text
                     size += len(text)
             if size >= BPE_SAMPLE_BYTES:
                 return
 
+    started = time.perf_counter()
+    # One line before and one after: rustbpe's own progress lines are silenced (see train_bpe).
     mb = BPE_SAMPLE_BYTES // 2**20
-    log.info("training a %d-token BPE on up to %d MB of %s", tok.vocab_size, mb, data.hf.path)
-    return train_bpe(sample(), tok.vocab_size, tok.pattern)
+    log.info("training a %d-token BPE on up to %d MB of %s", tok.vocab_size, mb, source.description)
+    enc = train_bpe(sample(), tok.vocab_size, tok.pattern)
+    log.info("trained the BPE on %.1f MB in %.1f s", size / MB, time.perf_counter() - started)
+    return enc
 
 
 def _write_progress(folder: Path, next_doc: int, writers: dict[str, ShardWriter], extra: dict) -> None:
@@ -248,19 +344,15 @@ def _read_progress(folder: Path, key: str) -> dict | None:
     return state if isinstance(state, dict) and state.get("key") == key else None
 
 
-def _tokenize(
-    folder: Path, data: DataConfig, enc: tiktoken.Encoding, dataset, key: str, state: dict | None
-) -> dict:
-    """Stream the documents into shard files; return the per-split counts and shard lengths."""
-    hf, dtype = data.hf, token_dtype(enc.n_vocab)
+def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, key: str, state: dict | None) -> dict:
+    """Stream the source's items into shard files; return the per-split counts and shard lengths."""
+    dtype = token_dtype(enc.n_vocab)
     splits = state["splits"] if state else {}
     next_doc = state["next_doc"] if state else 0
     extra = {"key": key}
     if next_doc:
         log.info("resuming the interrupted build in %s at document %d", folder, next_doc)
     threads = encode_threads()
-    file_bytes = sum(p.stat().st_size for p in hf_source.local_files(hf))
-    documents = hf_source.known_documents(dataset, hf)
     writers: dict[str, ShardWriter] = {}
     progress: Progress | None = None
     done = False
@@ -294,17 +386,18 @@ def _tokenize(
         for split in SPLITS:
             writers[split] = ShardWriter(folder, split, data.shard_tokens, dtype, splits.get(split))
         done_tokens = sum(w.tokens for w in writers.values())
-        progress = Progress(f"tokenizing {hf.path}", done_tokens, data.max_tokens, documents, file_bytes)
+        desc = f"tokenizing {source.folder}"
+        progress = Progress(desc, done_tokens, data.max_tokens, source.documents(), source.file_bytes)
         with ThreadPoolExecutor(threads) as pool:
             first = next_doc
-            for texts in hf_source.iter_text_batches(dataset, hf, next_doc, BATCH_DOCS):
-                mask = hf_source.val_mask(first, len(texts), data.val_fraction, hf.split_seed)
+            for batch in source.batches(next_doc, BATCH_DOCS):
                 futures = []
-                for split, chosen in (("train", ~mask), ("val", mask)):
-                    docs = [t for t, keep in zip(texts, chosen, strict=True) if keep]
-                    if docs:
-                        futures.append((split, pool.submit(_encode_documents, enc, docs), len(docs)))
-                first += len(texts)
+                for split in SPLITS:
+                    items = [(starts, text) for s, starts, text in batch if s == split]
+                    if items:
+                        documents = sum(starts for starts, _ in items)
+                        futures.append((split, pool.submit(_encode_items, enc, items), documents))
+                first += len(batch)
                 in_flight.append((first, futures))
                 # A bounded number of batches in flight keeps memory flat while reading overlaps encoding.
                 while len(in_flight) > 2 * threads:
@@ -331,14 +424,6 @@ def _tokenize(
     return counts
 
 
-def _check_not_empty(counts: dict, data: DataConfig) -> None:
-    if counts["train_bytes"] == 0:
-        raise GptMiniError(
-            f"{hf_source.describe(data.hf)} gave no training text (0 bytes in "
-            f"{counts['train_documents']} documents); check data.hf.text_field and data.hf.split."
-        )
-
-
 def _fsync_folder(folder: Path) -> None:
     """Make the folder's entries durable before it is renamed (not every system lets a folder be fsynced)."""
     with contextlib.suppress(OSError):
@@ -349,47 +434,51 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)  # every build used to leak this descriptor
 
 
-def build_sharded_cache(
-    parent: Path, key: str, data: DataConfig, tok: TokenizerConfig, encoding: tiktoken.Encoding | None
-) -> Path:
-    """Build (or resume building) the sharded cache ``parent/key``; return its folder."""
+def _tokenizer_for(building: Path, source, tok: TokenizerConfig, encoding, resuming: bool):
+    """The given encoding, the BPE an interrupted build already trained, a new BPE, or a named encoding."""
+    if encoding is not None:
+        return encoding
+    if tok.name != "bpe":
+        return load_encoding(tok.name)
+    if resuming and (building / "tokenizer.tiktoken").is_file():
+        return load_bpe(building / "tokenizer.tiktoken")
+    return _train_tokenizer(source, tok)
+
+
+def _build(parent: Path, key: str, source, data, tok: TokenizerConfig, encoding) -> Path:
+    """Build (or resume building) the cache ``parent/key``; return its folder."""
     folder = parent / key
     building = parent / f".{key}.building"
     with FileLock(str(folder) + ".lock"):
         if (folder / "meta.json").is_file():
             return folder
         started = time.perf_counter()
-        dataset = hf_source.load_hf_dataset(data.hf)
+        _say_why_older_caches_are_rebuilt(parent)
+        source.open()
         state = _read_progress(building, key)
         if state is None:  # nothing to resume (or another key's leftovers): start afresh
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir(parents=True)
-        if encoding is not None:
-            enc = encoding
-        elif tok.name == "bpe":
-            bpe_file = building / "tokenizer.tiktoken"
-            if state and bpe_file.is_file():
-                from gptmini.data.tokenizer import load_bpe
-
-                enc = load_bpe(bpe_file)
-            else:
-                enc = _train_tokenizer(data, tok, dataset)
-        else:
-            enc = load_encoding(tok.name)
+        remove_stale_temp_files(building)  # atomic writes killed mid-way
+        enc = _tokenizer_for(building, source, tok, encoding, state is not None)
         tokenizer = save_tokenizer(enc, building)
         if state is None:
             # The starting state, so even a build interrupted before its first shard keeps its tokenizer.
             atomic_write_text(building / PROGRESS_FILE, json.dumps({"key": key, "next_doc": 0, "splits": {}}))
-        counts = _tokenize(building, data, enc, dataset, key, _read_progress(building, key))
-        _check_not_empty(counts, data)
+        counts = _tokenize(building, source, data, enc, key, _read_progress(building, key))
+        if source.empty_hint and counts["train_bytes"] == 0:
+            raise GptMiniError(
+                f"{source.description} gave no training text (0 bytes in {counts['train_documents']} "
+                f"documents); {source.empty_hint}"
+            )
+        invalid = source.invalid_utf8_bytes()
         meta = {
             "version": CACHE_VERSION,
-            "layout": LAYOUT,
-            "corpus": "hf",
-            "source": hf_source.describe(data.hf),
-            "hf": hf_source.source_fingerprint(data.hf),
+            "corpus": source.folder,
+            "source": source.description,
+            "fingerprint": source.fingerprint,
+            "val_split": source.val_split,
             "val_fraction": data.val_fraction,
-            "split_seed": data.hf.split_seed,
             "max_tokens": data.max_tokens,
             "shard_tokens": data.shard_tokens,
             "tokenizer_id": tokenizer_folder(tok, encoding),
@@ -397,6 +486,7 @@ def build_sharded_cache(
             "vocab_size": enc.n_vocab,
             "eot_id": enc.eot_token,
             **counts,
+            "invalid_utf8_bytes": invalid,
             "seconds": round(time.perf_counter() - started, 3),
         }
         (building / PROGRESS_FILE).unlink(missing_ok=True)
@@ -409,17 +499,37 @@ def build_sharded_cache(
             counts["train_tokens"] + counts["val_tokens"],
             time.perf_counter() - started,
         )
+    if invalid:
+        warnings.warn(
+            f"{source.description}: replaced {invalid} invalid UTF-8 byte(s) by U+FFFD", stacklevel=4
+        )
     return folder
 
 
-def sharded_cache_key(data: DataConfig, tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
-    """The key of a sharded cache: the source, split, cap, shard size, tokenizer and cache version."""
+def _say_why_older_caches_are_rebuilt(parent: Path) -> None:
+    """One line when caches of this source and tokenizer exist but were written in an older format."""
+    older = []
+    for meta in parent.glob("*/meta.json"):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            version = json.loads(meta.read_text(encoding="utf-8")).get("version")
+            if version != CACHE_VERSION:
+                older.append(f"{meta.parent.name} (version {version})")
+    if older:
+        log.warning(
+            "rebuilding the token cache: the cache(s) in %s were written in another format (%s; this gptmini "
+            "writes version %d); delete them to reclaim the space",
+            parent,
+            ", ".join(older),
+            CACHE_VERSION,
+        )
+
+
+def cache_key(source, data, tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> str:
+    """The key of a cache: the source, split, cap, shard size, tokenizer and cache version."""
     settings = {
         "version": CACHE_VERSION,
-        "layout": LAYOUT,
-        "source": hf_source.source_fingerprint(data.hf),
+        "source": source.fingerprint,
         "val_fraction": data.val_fraction,
-        "split_seed": data.hf.split_seed,
         "max_tokens": data.max_tokens,
         "shard_tokens": data.shard_tokens,
         "tokenizer": tokenizer_key(tok, encoding),
@@ -427,14 +537,17 @@ def sharded_cache_key(data: DataConfig, tok: TokenizerConfig, encoding: tiktoken
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def prepare_sharded_cache(data: DataConfig, tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> Path:
-    """``prepare_cache`` for ``data=hf``: a complete sharded cache's folder, built or resumed if needed."""
-    parent = cache_root(data) / "hf" / hf_source.folder_name(data.hf) / tokenizer_folder(tok, encoding)
-    key = sharded_cache_key(data, tok, encoding)
-    if (parent / key / "meta.json").is_file():
-        return parent / key
+def write_cache(source, data, root: Path, tok: TokenizerConfig, encoding: tiktoken.Encoding | None) -> Path:
+    """A complete cache of ``source`` under ``root``: found, or built (resumed if interrupted)."""
     try:
+        parent = root / source.folder / tokenizer_folder(tok, encoding)
+        key = cache_key(source, data, tok, encoding)
+        if parent.is_dir():
+            with contextlib.suppress(OSError):  # cleaning up must never stop a run (e.g. a read-only cache)
+                remove_stale_temp_files(parent)  # left by atomic writes killed mid-way
+        if (parent / key / "meta.json").is_file():
+            return parent / key
         parent.mkdir(parents=True, exist_ok=True)
-        return build_sharded_cache(parent, key, data, tok, encoding)
+        return _build(parent, key, source, data, tok, encoding)
     except OSError as exc:
-        raise cannot_write(exc, cache_root(data)) from None
+        raise cannot_write(exc, root) from None

@@ -1,81 +1,50 @@
 """Token caches: tokenize a corpus once into a cache folder, and open one checked.
 
-One concern: the cache on disk, that is its key, the lock, building it atomically, ``meta.json`` and opening
-the token files. Imports ``gptmini.data.corpus``, ``.tokenizer``, ``.encode``, ``.cache_files`` and (for
-``data=hf``) ``.shards`` only; must not import the DataModule, ``gptmini.model``, ``gptmini.training`` or
-``gptmini.generation``.
+One concern: which cache a run uses and what it holds: ``prepare_cache`` turns the configured corpus into a
+source of documents and hands it to the one writer (``gptmini.data.shards``: key, lock, resumable sharded
+build, ``meta.json``); ``open_cache`` checks a folder and opens its token files. Imports
+``gptmini.data.corpus``, ``.tokenizer``, ``.shards`` and (for ``data=hf``) ``.hf_source`` only; must not
+import the DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``.
 
-A cache is a folder ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` holding ``train.bin`` and ``val.bin``
-(see ``gptmini.data.encode``), ``meta.json`` (counts, dtype, tokenizer, source fingerprint) and, for a BPE,
-its vocabulary in tiktoken's text format. ``data=hf`` caches are *sharded* instead (``meta["layout"] ==
-"shards"``): ``train_000000.bin``, ``train_000001.bin``, ... built and resumed by ``gptmini.data.shards``
-(docs/data.md). Both open as a ``TokenCache``; ``TokenStream`` reads a split's files as one sequence.
+A cache is a folder ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` holding each split's shards
+(``train_000000.bin``, ...; one each for a small corpus), ``meta.json`` (counts, shard lengths, dtype,
+tokenizer, source fingerprint) and, for a BPE, its vocabulary in tiktoken's text format (docs/data.md).
+``TokenStream`` reads a split's shards as one sequence.
 
 Decisions worth knowing:
 
-- **Cache key.** ``key`` hashes the corpus contents (in order), the tokenizer (its settings, or the full spec
-  of an encoding passed in, e.g. a checkpoint's), ``val_fraction``, the BPE sample size and
-  ``CACHE_VERSION``, so any change gives a new folder and nothing stale is reused. A cache of another version
-  is never opened, just rebuilt beside it; delete old folders to reclaim space.
-- **Atomic.** A folder appears only complete. One process builds it as ``.<key>.tmp`` while holding
-  ``<key>.lock`` (the others wait, then find it), every file fsynced, and renames it. An error, a full disk or
-  Ctrl-C removes the temporary folder; one left by ``kill -9`` is removed by the next ``prepare_cache`` in
-  that folder, once its lock is free.
+- **Old caches.** A cache of another version is never opened, just rebuilt beside it (the key holds the
+  version; the writer logs one line saying so); delete old folders to reclaim space.
 - **Checked on open.** ``open_cache`` checks ``meta.json``, the dtype, the file sizes, the tokenizer and that
-  every id is below the vocabulary size (a chunked max over the memmaps: a few ms for the 12 MB standard
-  library), so a damaged cache is a one-line error naming the folder, not a crash in the middle of training.
+  ids are below the vocabulary size: every id of a split up to ``ID_CHECK_ALL`` tokens (a chunked max over
+  the memmaps: a few ms for the 12 MB standard library), the head of each shard of a larger one (reading
+  every id of 20 GB on every open, and on every rank, would cost minutes; a garbage shard shows at its head).
+  A damaged cache is a one-line error naming the folder, not a crash in the middle of training.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import logging
 import math
-import os
-import shutil
-import time
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import tiktoken
-from filelock import FileLock, Timeout
 
-from gptmini.common import (
-    GptMiniError,
-    as_config,
-    atomic_write_text,
-    remove_stale_temp_files,
-)
-from gptmini.data.cache_files import (
-    CACHE_VERSION,
-    cannot_write,
-    save_tokenizer,
-    tokenizer_folder,
-    tokenizer_key,
-)
-from gptmini.data.corpus import Corpus, DataConfig, cache_root, fingerprint, resolve_corpus, split_offset
-from gptmini.data.encode import BPE_SAMPLE_BYTES, SPLITS, bpe_sample, encode_corpus
-from gptmini.data.tokenizer import (
-    EOT,
-    TokenizerConfig,
-    load_bpe,
-    load_encoding,
-    tokenizer_to_spec,
-    train_bpe,
-)
+from gptmini.common import GptMiniError, as_config
+from gptmini.data import shards
+from gptmini.data.corpus import DataConfig, TextSource, cache_root, resolve_corpus
+from gptmini.data.shards import SPLITS, shard_name, write_cache
+from gptmini.data.tokenizer import EOT, TokenizerConfig, load_bpe, load_encoding, tokenizer_to_spec
 
-log = logging.getLogger(__name__)
 TOKEN_DTYPES = ("uint16", "uint32")
 # Tokens per step of the out-of-range check on open: a few MB at a time, whatever the split's size.
 ID_CHECK_CHUNK = 2**22
-# Tokens at the head of each shard whose ids are checked when a sharded cache is opened.
+# A split up to this many tokens has every id checked on open; a larger one the head of each shard.
+ID_CHECK_ALL = 2**24
 SHARD_ID_CHECK = 2**16
-MB = 1e6
 
 # ------------------------------------------------------------------------------------------------------------
 # Building a cache
@@ -88,90 +57,6 @@ def _check_encoding(encoding: tiktoken.Encoding) -> None:
         raise GptMiniError(f"the tokenizer {encoding.name!r} has no {EOT} token to separate documents")
     if tokenizer_to_spec(encoding)["kind"] == "bpe" and encoding.eot_token != encoding.n_vocab - 1:
         raise GptMiniError(f"the BPE tokenizer {encoding.name!r} must have {EOT} as its last id")
-
-
-def _cache_key(
-    corpus: Corpus,
-    source_fingerprint: str,
-    tok: TokenizerConfig,
-    val_fraction: float,
-    encoding: tiktoken.Encoding | None = None,
-) -> str:
-    settings = {
-        "version": CACHE_VERSION,
-        "corpus": corpus.name,
-        "fingerprint": source_fingerprint,
-        "tokenizer": tokenizer_key(tok, encoding),
-        "val_fraction": val_fraction,
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _build_cache(
-    folder: Path,
-    corpus: Corpus,
-    source_fingerprint: str,
-    data: DataConfig,
-    tok: TokenizerConfig,
-    encoding: tiktoken.Encoding | None = None,
-) -> None:
-    """Train the tokenizer unless one is given, and tokenize the corpus into ``folder``."""
-    started = time.perf_counter()
-    if encoding is not None:
-        enc = encoding
-    elif tok.name == "bpe":
-        # One line before and one after: rustbpe's own progress lines are silenced (see train_bpe).
-        sample_mb = min(split_offset(corpus.files, data.val_fraction), BPE_SAMPLE_BYTES) / MB
-        log.info("training a %d-token BPE on %.1f MB of %s", tok.vocab_size, sample_mb, corpus.description)
-        enc = train_bpe(bpe_sample(corpus.files, data.val_fraction), tok.vocab_size, tok.pattern)
-        log.info("trained the BPE in %.1f s", time.perf_counter() - started)
-    else:
-        enc = load_encoding(tok.name)
-    tokenizer = save_tokenizer(enc, folder)
-    total_mb = sum(path.stat().st_size for path in corpus.files) / MB
-    log.info("tokenizing %.1f MB of %s with %s", total_mb, corpus.description, enc.name)
-    tokenizing = time.perf_counter()
-    counts = encode_corpus(folder, corpus.files, data.val_fraction, enc, f"tokenizing {corpus.name}")
-    log.info(
-        "tokenized into %d tokens in %.1f s",
-        counts["train_tokens"] + counts["val_tokens"],
-        time.perf_counter() - tokenizing,
-    )
-    if counts["invalid_utf8_bytes"]:
-        warnings.warn(
-            f"{corpus.description}: replaced {counts['invalid_utf8_bytes']} invalid UTF-8 byte(s) by U+FFFD",
-            stacklevel=3,  # the caller of prepare_cache
-        )
-    meta = {
-        "version": CACHE_VERSION,
-        "corpus": corpus.name,
-        "source": corpus.description,
-        "fingerprint": source_fingerprint,
-        "files": len(corpus.files),
-        "val_fraction": data.val_fraction,
-        "tokenizer_id": tokenizer_folder(tok, encoding),
-        "tokenizer": tokenizer,
-        "vocab_size": enc.n_vocab,
-        "eot_id": enc.eot_token,
-        **counts,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # written last: "complete"
-
-
-def _remove_stale_builds(parent: Path) -> None:
-    """Delete what builds killed with ``kill -9`` left in ``parent``: ``.<key>.tmp`` folders whose lock is
-    free (a build in progress holds its lock) and the temporary files of atomic writes."""
-    with contextlib.suppress(OSError):  # cleaning up must never stop a run (e.g. a read-only cache)
-        remove_stale_temp_files(parent)
-        for tmp in parent.glob(".*.tmp"):
-            if not tmp.is_dir():
-                continue
-            try:
-                with FileLock(str(parent / tmp.name[1:-4]) + ".lock", timeout=0):
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except Timeout:
-                pass  # another process is building it right now
 
 
 def prepare_cache(
@@ -192,40 +77,21 @@ def prepare_cache(
     tokenizer = as_config(tokenizer, TokenizerConfig, "tokenizer")
     if encoding is not None:
         _check_encoding(encoding)
-    if data.name == "hf":  # a stream of documents, not files: built into shards, resumably
-        from gptmini.data.shards import prepare_sharded_cache
+    return write_cache(_source(data), data, cache_root(data), tokenizer, encoding)
 
-        return prepare_sharded_cache(data, tokenizer, encoding)
+
+def _source(data: DataConfig):
+    """The configured corpus as a source of documents for the writer."""
+    if data.name == "hf":
+        from gptmini.data.hf_source import HFSource  # imports datasets only when a source is opened
+
+        return HFSource(data)
     corpus = resolve_corpus(data)
     if sum(path.stat().st_size for path in corpus.files) == 0:
         raise GptMiniError(
             f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
-    source_fingerprint = fingerprint(corpus.files)
-    parent = cache_root(data) / corpus.name / tokenizer_folder(tokenizer, encoding)
-    folder = parent / _cache_key(corpus, source_fingerprint, tokenizer, data.val_fraction, encoding)
-    if parent.is_dir():
-        _remove_stale_builds(parent)
-    if (folder / "meta.json").is_file():
-        return folder
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        # One process builds; any other waits for the lock and then finds the finished folder.
-        with FileLock(str(folder) + ".lock"):
-            if (folder / "meta.json").is_file():
-                return folder
-            tmp = parent / f".{folder.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a build that died while holding the lock
-            tmp.mkdir()
-            try:
-                _build_cache(tmp, corpus, source_fingerprint, data, tokenizer, encoding)
-                os.rename(tmp, folder)  # atomic: the folder appears complete or not at all
-            except BaseException:  # an error, a full disk or Ctrl-C: leave nothing half-built
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-    except OSError as exc:
-        raise cannot_write(exc, cache_root(data)) from None
-    return folder
+    return TextSource(corpus, data.val_fraction)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -249,11 +115,11 @@ def read_meta(folder: Path) -> dict:
         raise _damaged(folder, f"meta.json is unreadable: {type(exc).__name__}") from None
     if not isinstance(meta, dict):
         raise _damaged(folder, "meta.json holds no object")
-    if meta.get("version") != CACHE_VERSION:
+    if meta.get("version") != shards.CACHE_VERSION:
         raise GptMiniError(
             f"the token cache {folder} was written by another gptmini (cache version "
-            f"{meta.get('version')!r}, this one reads {CACHE_VERSION}); delete that folder and run again to "
-            "rebuild it."
+            f"{meta.get('version')!r}, this one reads {shards.CACHE_VERSION}); "
+            "delete that folder and run again to rebuild it."
         )
     counts = [f"{split}_{what}" for split in SPLITS for what in ("tokens", "bytes")]
     for key in (*counts, "vocab_size", "eot_id"):
@@ -280,9 +146,7 @@ def read_meta(folder: Path) -> dict:
 
 
 def _shard_lengths(folder: Path, meta: dict, split: str) -> list[int]:
-    """The token count of each of a split's files, checked against the split's total."""
-    if meta.get("layout") != "shards":
-        return [meta[f"{split}_tokens"]]
+    """The token count of each of a split's shards, checked against the split's total."""
     lengths = (meta.get("shards") or {}).get(split) if isinstance(meta.get("shards"), dict) else None
     if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
         raise _damaged(folder, f"meta.json has no valid shard lengths for {split}")
@@ -293,11 +157,7 @@ def _shard_lengths(folder: Path, meta: dict, split: str) -> list[int]:
 
 
 def token_files(folder: Path, meta: dict, split: str) -> list[Path]:
-    """A split's token files in order: ``<split>.bin``, or its shards for a sharded cache."""
-    if meta.get("layout") != "shards":
-        return [Path(folder) / f"{split}.bin"]
-    from gptmini.data.shards import shard_name
-
+    """A split's shard files, in order."""
     return [Path(folder) / shard_name(split, i) for i in range(len(meta["shards"][split]))]
 
 
@@ -410,36 +270,16 @@ class TokenCache:
         """The tokenizer as plain values, for checkpoints (see ``tokenizer_to_spec``)."""
         return tokenizer_to_spec(self.tokenizer)
 
-    @property
-    def sharded(self) -> bool:
-        """Whether the splits are sharded (``data=hf``) rather than one file each."""
-        return self.meta.get("layout") == "shards"
-
-    def token_file(self, split: str) -> Path:
-        """The path of a split's token file (``train.bin`` or ``val.bin``); sharded caches have several."""
-        if split not in SPLITS:
-            raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
-        if self.sharded:
-            raise GptMiniError(f"{self.folder} is sharded: use token_files({split!r}) or stream({split!r})")
-        return self.folder / f"{split}.bin"
-
     def token_files(self, split: str) -> list[Path]:
-        """A split's token files, in order (one for an unsharded cache; none for an empty sharded split)."""
+        """A split's shard files, in order (none for an empty split)."""
         if split not in SPLITS:
             raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
         return token_files(self.folder, self.meta, split)
 
     def stream(self, split: str) -> TokenStream:
-        """A split's tokens as one ``TokenStream``, whatever the layout."""
+        """A split's tokens as one ``TokenStream`` (``[:]`` of a one-shard split is a memmap, not a copy)."""
         files = self.token_files(split)
         return TokenStream(files, _shard_lengths(self.folder, self.meta, split), self.meta["dtype"])
-
-    def tokens(self, split: str) -> np.ndarray | TokenStream:
-        """A split's tokens: memory-mapped (an empty array for an empty split), or a ``TokenStream`` over
-        the shards of a sharded cache."""
-        if self.sharded:
-            return self.stream(split)
-        return open_tokens(self.token_file(split), self.meta["dtype"])
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes per token of a split (NaN when empty): bits/byte = loss / ln 2 / bytes_per_token."""
@@ -468,11 +308,9 @@ def open_cache(folder: Path) -> TokenCache:
         raise _damaged(folder, f"dtype {meta['dtype']} cannot hold {tokenizer.n_vocab} ids")
     cache = TokenCache(folder, meta, tokenizer)
     for split in SPLITS:
+        head = None if meta[f"{split}_tokens"] <= ID_CHECK_ALL else SHARD_ID_CHECK  # see the module docstring
         for path in cache.token_files(split):
-            tokens = open_tokens(path, meta["dtype"])
-            # A sharded cache (billions of tokens) checks the head of each shard: reading every id of 20 GB
-            # on every open (and on every rank) would cost minutes; a garbage shard shows at its head.
-            largest = _largest_id(tokens[:SHARD_ID_CHECK] if cache.sharded else tokens)
+            largest = _largest_id(open_tokens(path, meta["dtype"])[:head])
             if largest >= tokenizer.n_vocab:
                 raise _damaged(
                     folder, f"{path.name} holds token id {largest}, the tokenizer has {tokenizer.n_vocab}"
