@@ -1,6 +1,7 @@
 """Training: composed configs, a real (tiny) run end to end, the schedule, config errors, DDP."""
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,8 @@ from hydra.errors import ConfigCompositionException
 
 from gptmini.checkpoint import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
+from gptmini.model.config import GPTConfig, declared
+from gptmini.training.config import ModelSchema
 from gptmini.training.optim import OptimConfig, lr_at
 from gptmini.training.run import train
 from gptmini.training.settings import model_config_from
@@ -71,6 +74,26 @@ def test_init_from_with_a_contradicting_shape_is_one_line(tmp_path, tiny_train_o
     expected = r"model.n_embd=48 contradicts the init_from weights, which have n_embd=32; drop model.n_embd"
     with pytest.raises(GptMiniError, match=expected):
         train(cfg, out_dir=tmp_path / "b")
+
+
+def test_every_model_field_is_settable_from_the_command_line(compose_train):
+    # The model schema is derived from GPTConfig: a new field needs no second edit to be an override.
+    names = [f.name for f in dataclasses.fields(GPTConfig)]
+    assert [f.name for f in dataclasses.fields(ModelSchema)] == ["size", *names]
+    overrides = {"n_kv_head": 2, "logit_softcap": 15.0, "pos_emb": "rope", "dropout": 0.1}
+    cfg = compose_train([f"model.{k}={v}" for k, v in overrides.items()])
+    config = model_config_from(cfg, tokenizer_vocab=None)
+    assert {k: getattr(config, k) for k in overrides} == overrides
+
+
+def test_export_and_fine_tuning_read_each_fields_declaration():
+    # Every switch beyond GPT-2 declares the value GPT-2's format needs: its default.
+    assert declared("gpt2") == {
+        name: getattr(GPTConfig(), name)
+        for name in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "logit_softcap")
+    }
+    rules = declared("finetune")
+    assert rules["dropout"] == "free" and rules["block_size"] == "shorter" and rules["n_embd"] == "same"
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

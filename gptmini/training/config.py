@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
@@ -21,41 +21,23 @@ from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.eval.config import HellaSwagConfig
 from gptmini.generation.sampling import SamplingOptions
+from gptmini.model.config import GPTConfig
 from gptmini.model.lora import FinetuneConfig
 from gptmini.training.optim import OptimConfig
 
 
-@dataclass
-class ModelSchema:
-    """The ``model`` node: a named size, and any ``GPTConfig`` field that should differ from it.
+def _model_schema() -> type:
+    """The ``model`` node, derived from ``GPTConfig`` so a new model field is settable with no second edit:
+    ``size`` (a row of ``MODEL_SIZES``) and every GPTConfig field, each null unless set. A null field comes
+    from the size's row (or GPTConfig's default); a set one always wins. ``size: null`` = tiny, or, with
+    init_from, the shape of those weights; ``vocab_size: null`` = the tokenizer's vocabulary (the usual case).
+    GPTConfig's field docstrings describe each one."""
+    hints = get_type_hints(GPTConfig)
+    optional = [(f.name, hints[f.name] | None, None) for f in fields(GPTConfig)]
+    return make_dataclass("ModelSchema", [("size", str | None, None), *optional])
 
-    A field left null comes from the size's row of ``gptmini.model.config.MODEL_SIZES`` (or GPTConfig's
-    default); a field that is set always wins. ``GPTConfig``'s field docstrings describe each one.
-    """
 
-    size: str | None = None
-    """A row of MODEL_SIZES: tiny, mini, small-cpu, gpt2, gpt2-medium, gpt2-large, gpt2-xl. null = tiny, or,
-    with init_from, the shape of those weights."""
-    vocab_size: int | None = None
-    """null = the tokenizer's vocabulary (the usual case); the embedding is padded by pad_vocab_multiple."""
-    block_size: int | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_embd: int | None = None
-    dropout: float | None = None
-    bias: bool | None = None
-    attention: str | None = None
-    pad_vocab_multiple: int | None = None
-    pos_emb: str | None = None
-    rope_base: float | None = None
-    norm: str | None = None
-    qk_norm: bool | None = None
-    mlp: str | None = None
-    n_kv_head: int | None = None
-    """null = n_head (no size sets it)."""
-    tie_embeddings: bool | None = None
-    logit_softcap: float | None = None
-    """null = no cap (no size sets it)."""
+ModelSchema = _model_schema()
 
 
 @dataclass

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
-from gptmini.model.config import GPTConfig
+from gptmini.model.config import GPTConfig, declared
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
@@ -97,11 +97,9 @@ def model_config_from(
     return GPTConfig.from_name(size, vocab_size=tokenizer_vocab or requested or 1, **values)
 
 
-FREE_FIELDS = ("dropout", "attention")  # change no tensor's shape or meaning: free on a fine-tune
-
-
 def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vocab: int | None) -> GPTConfig:
-    """The source's config with the free fields and a cropped block_size applied; contradictions refused."""
+    """The source's config with the free fields and a cropped block_size applied; contradictions refused.
+    What a fine-tune may change is each GPTConfig field's ``finetune`` declaration."""
     import dataclasses
 
     if size is not None:  # a named size counts as setting its fields
@@ -111,15 +109,15 @@ def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vo
             f"the init_from weights have {source.vocab_size} vocabulary rows but their tokenizer has "
             f"{tokenizer_vocab} tokens; use weights whose vocab_size matches GPT-2's tokenizer (50257)."
         )
+    rules = declared("finetune")
     changes = {}
     for name, value in values.items():
         current = getattr(source, name, None)
-        if name in FREE_FIELDS or value == current:
-            changes[name] = value
-        elif name == "block_size" and value < current:
-            changes[name] = value  # cropped: the first block_size rows of the position table
+        rule = rules.get(name, "free")  # only `attention` declares nothing: it picks an implementation
+        if rule == "free" or value == current or (rule == "shorter" and value < current):
+            changes[name] = value  # a shorter block_size: the first rows of the position table
         else:
-            more = " (it may only be cropped shorter)" if name == "block_size" else ""
+            more = " (it may only be cropped shorter)" if rule == "shorter" else ""
             raise GptMiniError(
                 f"model.{name}={value!r} contradicts the init_from weights, which have {name}={current!r}"
                 f"{more}; drop model.{name} (the imported shape is used)."
