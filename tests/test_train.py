@@ -12,8 +12,10 @@ from hydra.errors import ConfigCompositionException
 
 from gptmini.checkpoint import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
+from gptmini.data.corpus import DataConfig
+from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.model.config import GPTConfig, declared
-from gptmini.training.config import ModelSchema
+from gptmini.training.config import ModelSchema, TrainerSchema
 from gptmini.training.optim import OptimConfig, lr_at
 from gptmini.training.run import train
 from gptmini.training.settings import model_config_from
@@ -74,6 +76,14 @@ def test_init_from_with_a_contradicting_shape_is_one_line(tmp_path, tiny_train_o
     expected = r"model.n_embd=48 contradicts the init_from weights, which have n_embd=32; drop model.n_embd"
     with pytest.raises(GptMiniError, match=expected):
         train(cfg, out_dir=tmp_path / "b")
+
+
+def test_defaults_live_in_the_dataclasses(compose_train):
+    # python train.py trains with the schema's defaults; a group file only overrides what differs.
+    cfg = compose_train([])
+    assert OptimConfig(**cfg.optim) == OptimConfig() and TrainerSchema(**cfg.trainer) == TrainerSchema()
+    assert TokenizerConfig(**cfg.tokenizer) == TokenizerConfig()
+    assert DataConfig(**cfg.data) == DataConfig(batch_size=40)  # data=pystdlib's one change
 
 
 def test_every_model_field_is_settable_from_the_command_line(compose_train):

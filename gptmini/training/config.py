@@ -55,14 +55,14 @@ class TrainerSchema:
     """auto, ddp, fsdp, ..."""
     precision: Any = "auto"
     """auto = bf16-mixed on a bf16-capable GPU, else 32-true; or any Lightning precision."""
-    max_steps: int = 1000
+    max_steps: int = 600
     """Optimizer steps to train; also the length of the learning-rate schedule unless optim.decay_steps."""
     max_time: Any = None
     """A wall-clock limit, "DD:HH:MM:SS"; the run stops (with a checkpoint) when it is reached. With
     optim.schedule_by=time it is the run's length: the schedule spans it and max_steps is ignored."""
     max_epochs: int | None = -1
     """-1: epochs mean nothing on an endless stream of windows."""
-    val_check_interval: Any = 250
+    val_check_interval: Any = 300
     """Validate every this many training batches (a whole number; the run also validates at its end)."""
     check_val_every_n_epoch: int | None = None
     """null: count val_check_interval across epochs."""
