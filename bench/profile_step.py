@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gptmini import GPT
-from gptmini.common import pick_device
+from gptmini.common import as_config, pick_device
 from gptmini.training.config import compose_config
 from gptmini.training.optim import OptimConfig, build_optimizer
 from gptmini.training.perf import mfu, peak_flops
@@ -72,7 +72,7 @@ def main() -> None:
         model.compile(mode=args.compile_mode)
         if args.loss == "chunked":
             step_loss = torch.compile(model.loss, mode=args.compile_mode)
-    optimizer = build_optimizer(model, OptimConfig(**cfg.optim), device)
+    optimizer = build_optimizer(model, as_config(cfg.optim, OptimConfig, "optim"), device)
     clip = cfg.trainer.gradient_clip_val
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tokens = torch.randint(0, config.vocab_size, (4, args.batch, config.block_size + 1), device=device)

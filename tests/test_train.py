@@ -11,10 +11,11 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from gptmini.checkpoint import load_checkpoint, read_checkpoint
-from gptmini.common import GptMiniError
+from gptmini.common import GptMiniError, as_config
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.model.config import GPTConfig, declared
+from gptmini.model.lora import FinetuneConfig
 from gptmini.training.config import ModelSchema, TrainerSchema
 from gptmini.training.optim import OptimConfig, lr_at
 from gptmini.training.run import train
@@ -84,6 +85,12 @@ def test_defaults_live_in_the_dataclasses(compose_train):
     assert OptimConfig(**cfg.optim) == OptimConfig() and TrainerSchema(**cfg.trainer) == TrainerSchema()
     assert TokenizerConfig(**cfg.tokenizer) == TokenizerConfig()
     assert DataConfig(**cfg.data) == DataConfig(batch_size=40)  # data=pystdlib's one change
+
+
+def test_a_config_node_becomes_its_dataclass_one_way(compose_train):
+    # as_config resolves Hydra's node to plain values first: a ListConfig would fail the list check.
+    finetune = as_config(compose_train(["finetune=lora"]).finetune, FinetuneConfig, "finetune")
+    assert type(finetune.targets) is list and finetune.dropout == 0.05
 
 
 def test_every_model_field_is_settable_from_the_command_line(compose_train):

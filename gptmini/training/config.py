@@ -1,8 +1,9 @@
 """Structured-config schemas for ``configs/train.yaml``, registered with Hydra's ConfigStore.
 
 With a schema, Hydra checks every key and type when it composes the config: ``model.n_layr=4`` or
-``optim.lr=fast`` fails before anything runs, naming the key. Value checks (``n_embd % n_head``, ``lr > 0``)
-happen in each config's ``__post_init__`` when ``train()`` builds the real objects.
+``optim.lr=fast`` fails before anything runs, naming the key. Every default lives here (and in the configs
+these schemas hold); the YAML files only choose groups and override. Value checks (``n_embd % n_head``,
+``lr > 0``) happen in each config's ``__post_init__``, when ``check_settings`` converts the nodes.
 """
 
 from __future__ import annotations
