@@ -140,9 +140,9 @@ def cpu_seconds_per_step(overrides: list[str], args: argparse.Namespace) -> floa
     """Median CPU seconds of one training step (loss, backward, clipping, optimizer) of the row's model and
     optimizer on a batch of experiment=shakespeare's shape, with ``args.threads`` threads."""
     import torch
-    from omegaconf import OmegaConf
 
     from gptmini import GPT
+    from gptmini.common import as_config
     from gptmini.training.config import compose_config
     from gptmini.training.optim import OptimConfig, build_optimizer
     from gptmini.training.settings import model_config_from
@@ -153,7 +153,7 @@ def cpu_seconds_per_step(overrides: list[str], args: argparse.Namespace) -> floa
     vocab = cfg.tokenizer.vocab_size
     torch.manual_seed(0)
     model = GPT(model_config_from(cfg, vocab))
-    optimizer = build_optimizer(model, OptimConfig(**OmegaConf.to_container(cfg.optim)), "cpu")
+    optimizer = build_optimizer(model, as_config(cfg.optim, OptimConfig, "optim"), "cpu")
     x = torch.randint(0, vocab, (cfg.data.batch_size, model.config.block_size))
     y = torch.randint(0, vocab, x.shape)
     times = []

@@ -4,10 +4,11 @@
     python bench/profile_step.py --loss standard --compile off --batch 16
     python bench/profile_step.py --small --device cpu --steps 2   # the plumbing, on a CPU
 
-The loop is bench/train.py's plain loop (GPTConfig.from_name("gpt2"), bf16 autocast on a GPU, fused AdamW
-through ``build_optimizer``, clipping). It times ``--steps`` steps with CUDA events first, then profiles
-``--profile-steps`` more, and prints the most expensive kernels (self device time), the share of each kind of
-kernel (matmul, attention, elementwise/fused, optimizer, copies), then one JSON line.
+The loop is bench/train.py's plain loop on ``experiment=gpt2_small`` composed as train.py composes it (its
+model, optimizer settings and clipping; bf16 autocast on a GPU, fused AdamW through ``build_optimizer``).
+It times ``--steps`` steps with CUDA events first, then profiles ``--profile-steps`` more, and prints the
+most expensive kernels (self device time), the share of each kind of kernel (matmul, attention,
+elementwise/fused, optimizer, copies), then one JSON line.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from gptmini import GPT, GPTConfig
-from gptmini.common import pick_device
+from gptmini import GPT
+from gptmini.common import as_config, pick_device
+from gptmini.training.config import compose_config
 from gptmini.training.optim import OptimConfig, build_optimizer
 from gptmini.training.perf import mfu, peak_flops
+from gptmini.training.settings import model_config_from
 
 # Kernel families by name fragment, first match wins: what each share of the step is spent on.
 FAMILIES = [
@@ -60,15 +63,17 @@ def main() -> None:
     device = pick_device(args.device)
     torch.manual_seed(0)
     torch.set_float32_matmul_precision("high")
-    shape = {"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64} if args.small else {}
-    config = GPTConfig.from_name("gpt2", vocab_size=50257, **shape)
+    small = ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
+    cfg = compose_config(["experiment=gpt2_small", *(small if args.small else [])])
+    config = model_config_from(cfg, tokenizer_vocab=50257)  # GPT-2's tokenizer
     model = GPT(config).to(device)
     step_loss = model.loss if args.loss == "chunked" else (lambda x, y: model(x, y)[1])
     if args.compile == "on":
         model.compile(mode=args.compile_mode)
         if args.loss == "chunked":
             step_loss = torch.compile(model.loss, mode=args.compile_mode)
-    optimizer = build_optimizer(model, OptimConfig(), device)
+    optimizer = build_optimizer(model, as_config(cfg.optim, OptimConfig, "optim"), device)
+    clip = cfg.trainer.gradient_clip_val
     bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     tokens = torch.randint(0, config.vocab_size, (4, args.batch, config.block_size + 1), device=device)
 
@@ -77,7 +82,7 @@ def main() -> None:
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             loss = step_loss(batch[:, :-1], batch[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss

@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmini import GPT
-from gptmini.common import pick_device
+from gptmini.common import as_config, pick_device
 from gptmini.threads import AUTO, apply_threads
 from gptmini.training import run, settings
 from gptmini.training.callbacks import LossHistory, StopAtMaxSteps, Throughput
@@ -191,7 +191,9 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
         targs.update(max_steps=args.warmup + args.steps, limit_val_batches=0, enable_model_summary=False)
         run_loop = run_plain if loop == "plain" else run_lightning
         loss = settings.resolve_loss(args.loss, cfg.trainer.accelerator)
-        model = run_loop(cfg, targs, model_config, OptimConfig(**cfg.optim), loader, clock, device, loss)
+        model = run_loop(
+            cfg, targs, model_config, as_config(cfg.optim, OptimConfig, "optim"), loader, clock, device, loss
+        )
 
     step_ms = clock.step_ms(args.warmup)  # the timed steps, after the warmup
     tokens = cfg.data.batch_size * model_config.block_size

@@ -32,9 +32,15 @@ class GptMiniError(Exception):
 
 
 def as_config(value: object, cls: type, group: str):
-    """Accept a config dataclass or a mapping (e.g. Hydra's DictConfig) with the same keys."""
+    """The one way a config node becomes its dataclass: a ``cls`` passes; a mapping with its keys (Hydra's
+    DictConfig is first resolved to plain values, so lists are lists) is constructed, and the dataclass's
+    ``__post_init__`` checks the values."""
+    from omegaconf import DictConfig, OmegaConf
+
     if isinstance(value, cls):
         return value
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
     if not isinstance(value, Mapping):
         kind = type(value).__name__
         raise GptMiniError(f"{group} config must be a {cls.__name__} or a mapping, not {kind}")

@@ -57,7 +57,7 @@ NOT_FINITE = "must be a finite number, not nan or inf; the default is"
         ("model.rope_base=inf", f"GPTConfig.rope_base=inf {NOT_FINITE} 10000.0."),
         ("model.logit_softcap=inf", f"GPTConfig.logit_softcap=inf {NOT_FINITE} null."),
         ("model.dropout=nan", f"GPTConfig.dropout=nan {NOT_FINITE} 0.0."),
-        ("optim.lr=inf", f"optim.lr=inf {NOT_FINITE} 0.001."),
+        ("optim.lr=inf", f"optim.lr=inf {NOT_FINITE} 0.003."),
         ("optim.weight_decay=nan", f"optim.weight_decay=nan {NOT_FINITE} 0.1."),
         ("optim.eps=nan", f"optim.eps=nan {NOT_FINITE} 1e-08."),
         ("optim.muon_lr=inf", f"optim.muon_lr=inf {NOT_FINITE} 0.02."),

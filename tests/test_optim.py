@@ -137,7 +137,7 @@ def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
         ({"muon_momentum": 1.0}, r"optim.muon_momentum must be in \[0, 1\), got 1.0"),
         ({"eps": -1e-8}, r"optim.eps must be >= 0, got -1e-08; try optim.eps=1e-8\.$"),
         # NaN passed every "< 0" check and inf every "> 0": runs failed later, blaming optim.lr.
-        ({"lr": float("inf")}, "^optim.lr=inf must be a finite number, not nan or inf; the default is 0.001"),
+        ({"lr": float("inf")}, "^optim.lr=inf must be a finite number, not nan or inf; the default is 0.003"),
         ({"weight_decay": float("nan")}, "optim.weight_decay=nan must be a finite number"),
         ({"beta2": float("nan")}, "optim.beta2=nan must be a finite number"),
         ({"muon_lr": float("inf")}, "optim.muon_lr=inf must be a finite number"),

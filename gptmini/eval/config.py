@@ -20,7 +20,7 @@ def _check_limit(name: str, value: object) -> None:
 
 @dataclass
 class EvalConfig:
-    """``python -m gptmini.eval`` (configs/eval.yaml describes each key)."""
+    """``python -m gptmini.eval``: each key and its default (configs/eval.yaml picks the data group)."""
 
     ckpt: str = "latest"
     """A .ckpt file, a run directory or ``latest``; anything ``gptmini.checkpoint.load_checkpoint`` loads."""

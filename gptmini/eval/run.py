@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gptmini.checkpoint import load_checkpoint
 from gptmini.common import CONFIG_DIR, as_config, pick_device
@@ -38,8 +38,6 @@ def compose_eval(overrides: list[str]) -> DictConfig:
 
 def to_eval_config(cfg: DictConfig | dict | EvalConfig) -> EvalConfig:
     """The checked ``EvalConfig`` of a composed config (or a mapping of its keys)."""
-    if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
     return as_config(cfg, EvalConfig, "eval")
 
 

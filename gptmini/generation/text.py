@@ -36,8 +36,9 @@ SCHEMA_NAME = "generate_schema"
 class GenerateTextConfig(SamplingOptions):
     """Options of ``python generate.py``: the sampling options plus what to load, print and draw.
 
-    configs/generate.yaml gives each a one-line description. Validated on construction (``OmegaConf.
-    to_object`` constructs it from Hydra's config), so a bad value fails before the checkpoint loads.
+    Each field's docstring describes it and its default (configs/generate.yaml only picks this schema).
+    Validated on construction (``OmegaConf.to_object`` constructs it from Hydra's config), so a bad value
+    fails before the checkpoint loads.
     """
 
     ckpt: str = "latest"

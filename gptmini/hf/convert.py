@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from gptmini.common import GptMiniError
-from gptmini.model.config import GPTConfig
+from gptmini.model.config import GPTConfig, declared
 
 # config.json's names for GPTConfig's fields, where they differ (for messages).
 HF_NAMES = {"block_size": "n_positions"}
@@ -38,16 +38,6 @@ BLOCK_LINEARS = {
     "mlp.c_proj": "mlp.proj",
 }
 BLOCK_NORMS = ("ln_1", "ln_2")
-# GPTConfig switches GPT-2's format cannot express, with GPT-2's value (read with getattr, so configs
-# written before a switch existed still answer).
-GPT2_SWITCHES = {
-    "pos_emb": "learned",
-    "norm": "layernorm",
-    "qk_norm": False,
-    "mlp": "gelu",
-    "tie_embeddings": True,
-    "logit_softcap": None,
-}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,19 +174,20 @@ def _to_linear(key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def check_exportable(config: GPTConfig) -> None:
-    """Refuse, naming the option, a model GPT-2's format cannot express exactly."""
-    for name, gpt2_value in GPT2_SWITCHES.items():
+    """Refuse, naming the option, a model GPT-2's format cannot express exactly (the fields that declare
+    ``gpt2``; read with getattr, so configs written before a switch existed still answer)."""
+    for name, gpt2_value in declared("gpt2").items():
         value = getattr(config, name, gpt2_value)
-        if value != gpt2_value:
+        if value == gpt2_value or (name == "n_kv_head" and value == config.n_head):
+            continue  # n_kv_head = n_head is plain multi-head attention, as GPT-2's
+        if name == "n_kv_head":
             raise GptMiniError(
-                f"model.{name}={value!r} cannot be expressed in GPT-2's Hugging Face format (it needs "
-                f"{name}={gpt2_value!r}); export only GPT-2-layout models."
+                f"model.n_kv_head={value} (grouped-query attention) cannot be expressed in GPT-2's "
+                "Hugging Face format (one key/value head per query head); export only GPT-2-layout models."
             )
-    kv_heads = getattr(config, "n_kv_head", None)
-    if kv_heads not in (None, config.n_head):
         raise GptMiniError(
-            f"model.n_kv_head={kv_heads} (grouped-query attention) cannot be expressed in GPT-2's "
-            "Hugging Face format (one key/value head per query head); export only GPT-2-layout models."
+            f"model.{name}={value!r} cannot be expressed in GPT-2's Hugging Face format (it needs "
+            f"{name}={gpt2_value!r}); export only GPT-2-layout models."
         )
 
 

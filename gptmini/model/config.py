@@ -7,7 +7,8 @@ the row, and every ``model.<field>`` that is set overrides it.
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, fields
+from dataclasses import InitVar, dataclass, field, fields
+from typing import Any
 
 from gptmini.common import GptMiniError, check_finite_floats
 
@@ -47,48 +48,66 @@ MODEL_SIZES: dict[str, dict] = {
 }
 
 
+# Each field declares what other code would otherwise keep a list of (read back with ``declared``):
+#   finetune: what an init_from fine-tune may do to it: "same" (must match the weights), "shorter" (may be
+#             cropped) or "free" (changes no tensor);
+#   gpt2:     the only value GPT-2's Hugging Face format can express (export refuses the others).
+def _field(default: Any, finetune: str = "same", **gpt2: Any) -> Any:
+    return field(default=default, metadata={"finetune": finetune, **gpt2})
+
+
+def _switch(default: Any) -> Any:
+    """A switch beyond GPT-2's recipe: its default is GPT-2's value, the only one GPT-2's format holds."""
+    return _field(default, gpt2=default)
+
+
+def declared(key: str) -> dict[str, Any]:
+    """Every GPTConfig field's declaration of ``key`` ("finetune" or "gpt2"), for the fields that make one."""
+    return {f.name: f.metadata[key] for f in fields(GPTConfig) if key in f.metadata}
+
+
 @dataclass
 class GPTConfig:
     """Everything needed to build a ``GPT``; defaults are GPT-2 small (124M)."""
 
-    vocab_size: int = 50257
+    vocab_size: int = _field(50257)
     """Real vocabulary size: the tokenizer's ``n_vocab``. Logits are returned over exactly these tokens."""
-    block_size: int = 1024
+    block_size: int = _field(1024, finetune="shorter")
     """Context length: the most tokens the model sees at once (rows of the position embedding)."""
-    n_layer: int = 12
+    n_layer: int = _field(12)
     """Number of transformer blocks."""
-    n_head: int = 12
+    n_head: int = _field(12)
     """Attention heads per block; must divide ``n_embd``."""
-    n_embd: int = 768
+    n_embd: int = _field(768)
     """Width of the residual stream (embedding size)."""
-    dropout: float = 0.0
+    dropout: float = _field(0.0, finetune="free")
     """Dropout probability on embeddings, attention weights and residual branches; in [0, 1)."""
-    bias: bool = True
+    bias: bool = _field(True)  # GPT-2's format holds a model without biases: they export as zeros
     """Biases in Linear layers and LayerNorms (GPT-2 has them; without is slightly faster)."""
     attention: InitVar[str | None] = None
     """Gone: the GPT has one attention, and chapter 3's rungs live in gptmini/book. Configs saved before hold
     "heads", "mha" or "sdpa", which all shared today's weight layout: those are accepted and dropped."""
-    pad_vocab_multiple: int = 64
+    pad_vocab_multiple: int = _field(64)
     """Embedding/LM-head rows are padded up to a multiple of this (faster matmuls on GPUs); 1 = no padding."""
     # Switches beyond GPT-2's 2019 recipe. Their defaults are GPT-2's, so old checkpoints and GPT-2's weights
     # load unchanged; docs/ablations.md measures what each buys.
-    pos_emb: str = "learned"
+    pos_emb: str = _switch("learned")
     """Positions: "learned" (GPT-2's table, ``wpe``) or "rope" (rotary, inside attention; no table)."""
-    rope_base: float = 10000.0
+    rope_base: float = _field(10000.0)
     """RoPE's base: pair i of a head turns by position · base^(-2i/head_size) radians."""
-    norm: str = "layernorm"
+    norm: str = _switch("layernorm")
     """Normalisation: "layernorm" (GPT-2) or "rmsnorm" (no mean subtraction, no bias: cheaper, as LLaMA)."""
-    qk_norm: bool = False
+    qk_norm: bool = _switch(False)
     """RMS-normalise each head's queries and keys before their dot product (bounds the attention logits)."""
-    mlp: str = "gelu"
+    mlp: str = _switch("gelu")
     """Feed-forward: "gelu" (GPT-2, hidden 4·C), "relu2" (ReLU squared, hidden 4·C) or "swiglu" (gated,
     hidden ``swiglu_hidden(C)`` = 8·C/3 rounded up to a multiple of 32: three matrices of that size hold
     about the parameters of GELU's two 4·C ones)."""
-    n_kv_head: int | None = None
+    n_kv_head: int | None = _switch(None)
     """Key/value heads: None = n_head (multi-head); fewer = grouped-query (1 = multi-query)."""
-    tie_embeddings: bool = True
+    tie_embeddings: bool = _switch(True)
     """The LM head reuses the token embedding matrix (GPT-2); false gives it its own weights."""
-    logit_softcap: float | None = None
+    logit_softcap: float | None = _switch(None)
     """None, or a cap c: logits become c·tanh(logits / c), so none exceeds ±c (Gemma 2, modded-nanogpt)."""
 
     def __post_init__(self, attention: str | None) -> None:

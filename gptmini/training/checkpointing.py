@@ -223,11 +223,8 @@ def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
 def finetune_from(cfg: Any) -> FinetuneConfig:
     """The checked ``finetune`` settings; LoRA needs weights to adapt (``init_from``, or a LoRA resume), and
     a resume keeps the settings its checkpoint was trained with (checked here, before any data is read)."""
-    from omegaconf import OmegaConf
-
     node = cfg.get("finetune") if hasattr(cfg, "get") else None
-    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-    finetune = as_config(values, FinetuneConfig, "finetune")
+    finetune = as_config(node if node is not None else {}, FinetuneConfig, "finetune")
     if finetune.method == "lora" and not (cfg.init_from or cfg.ckpt_path):
         raise GptMiniError(
             "finetune=lora adapts pretrained weights, but no init_from is set; add init_from=gpt2 (or a "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from gptmini.common import as_config
 from gptmini.eval.config import HELLASWAG_HUB, HellaSwagConfig
 from gptmini.eval.hellaswag import Example, load_examples, score
 
@@ -62,10 +63,8 @@ class HellaSwagEval(L.Callback):
 
 def hellaswag_config(cfg) -> HellaSwagConfig:
     """The checked ``eval`` node of a composed train config (before any data is read)."""
-    from omegaconf import OmegaConf
-
     node = cfg.get("eval")
-    return HellaSwagConfig(**OmegaConf.to_container(node, resolve=True)) if node else HellaSwagConfig()
+    return as_config(node, HellaSwagConfig, "eval") if node else HellaSwagConfig()
 
 
 def hellaswag_callbacks(config: HellaSwagConfig, tokenizer) -> list[L.Callback]:

@@ -36,9 +36,9 @@ class OptimConfig:
 
     name: str = "adamw"
     """Which optimizer: adamw, or muon (Muon on the blocks' matrices at ``muon_lr``, AdamW on the rest)."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate (AdamW's), reached at the end of warmup."""
-    min_lr: float = 1e-4
+    min_lr: float = 3e-4
     """Floor of the decay (nanoGPT uses lr / 10); Muon's floor is muon_lr · min_lr / lr."""
     muon_lr: float = 0.02
     """Muon's peak learning rate (optim=muon only); it follows the same schedule as ``lr``."""
@@ -51,7 +51,7 @@ class OptimConfig:
     schedule_by: str = "steps"
     """What counts progress: steps (deterministic; the length is decay_steps or trainer.max_steps) or time
     (elapsed training time / trainer.max_time; the run ends when the time is up)."""
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     """Optimizer steps of linear warmup from 0 to ``lr``."""
     decay_steps: int | None = None
     """Steps from the start to the end of the cosine decay; None = ``trainer.max_steps``."""

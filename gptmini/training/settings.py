@@ -1,15 +1,16 @@
 """A run's settings, every one checked before any data is read, so a mistake costs seconds, not minutes.
 
-``check_settings(cfg)`` turns the composed Hydra config into typed values: the data, tokenizer, optimizer
-and sample configs (each validates itself), the model shape, the seed, the thread count and the Lightning
-Trainer arguments. Lightning's own checks run here too, on a throwaway Trainer, and whatever it rejects comes
-back as one line naming the ``trainer.`` key, instead of a traceback after minutes of tokenizing.
+``check_settings(cfg)`` is the validation boundary: where Hydra hands the config over, each node becomes its
+dataclass one way (``as_config``, whose ``__post_init__`` checks the values), plus the model shape
+(``GPTConfig`` checks its invariants), the seed and the thread count. Code past it trusts the types. Only
+Lightning's own checks need more: ``check_trainer_arguments`` builds a throwaway Trainer, and whatever
+it rejects comes back as one line naming the ``trainer.`` key, not a traceback after minutes of tokenizing.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
-from gptmini.model.config import ATTENTION_GONE, GPTConfig
+from gptmini.model.config import ATTENTION_GONE, GPTConfig, declared
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
@@ -47,9 +48,9 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
 
         check_init_with_resume(cfg.ckpt_path, cfg.init_from)  # allowed only to resume that fine-tune
     settings = RunSettings(
-        data=as_config(_plain(cfg.data), DataConfig, "data"),
-        tokenizer=as_config(_plain(cfg.tokenizer), TokenizerConfig, "tokenizer"),
-        optim=as_config(_plain(cfg.optim), OptimConfig, "optim"),
+        data=as_config(cfg.data, DataConfig, "data"),
+        tokenizer=as_config(cfg.tokenizer, TokenizerConfig, "tokenizer"),
+        optim=as_config(cfg.optim, OptimConfig, "optim"),
         model_shape=model_config_from(cfg, tokenizer_vocab=None),
         sample=sample_config_from(cfg),
         trainer_args=trainer_arguments(cfg, run_dir),
@@ -65,10 +66,6 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
     return settings
 
 
-def _plain(node: DictConfig) -> dict:
-    return OmegaConf.to_container(node, resolve=True)
-
-
 def model_config_from(
     cfg: DictConfig, tokenizer_vocab: int | None, source: GPTConfig | None = None
 ) -> GPTConfig:
@@ -79,7 +76,8 @@ def model_config_from(
     ``model.<field>`` that contradicts it is an error, except ``block_size`` (may be cropped shorter),
     ``dropout`` (free: it changes no tensor).
     """
-    values = {k: v for k, v in _plain(cfg.model).items() if v is not None}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    values = {k: v for k, v in model.items() if v is not None}
     if "attention" in values:  # the option is gone; refused rather than silently ignored
         raise GptMiniError(f"model.attention={values['attention']}: {ATTENTION_GONE}")
     size = values.pop("size", None) or "tiny"  # null in the YAML: a source's shape is not contradicted
@@ -94,16 +92,13 @@ def model_config_from(
             f"({tokenizer_vocab} → {padded} rows, model.pad_vocab_multiple)."
         )
     if source is not None:
-        named = _plain(cfg.model).get("size")
-        return _from_source(source, values, named, tokenizer_vocab)
+        return _from_source(source, values, model.get("size"), tokenizer_vocab)
     return GPTConfig.from_name(size, vocab_size=tokenizer_vocab or requested or 1, **values)
 
 
-FREE_FIELDS = ("dropout",)  # changes no tensor's shape or meaning: free on a fine-tune
-
-
 def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vocab: int | None) -> GPTConfig:
-    """The source's config with the free fields and a cropped block_size applied; contradictions refused."""
+    """The source's config with the free fields and a cropped block_size applied; contradictions refused.
+    What a fine-tune may change is each GPTConfig field's ``finetune`` declaration."""
     import dataclasses
 
     if size is not None:  # a named size counts as setting its fields
@@ -113,15 +108,15 @@ def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vo
             f"the init_from weights have {source.vocab_size} vocabulary rows but their tokenizer has "
             f"{tokenizer_vocab} tokens; use weights whose vocab_size matches GPT-2's tokenizer (50257)."
         )
+    rules = declared("finetune")
     changes = {}
     for name, value in values.items():
         current = getattr(source, name, None)
-        if name in FREE_FIELDS or value == current:
-            changes[name] = value
-        elif name == "block_size" and value < current:
-            changes[name] = value  # cropped: the first block_size rows of the position table
+        rule = rules[name]  # every GPTConfig field declares one (model/config.py)
+        if rule == "free" or value == current or (rule == "shorter" and value < current):
+            changes[name] = value  # a shorter block_size: the first rows of the position table
         else:
-            more = " (it may only be cropped shorter)" if name == "block_size" else ""
+            more = " (it may only be cropped shorter)" if rule == "shorter" else ""
             raise GptMiniError(
                 f"model.{name}={value!r} contradicts the init_from weights, which have {name}={current!r}"
                 f"{more}; drop model.{name} (the imported shape is used)."
@@ -139,7 +134,7 @@ def _size_row(size: str) -> dict:
 def sample_config_from(cfg: DictConfig) -> SampleConfig:
     """The validation-time sample settings: generate.py's sampling options plus a prompt."""
     try:
-        return SampleConfig(**_plain(cfg.sample))
+        return as_config(cfg.sample, SampleConfig, "sample")
     except GptMiniError as error:
         raise GptMiniError(f"sample.{error}") from None
 
@@ -174,8 +169,7 @@ def resolve_loss(loss: str, accelerator: str = "auto") -> str:
 
 def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
     """``cfg.trainer`` as ``L.Trainer`` keyword arguments: precision resolved, root dir = the run dir."""
-    args = _plain(cfg.trainer)
-    TrainerSchema(**args)  # the value checks Lightning leaves to the middle of a run
+    args = asdict(as_config(cfg.trainer, TrainerSchema, "trainer"))  # checks what Lightning checks late
     if cfg.optim.get("schedule_by") == "time":
         if not args.get("max_time"):
             raise GptMiniError(
