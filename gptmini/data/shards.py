@@ -11,7 +11,8 @@ A source has ``folder`` (its caches' folder under the cache root), ``description
 identifies its documents, for the key), ``val_split`` ("bytes" or "documents", for messages),
 ``file_bytes``, ``empty_hint``, ``open()`` (called once, under the lock), ``documents()`` (the count when
 known cheaply), ``invalid_utf8_bytes()`` and ``batches(start, batch_docs)``: lists of ``(split,
-starts_document, text)`` items from item ``start`` on. The source decides which split an item belongs to; the writer decides everything else.
+starts_document, text)`` items from item ``start`` on. The source decides which split an item belongs to;
+the writer decides everything else.
 
 Decisions worth knowing:
 

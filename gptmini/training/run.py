@@ -188,8 +188,9 @@ def choose_threads(cfg: DictConfig, trainer: L.Trainer, model, resumed: Path | N
 
 def plan_run(settings) -> tuple[RunPlan, dict]:
     """The run's facts, decided once: its length, the schedule's length, precision and clipping; and the
-    Trainer's arguments that follow from them, every interval in optimizer steps. A time budget ends the run through ``training_clock``'s Timer
-    (so Lightning's ``max_time`` is not passed: it would start a second Timer), and it has no step limit.
+    Trainer's arguments that follow from them, every interval in optimizer steps. A time budget ends the run
+    through ``training_clock``'s Timer (so Lightning's ``max_time`` is not passed: it would start a second
+    Timer), and it has no step limit.
     """
     args = dict(settings.trainer_args)
     by_time = settings.optim.schedule_by == "time"
