@@ -176,7 +176,6 @@ def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
                 "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
                 "e.g. trainer.max_time=00:00:02:00."
             )
-        args["max_steps"] = -1  # the time budget is the run's length, so the schedule always finishes
     args["precision"] = resolve_precision(args["precision"], args["accelerator"])
     args["default_root_dir"] = args["default_root_dir"] or str(run_dir)
     return args
