@@ -143,6 +143,7 @@ def test_bad_recipe_values_fail_before_any_data(
 
 def test_the_shakespeare_experiment_is_the_ablations_best_recipe(tmp_path, compose_train):
     """docs/ablations.md's best row, with its 2-minute budget (bench/ablate.py ROWS["best"])."""
+    from gptmini.training.run import plan_run
     from gptmini.training.settings import check_settings, model_config_from
 
     cfg = compose_train(["experiment=shakespeare"])
@@ -156,4 +157,6 @@ def test_the_shakespeare_experiment_is_the_ablations_best_recipe(tmp_path, compo
     settings = check_settings(cfg, tmp_path)
     assert (settings.optim.name, settings.optim.muon_lr, settings.optim.schedule) == ("muon", 0.02, "wsd")
     assert settings.optim.schedule_by == "time"
-    assert settings.trainer_args["max_time"] == "00:00:02:00" and settings.trainer_args["max_steps"] == -1
+    assert settings.trainer_args["max_time"] == "00:00:02:00"
+    plan, trainer_args = plan_run(settings)  # the time budget is the run's length: no step limit
+    assert plan.max_steps is None and plan.schedule_steps is None and trainer_args["max_steps"] == -1
