@@ -33,13 +33,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptmini import GPT
 from gptmini.common import as_config, pick_device
-from gptmini.threads import AUTO, apply_threads
+from gptmini.threads import AUTO, apply_threads, training_step_probe
 from gptmini.training import run, settings
 from gptmini.training.callbacks import LossHistory, StopAtMaxSteps, Throughput
 from gptmini.training.config import compose_config
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer
-from gptmini.training.perf import mfu, peak_flops, training_step_probe
+from gptmini.training.perf import mfu, peak_flops
 from gptmini.training.steps import RunPlan
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

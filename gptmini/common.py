@@ -13,6 +13,7 @@ import contextlib
 import errno
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,12 @@ TEMP_SUFFIX = ".tmp"
 # The Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups), for code that composes them
 # outside the command-line scripts: tests, benchmarks, python -m gptmini.eval.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def say(message: str) -> None:
+    """gptmini's one channel for messages to the user: stderr, flushed (stdout is for results, e.g. generated
+    text or an eval's JSON line, so it can be piped)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 class GptMiniError(Exception):

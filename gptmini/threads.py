@@ -6,11 +6,14 @@ times longer than with fewer threads. Core counts cannot tell the two cases apar
 ``choose_threads`` runs the caller's own step (a training step, a decoding step) a few times with each
 candidate count and keeps the fastest.
 
-Used by training and generation; imports only torch and ``gptmini.common``.
+The steps it times live here too (``training_step_probe``, ``decode_probe``): they call the model's own
+``loss`` and ``next_token_logits``, so this module still imports only torch and ``gptmini.common``, and
+training and generation both use it.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import statistics
 import time
@@ -135,3 +138,48 @@ def apply_threads(setting, probe: Callable[[], object] | None = None) -> ThreadC
     if setting == AUTO and probe is not None:
         return choose_threads(probe)
     return ThreadChoice(torch.get_num_threads(), "default")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The steps that are timed: the caller's own work, on its own model and shapes.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def training_step_probe(model: torch.nn.Module, batch_size: int, precision: str) -> Callable[[], None]:
+    """One forward + backward of a training batch's shape on a copy of ``model``: what ``threads=auto`` times.
+
+    A copy, and its own random source, so timing it changes neither the weights nor the run's random
+    numbers; no optimizer step, which costs the same whatever the thread count.
+    """
+    probe = copy.deepcopy(model).train()
+    config = probe.config
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), generator=generator)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    bf16 = str(precision).startswith("bf16")
+
+    def step() -> None:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = probe.loss(inputs, targets)
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+
+    return step
+
+
+def decode_probe(model: torch.nn.Module, new_tokens: int = 4) -> Callable[[], None]:
+    """A one-token prompt and a few cached one-token steps: what ``threads=auto`` times for generation.
+
+    Short on purpose: a GPT-2 small step takes tens of milliseconds on a CPU, and each thread count is timed
+    several times. The steps are generation's eager ones (``next_token_logits`` with the KV cache).
+    """
+    device = next(model.parameters()).device
+    token = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def decode() -> None:
+        cache = model.new_kv_cache(1)
+        for _ in range(1 + new_tokens):
+            model.next_token_logits(token, kv_cache=cache)
+
+    return decode

@@ -278,20 +278,3 @@ def _choose(
     if seen is not None:
         logits = penalize_seen(logits, seen[:, : logits.size(-1)], options.repetition_penalty)
     return _draw(logits, options.temperature, options.top_k, options.top_p, generator)
-
-
-def decode_probe(model: torch.nn.Module, new_tokens: int = 4) -> Callable[[], None]:
-    """A few greedy cached decoding steps from a one-token prompt: what ``threads=auto`` times for generation.
-
-    Short on purpose: a GPT-2 small step takes tens of milliseconds on a CPU, and each thread count is timed
-    several times.
-    """
-    device = next(model.parameters()).device
-    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    greedy = SamplingOptions(max_new_tokens=new_tokens, temperature=0.0)
-
-    def decode() -> None:
-        for _ in sample_tokens(model, prompt, greedy):
-            pass
-
-    return decode

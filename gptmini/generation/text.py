@@ -21,13 +21,13 @@ from typing import Any, Optional
 import torch
 
 from gptmini.checkpoint import load_checkpoint
-from gptmini.common import GptMiniError, as_config, check_seed, pick_device
+from gptmini.common import GptMiniError, as_config, check_seed, pick_device, say
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
 from gptmini.generation.prompt import encode_prompt, read_prompt
-from gptmini.generation.sampling import SamplingOptions, decode_probe, sample_tokens
+from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.generation.streaming import StopFilter, StreamDecoder
-from gptmini.threads import AUTO, apply_threads, check_threads_setting
+from gptmini.threads import AUTO, apply_threads, check_threads_setting, decode_probe
 
 SCHEMA_NAME = "generate_schema"
 
@@ -89,11 +89,6 @@ def register_config() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=GenerateTextConfig)
 
 
-def info(message: str) -> None:
-    """Everything that is not generated text goes to stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Generation.
 # ---------------------------------------------------------------------------------------------------------
@@ -112,10 +107,10 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
     loaded = load_checkpoint(cfg.ckpt, device=device)
     model = loaded.model
     step = f"step {loaded.global_step}, " if loaded.global_step is not None else ""
-    info(f"loaded {loaded.path} ({step}{model.num_params() / 1e6:.2f}M parameters) on {device}")
+    say(f"loaded {loaded.path} ({step}{model.num_params() / 1e6:.2f}M parameters) on {device}")
     if device.type == "cpu":  # on a GPU the CPU threads barely matter
         probe = decode_probe(model) if cfg.threads == AUTO else None
-        info(apply_threads(cfg.threads, probe).describe())
+        say(apply_threads(cfg.threads, probe).describe())
     generator = torch.Generator(device=device)
     if cfg.seed is None:
         generator.seed()
@@ -140,7 +135,7 @@ def _validated(cfg) -> GenerateTextConfig:
 
 def _interactive(session: _Session) -> list[str]:
     """Prompt, generate, repeat: an empty line, Ctrl-D or Ctrl-C at the prompt quits."""
-    info("interactive: type a prompt and press Enter; an empty line or Ctrl-D quits, Ctrl-C stops a sample.")
+    say("interactive: type a prompt and press Enter; an empty line or Ctrl-D quits, Ctrl-C stops a sample.")
     texts = []
     while True:
         sys.stderr.write("> ")  # the prompt marker is not generated text: stderr, like every message
@@ -176,7 +171,7 @@ class _Session:
         texts, n_tokens, elapsed = [], 0, 0.0
         for i in range(self.cfg.num_samples):
             if self.cfg.num_samples > 1:
-                info(f"--- sample {i + 1}/{self.cfg.num_samples}")
+                say(f"--- sample {i + 1}/{self.cfg.num_samples}")
             started = time.perf_counter()
             text, new_ids = self._sample(prompt_ids)
             elapsed += time.perf_counter() - started  # the speed of generating, not of drawing
@@ -184,7 +179,7 @@ class _Session:
             n_tokens += len(new_ids)
             if i == 0 and self.plot_file is not None:
                 self._plot_attention(ids, new_ids)
-        info(f"{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
+        say(f"{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
         return texts
 
     def _sample(self, prompt_ids: torch.Tensor) -> tuple[str, list[int]]:
@@ -214,7 +209,7 @@ class _Session:
         except KeyboardInterrupt:
             if not cfg.interactive:
                 raise
-            info("\n[stopped]")
+            say("\n[stopped]")
         finally:
             tokens.close()  # leave the inference-mode loop even when we stop early
         if not stops.stopped:
@@ -253,7 +248,7 @@ class _Session:
         fig = plot_attention(maps, labels, n_prompt=n_prompt)
         path = save_figure(fig, self.plot_file)
         skipped = f", after skipping the prompt's first {start}" if start else ""
-        info(
+        say(
             f"wrote attention maps ({maps.size(0)} layers x {maps.size(1)} heads over {n_prompt} prompt + "
             f"{end - len(prompt_ids)} generated tokens{skipped}) to {path}"
         )

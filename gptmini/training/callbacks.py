@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptmini.common import atomic_file
+from gptmini.common import atomic_file, say
 from gptmini.training.perf import mfu, peak_flops
 from gptmini.training.steps import StepBoundaries, align_logged_step, is_logging_step
 
@@ -237,7 +236,7 @@ class TextSamples(L.Callback):
         text = self.sample(pl_module.model, pl_module.device)
         self.last_sample = text
         header = f"----- sample at step {trainer.global_step} -----"
-        print(f"\n{header}\n{self.prompt}{text}\n{'-' * len(header)}", file=sys.stderr, flush=True)
+        say(f"\n{header}\n{self.prompt}{text}\n{'-' * len(header)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(f"{header}\n{self.prompt}{text}\n\n")
@@ -299,14 +298,12 @@ class GracefulInterrupt(L.Callback):
 
     def handle(self, signum, frame) -> None:
         if self.received is not None:
-            print("\nSecond interrupt: exiting now without saving.", file=sys.stderr, flush=True)
+            say("\nSecond interrupt: exiting now without saving.")
             os._exit(130)
         self.received = signal.Signals(signum).name
-        print(
+        say(
             f"\n{self.received} received: stopping after this step and saving a checkpoint "
-            "(press Ctrl-C again to exit at once).",
-            file=sys.stderr,
-            flush=True,
+            "(press Ctrl-C again to exit at once)."
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

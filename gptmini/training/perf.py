@@ -1,14 +1,10 @@
-"""Model FLOPs utilisation (achieved FLOP/s over the device's dense peak), and the training step that
-``threads=auto`` times.
+"""Model FLOPs utilisation (achieved FLOP/s over the device's dense peak).
 
 A fixed A100 peak reads over 100% on an H100, so the peak is looked up by device name, can be overridden,
 and is ``None`` (reported as "n/a") where unknown: no number beats a wrong number.
 """
 
 from __future__ import annotations
-
-import copy
-from collections.abc import Callable
 
 import torch
 
@@ -51,25 +47,3 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
     if not peak:
         return None
     return flops_per_token * tokens_per_s / peak
-
-
-def training_step_probe(model: torch.nn.Module, batch_size: int, precision: str) -> Callable[[], None]:
-    """One forward + backward of a training batch's shape on a copy of ``model``: what ``threads=auto`` times.
-
-    A copy, and its own random source, so timing it changes neither the weights nor the run's random
-    numbers; no optimizer step, which costs the same whatever the thread count.
-    """
-    probe = copy.deepcopy(model).train()
-    config = probe.config
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1), generator=generator)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    bf16 = str(precision).startswith("bf16")
-
-    def step() -> None:
-        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = probe.loss(inputs, targets)
-        loss.backward()
-        probe.zero_grad(set_to_none=True)
-
-    return step

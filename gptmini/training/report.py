@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import shlex
-import sys
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gptmini.common import say
 
 
 def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: float, val_tokens: int) -> dict:
@@ -52,11 +53,6 @@ def _best_checkpoint(trainer) -> tuple[str | None, float | None]:
         return None, None
     score = callback.best_model_score if callback.monitor == "val/loss" else None  # another metric's best
     return callback.best_model_path, None if score is None else float(score)
-
-
-def say(message: str) -> None:
-    """Run messages go to stderr, like Lightning's own."""
-    print(message, file=sys.stderr, flush=True)
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:

@@ -21,10 +21,10 @@ from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, OmegaConf
 
 from gptmini.checkpoint import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
-from gptmini.common import GptMiniError, atomic_write_text
+from gptmini.common import GptMiniError, atomic_write_text, say
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache
-from gptmini.threads import AUTO, ThreadChoice, apply_threads, available_cores
+from gptmini.threads import AUTO, ThreadChoice, apply_threads, available_cores, training_step_probe
 from gptmini.training.callbacks import (
     AlignStepLabels,
     GracefulInterrupt,
@@ -39,17 +39,13 @@ from gptmini.training.checkpointing import (
     LastSavedStep,
     check_resumable,
     check_run_directory,
-    finetune_from,
-    finetune_info,
-    init_source_for,
-    load_init_weights,
 )
 from gptmini.training.config import max_time_seconds
 from gptmini.training.eval_callback import hellaswag_callbacks, hellaswag_config
+from gptmini.training.finetune import finetune_from, finetune_info, init_source_for, load_init_weights
 from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
-from gptmini.training.perf import training_step_probe
-from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint, say
+from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint
 from gptmini.training.settings import check_settings, model_config_from, resolve_loss
 from gptmini.training.steps import RunPlan
 
@@ -133,7 +129,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     )
 
     use_tensor_cores(trainer)
-    threads = choose_threads(cfg, trainer, module.model, resumed=ckpt_path)
+    threads = set_training_threads(cfg, trainer, module.model, resumed=ckpt_path)
     module.run_info["threads"] = threads.threads  # a resumed run uses the same count (bitwise equal steps)
     say(f"run directory: {run_dir}")
     say(
@@ -164,7 +160,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     return summary
 
 
-def choose_threads(cfg: DictConfig, trainer: L.Trainer, model, resumed: Path | None = None) -> ThreadChoice:
+def set_training_threads(
+    cfg: DictConfig, trainer: L.Trainer, model, resumed: Path | None = None
+) -> ThreadChoice:
     """Apply ``cfg.threads``; ``auto`` times this run's own training step with 1, 2, 4 … threads.
 
     Only a single process on the CPU is timed: on a GPU the CPU threads barely matter, and processes that

@@ -44,7 +44,7 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
     check_threads_setting(cfg.threads)
     resolve_loss(cfg.loss)  # a bad name fails here, before any data is read
     if cfg.ckpt_path and cfg.init_from:
-        from gptmini.training.checkpointing import check_init_with_resume
+        from gptmini.training.finetune import check_init_with_resume
 
         check_init_with_resume(cfg.ckpt_path, cfg.init_from)  # allowed only to resume that fine-tune
     settings = RunSettings(

@@ -1,0 +1,157 @@
+"""Fine-tuning: what a run starts from (``init_from``) and how (full, or LoRA adapters on frozen weights).
+
+- ``read_init_source``: ``init_from`` reads anything ``gptmini.checkpoint.read_source`` reads: a gptmini
+  checkpoint, a Hugging Face GPT-2 (a Hub name or a folder) or a LoRA checkpoint (merged into its base).
+- ``finetune_from`` and ``load_init_weights``: full fine-tuning or LoRA (``gptmini.model.lora``). A LoRA
+  run's checkpoints hold only the adapters, name their base and record its fingerprint, so a resume reads
+  the base again and refuses one that now holds other weights; it also refuses other finetune settings
+  than the run's (another ``finetune.alpha`` would rescale what the adapters learnt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import tiktoken
+import torch
+
+from gptmini.checkpoint import (
+    CheckpointContents,
+    check_base_fingerprint,
+    crop_positions,
+    gptmini_info,
+    load_weights,
+    read_checkpoint,
+    read_contents,
+    read_source,
+    resolve_checkpoint,
+    weights_fingerprint,
+)
+from gptmini.common import GptMiniError, as_config
+from gptmini.data.tokenizer import tokenizer_from_spec
+from gptmini.model.config import GPTConfig
+from gptmini.model.lora import FinetuneConfig, is_adapter_key
+
+
+def check_same_finetune(contents: CheckpointContents, finetune: FinetuneConfig) -> None:
+    """A resume trains what the checkpoint holds with its own settings: a LoRA checkpoint with LoRA, of the
+    same rank, targets and alpha (another alpha rescales what the adapters learnt); dropout may change."""
+    lora, path = contents.lora, contents.path
+    if (lora is not None) != (finetune.method == "lora"):
+        saved = "a LoRA run's (adapters only)" if lora is not None else "a full run's"
+        raise GptMiniError(
+            f"{path} is {saved} checkpoint, but this run has finetune.method={finetune.method}; resume "
+            "with the finetune settings the run was started with."
+        )
+    if lora is None:
+        return
+    saved = {"rank": lora.rank, "alpha": lora.alpha, "targets": sorted(lora.targets)}
+    asked = {"rank": finetune.rank, "alpha": float(finetune.alpha), "targets": sorted(finetune.targets)}
+    for key, value in saved.items():
+        if asked[key] != value:
+            shown = value if key != "targets" else "[" + ",".join(lora.targets) + "]"
+            change = "rescale" if key == "alpha" else "reshape"
+            raise GptMiniError(
+                f"{path} was trained with finetune.{key}={shown}, this run has finetune.{key}="
+                f"{asked[key]}: resuming would {change} what the adapters learnt. Resume with "
+                f"finetune.{key}={shown}, or start a new fine-tune (init_from=...)."
+            )
+
+
+@dataclass
+class InitSource:
+    """The weights a fine-tune starts from: their model config and tokenizer, and how to name them again."""
+
+    path: Path
+    state: dict[str, torch.Tensor]
+    model_config: GPTConfig
+    tokenizer: tiktoken.Encoding
+    spec: str = ""  # an absolute path or a Hub name: what a LoRA checkpoint records as its base
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """What a LoRA checkpoint records of its base (``gptmini.checkpoint.weights_fingerprint``)."""
+        return weights_fingerprint(self.state)
+
+
+def read_init_source(spec: str) -> InitSource:
+    """Read ``init_from``: a fine-tune keeps the source's tokenizer, or its token ids would mean other
+    things to the weights."""
+    source = read_source(spec)
+    return InitSource(
+        source.path,
+        source.state,
+        source.model_config,
+        tokenizer_from_spec(source.tokenizer_spec),
+        source.spec,
+    )
+
+
+def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource | None:
+    """The weights a run starts from: ``init_from``; or, resuming a LoRA run without it, the base its
+    checkpoint names (the checkpoint holds only the adapters). A LoRA run's base must still hold the
+    weights its adapters were trained on (the fingerprint its checkpoint recorded)."""
+    lora = read_contents(ckpt_path, mmap=True).lora if ckpt_path is not None else None
+    spec = init_from or (lora.base if lora is not None else None)
+    if spec is None:
+        return None
+    init = read_init_source(spec)
+    if lora is not None:
+        check_base_fingerprint(lora, init.state, ckpt_path)
+    return init
+
+
+def _entry(ckpt_path: Path) -> dict:
+    return gptmini_info(read_checkpoint(ckpt_path, mmap=True), ckpt_path)
+
+
+def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
+    """``ckpt_path`` with ``init_from`` is a resume of a fine-tune only when the checkpoint's run started from
+    that same ``init_from`` (so the same command plus ``ckpt_path=`` resumes it); otherwise it is refused."""
+    try:
+        started_from = _entry(resolve_checkpoint(ckpt_path)).get("init_from")
+    except GptMiniError:
+        started_from = None
+    if started_from is None or started_from != init_from:
+        raise GptMiniError(
+            "ckpt_path and init_from are both set: ckpt_path resumes a run (weights, optimizer, step, data "
+            "order), init_from starts a new run from weights only. Keep the one you mean (both are accepted "
+            "only to resume a fine-tune that started from that same init_from)."
+        )
+
+
+def finetune_from(cfg: Any) -> FinetuneConfig:
+    """The checked ``finetune`` settings; LoRA needs weights to adapt (``init_from``, or a LoRA resume), and
+    a resume keeps the settings its checkpoint was trained with (checked here, before any data is read)."""
+    node = cfg.get("finetune") if hasattr(cfg, "get") else None
+    finetune = as_config(node if node is not None else {}, FinetuneConfig, "finetune")
+    if finetune.method == "lora" and not (cfg.init_from or cfg.ckpt_path):
+        raise GptMiniError(
+            "finetune=lora adapts pretrained weights, but no init_from is set; add init_from=gpt2 (or a "
+            "checkpoint, run directory or Hugging Face folder)."
+        )
+    if cfg.ckpt_path:
+        check_same_finetune(read_contents(resolve_checkpoint(cfg.ckpt_path), mmap=True), finetune)
+    return finetune
+
+
+def load_init_weights(model: torch.nn.Module, init: InitSource, model_config: GPTConfig) -> None:
+    """Put the source's weights into the run's model: the position table cropped to the run's context, and
+    a LoRA model's adapters left as they are (B = 0: the model starts exactly at the source)."""
+    state = crop_positions(init.state, model_config.block_size)
+    own_adapters = {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
+    load_weights(model, {**state, **own_adapters}, source=init.path)
+
+
+def finetune_info(init_from: str | None, init: InitSource | None, finetune: FinetuneConfig) -> dict:
+    """What a run's checkpoints record about where its weights came from: ``init_from`` as typed (so the same
+    command plus ``ckpt_path=`` resumes it) and, for LoRA, the adapters' settings and their base."""
+    info: dict = {"init_from": init_from} if init_from else {}
+    if finetune.method == "lora" and init is not None:
+        lora = {"rank": finetune.rank, "alpha": finetune.alpha, "dropout": finetune.dropout}
+        base = {"base": init.spec, "base_fingerprint": init.fingerprint}
+        info["lora"] = {**lora, "targets": list(finetune.targets), **base}
+    return info
