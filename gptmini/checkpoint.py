@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from gptmini.common import GptMiniError, atomic_file, user_error_message
+from gptmini.common import GptMiniError, atomic_file, command_exit_code, say
 
 FORMAT_VERSION = 1
 GPTMINI_KEY = "gptmini"
@@ -655,17 +655,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
+
+    def rebase() -> None:
         path, same = rebase_lora(values["ckpt"], values["base"])
-    except (GptMiniError, OSError) as error:
-        message = user_error_message(error)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    what = "the weights it was trained on" if same else "other weights than it was trained on: re-based"
-    print(f"{path} now names the base {values['base']} ({what}).", file=sys.stderr)
-    return 0
+        what = "the weights it was trained on" if same else "other weights than it was trained on: re-based"
+        say(f"{path} now names the base {values['base']} ({what}).")
+
+    return command_exit_code(rebase)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import IO, Any
@@ -172,6 +172,26 @@ def user_error_message(error: BaseException) -> str | None:
     if is_environment_fault(error):
         return describe_os_error(error, "a file")
     return None
+
+
+def command_exit_code(job: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run one command's work under the policy every gptmini command shares, and return its exit status.
+
+    A user's mistake or a fault of the machine (``user_error_message``) is one ``error:`` line and status 2;
+    Ctrl-C is ``interrupted`` and 130; success is 0. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        job()
+    except KeyboardInterrupt:
+        say(f"\n{interrupted}")
+        return 130
+    except (GptMiniError, OSError) as error:
+        message = user_error_message(error)
+        if message is None:
+            raise
+        say(f"error: {message}")
+        return 2
+    return 0
 
 
 def describe_os_error(error: OSError, what: str) -> str:

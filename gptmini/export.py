@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptmini.common import GptMiniError, _umask, describe_os_error, user_error_message
+from gptmini.common import GptMiniError, _umask, command_exit_code, describe_os_error, say
 
 if TYPE_CHECKING:
     from gptmini.checkpoint import SourceWeights
@@ -295,27 +295,18 @@ def sigterm_as_interrupt():
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        with sigterm_as_interrupt():
-            cfg = parse_args(sys.argv[1:] if argv is None else argv)
-            folder = export(cfg.ckpt, cfg.out)
-    except KeyboardInterrupt:
-        print("\ninterrupted: no export was left half-written.", file=sys.stderr)
-        return 130
-    except ImportError as error:
-        print(f'error: exporting needs the hf extra ({error.name}): pip install -e ".[hf]"', file=sys.stderr)
-        return 2
-    except (GptMiniError, OSError) as error:
-        message = user_error_message(error)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote a Hugging Face GPT-2 folder to {folder} (GPT2LMHeadModel.from_pretrained loads it)",
-        file=sys.stderr,
-    )
-    return 0
+    def run() -> None:
+        try:
+            with sigterm_as_interrupt():
+                cfg = parse_args(sys.argv[1:] if argv is None else argv)
+                folder = export(cfg.ckpt, cfg.out)
+        except ImportError as error:
+            raise GptMiniError(
+                f'exporting needs the hf extra ({error.name}): pip install -e ".[hf]"'
+            ) from None
+        say(f"wrote a Hugging Face GPT-2 folder to {folder} (GPT2LMHeadModel.from_pretrained loads it)")
+
+    return command_exit_code(run, interrupted="interrupted: no export was left half-written.")
 
 
 if __name__ == "__main__":

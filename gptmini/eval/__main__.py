@@ -7,13 +7,12 @@ and status 1; Ctrl-C is status 130.
 
 import sys
 
-from gptmini.common import GptMiniError, user_error_message
-
 
 def main(argv: list[str]) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from gptmini.common import command_exit_code
     from gptmini.eval.run import compose_eval, run_eval
 
     try:
@@ -21,18 +20,7 @@ def main(argv: list[str]) -> int:
     except (HydraException, OmegaConfBaseException) as error:
         print(f"error: {str(error).strip()}", file=sys.stderr)
         return 1
-    try:
-        run_eval(cfg)
-    except (GptMiniError, OSError) as error:
-        message = user_error_message(error)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return command_exit_code(lambda: run_eval(cfg))
 
 
 if __name__ == "__main__":
