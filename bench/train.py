@@ -40,7 +40,6 @@ from gptmini.training.config import compose_config
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer
 from gptmini.training.perf import mfu, peak_flops
-from gptmini.training.steps import RunPlan
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = {"cpu_default": (15, 3), "nanogpt_cpu": (60, 10), "gpt2": (30, 5), "smoke": (3, 1)}  # steps, warmup
@@ -139,12 +138,7 @@ def run_lightning(cfg, targs: dict, model_config, optim, loader, clock: StepCloc
         def on_train_batch_end(self, *_) -> None:
             clock.stamp()
 
-    plan = RunPlan(
-        max_steps=targs["max_steps"],
-        schedule_steps=optim.decay_steps or targs["max_steps"],
-        precision=str(targs["precision"]),
-        clipping=bool(targs["gradient_clip_val"]),
-    )
+    plan, targs = run.plan_run(targs, optim)  # as train() decides it
     lit = GPTTrainingModule(
         asdict(model_config),
         asdict(optim),

@@ -69,6 +69,21 @@ def _write_corpus(folder: Path, n_bytes: int = 60_000, seed: int = 0) -> Path:
 
 
 @pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder this process cannot create anything in (root may write anywhere but in sysfs)."""
+    if os.name == "posix" and os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+    elif Path("/sys/kernel").is_dir():
+        yield Path("/sys")
+    else:
+        pytest.skip("no read-only folder to test with")
+
+
+@pytest.fixture
 def write_corpus():
     """``write_corpus(folder, n_bytes=60_000, seed=0)``: a small synthetic corpus a model can learn."""
     return _write_corpus

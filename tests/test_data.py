@@ -584,21 +584,6 @@ def test_two_processes_prepare_one_cache(tmp_path):
 # --- environment faults: unwritable or full cache directories, Ctrl-C, kill -9 ---
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder this process cannot create anything in."""
-    if os.name == "posix" and os.geteuid() != 0:
-        folder = tmp_path / "read-only"
-        folder.mkdir()
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-    elif Path("/sys/kernel").is_dir():
-        yield Path("/sys/gptmini-cache")  # root may write anywhere but in a pseudo file system like sysfs
-    else:
-        pytest.skip("no read-only folder to test with")
-
-
 def test_read_only_cache_dir(tmp_path, read_only_dir):
     make_corpus(tmp_path / "corpus")
     data = DataConfig(name="text", path=str(tmp_path / "corpus"), cache_dir=str(read_only_dir))

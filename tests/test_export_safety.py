@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -254,21 +253,6 @@ def test_a_destination_that_cannot_hold_the_export_is_one_line(tmp_path, ckpt, c
         out = tmp_path / "a_file" / "out"
     assert export_main([f"ckpt={ckpt}", f"out={out}"]) == 2
     assert re.search(message, one_line_error(capsys))
-
-
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A folder this process cannot create anything in (as in test_data.py)."""
-    if os.name == "posix" and os.geteuid() != 0:
-        folder = tmp_path / "read-only"
-        folder.mkdir()
-        folder.chmod(0o555)
-        yield folder
-        folder.chmod(0o755)
-    elif os.path.isdir("/sys/kernel"):
-        yield Path("/sys")  # root may write anywhere but in a pseudo file system like sysfs
-    else:
-        pytest.skip("no read-only folder to test with")
 
 
 def test_an_out_that_cannot_be_written_is_one_line(ckpt, read_only_dir, capsys):

@@ -158,5 +158,7 @@ def test_the_shakespeare_experiment_is_the_ablations_best_recipe(tmp_path, compo
     assert (settings.optim.name, settings.optim.muon_lr, settings.optim.schedule) == ("muon", 0.02, "wsd")
     assert settings.optim.schedule_by == "time"
     assert settings.trainer_args["max_time"] == "00:00:02:00"
-    plan, trainer_args = plan_run(settings)  # the time budget is the run's length: no step limit
+    plan, trainer_args = plan_run(
+        settings.trainer_args, settings.optim
+    )  # the time budget is the run's length: no step limit
     assert plan.max_steps is None and plan.schedule_steps is None and trainer_args["max_steps"] == -1

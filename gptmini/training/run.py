@@ -45,6 +45,7 @@ from gptmini.training.eval_callback import hellaswag_callbacks, hellaswag_config
 from gptmini.training.finetune import finetune_from, finetune_info, init_source_for, load_init_weights
 from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
+from gptmini.training.optim import OptimConfig
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint
 from gptmini.training.settings import check_settings, model_config_from, resolve_loss
 from gptmini.training.steps import RunPlan
@@ -68,7 +69,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     init = init_source_for(cfg.init_from, ckpt_path)  # init_from, or the base of a LoRA run resumed
     if init is not None:
         model_config_from(cfg, None, source=init.model_config)  # a contradicting model.* fails before data
-    plan, trainer_args = plan_run(settings)
+    plan, trainer_args = plan_run(settings.trainer_args, settings.optim)
     clock = training_clock(settings.trainer_args["max_time"])
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -184,18 +185,18 @@ def set_training_threads(
     return choice
 
 
-def plan_run(settings) -> tuple[RunPlan, dict]:
+def plan_run(trainer_args: dict, optim: OptimConfig) -> tuple[RunPlan, dict]:
     """The run's facts, decided once: its length, the schedule's length, precision and clipping; and the
     Trainer's arguments that follow from them, every interval in optimizer steps. A time budget ends the run
     through ``training_clock``'s Timer (so Lightning's ``max_time`` is not passed: it would start a second
     Timer), and it has no step limit.
     """
-    args = dict(settings.trainer_args)
-    by_time = settings.optim.schedule_by == "time"
+    args = dict(trainer_args)
+    by_time = optim.schedule_by == "time"
     max_steps = None if by_time or args["max_steps"] in (None, -1) else int(args["max_steps"])
     plan = RunPlan(
         max_steps=max_steps,
-        schedule_steps=None if by_time else (settings.optim.decay_steps or max_steps),
+        schedule_steps=None if by_time else (optim.decay_steps or max_steps),
         precision=str(args["precision"]),
         clipping=bool(args.get("gradient_clip_val")),
     )

@@ -206,7 +206,6 @@ def check_trainer_arguments(args: dict) -> None:
 # Words in Lightning's messages, the trainer key each points at (most specific first: a message about
 # devices also names the accelerator) and a value that works.
 _KEY_HINTS = [
-    ("Timer", "max_time", 'trainer.max_time="00:01:00:00" (DD:HH:MM:SS) or null'),
     ("devices", "devices", "trainer.devices=1"),
     ("num_nodes", "num_nodes", "trainer.num_nodes=1"),
     ("recision", "precision", "trainer.precision=auto"),
