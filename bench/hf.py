@@ -5,7 +5,7 @@
     python bench/hf.py --small                # a 2-layer, 64-wide GPT-2 shape: checks the script in seconds
 
 1. Import: a random 124M ``GPT2LMHeadModel`` is saved with ``save_pretrained`` (once, into a temporary
-   folder), then ``gptmini.checkpoint.load_checkpoint(folder)`` is timed: safetensors read, layout
+   folder), then ``gptmini.weights.load_checkpoint(folder)`` is timed: safetensors read, layout
    conversion, GPT built and loaded. Target: at most 10 s on a 2-core CPU.
 2. Fine-tuning on the CPU, batch 1 x 128 tokens, AdamW: full (every weight) against LoRA rank 8 (qkv, proj,
    mlp). Each runs in its own process, so its peak RSS is its own. Target: LoRA trains at most 1% of the
@@ -66,7 +66,7 @@ def peak_rss_mb() -> float:
 
 def fine_tune_figures(args: argparse.Namespace) -> dict:
     """One mode's figures, in this process: trainable share, s/step, peak RSS."""
-    from gptmini.checkpoint import load_checkpoint
+    from gptmini.weights import load_checkpoint
     from gptmini.model.lora import FinetuneConfig, add_lora, trainable_fraction
 
     torch.set_num_threads(args.threads)
@@ -104,7 +104,7 @@ def run_mode(args: argparse.Namespace, folder: Path, mode: str) -> dict:
 
 
 def import_seconds(folder: Path) -> float:
-    from gptmini.checkpoint import load_checkpoint
+    from gptmini.weights import load_checkpoint
 
     started = time.perf_counter()
     load_checkpoint(folder)
@@ -112,7 +112,7 @@ def import_seconds(folder: Path) -> float:
 
 
 def decode_tokens_per_s(folder: Path, new_tokens: int) -> float:
-    from gptmini.checkpoint import load_checkpoint
+    from gptmini.weights import load_checkpoint
     from gptmini.generation.sampling import SamplingOptions, sample_tokens
 
     model = load_checkpoint(folder).model

@@ -21,7 +21,7 @@ _PUBLIC = {
     "MODEL_SIZES": "gptmini.model.config",
     "GptMiniError": "gptmini.common",
     "train": "gptmini.training.run",
-    "load_checkpoint": "gptmini.checkpoint",
+    "load_checkpoint": "gptmini.weights",
 }
 __all__ = [*_PUBLIC, "__version__"]
 

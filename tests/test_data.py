@@ -511,7 +511,7 @@ def test_given_named_encoding(tmp_path, gpt2_available):
 
 
 def test_gpt2_has_one_cache_key_however_it_was_obtained(tmp_path, gpt2_available):
-    from gptmini.checkpoint import GPT2_TOKENIZER
+    from gptmini.weights import GPT2_TOKENIZER
     from gptmini.data.shards import tokenizer_folder, tokenizer_key
     from gptmini.data.tokenizer import tokenizer_from_spec
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptmini.checkpoint import load_checkpoint
+from gptmini.weights import load_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.eval.__main__ import main as eval_main
 from gptmini.eval.config import EvalConfig, HellaSwagConfig

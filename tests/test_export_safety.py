@@ -16,11 +16,11 @@ import textwrap
 import pytest
 import torch
 
-from gptmini.checkpoint import (
+from gptmini.weights import (
     gptmini_entry,
     load_checkpoint,
     read_checkpoint,
-    read_source,
+    read_weights,
     save_model_checkpoint,
 )
 from gptmini.common import GptMiniError
@@ -31,9 +31,9 @@ from gptmini.model.gpt import GPT
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-import gptmini.export as export_module  # noqa: E402 - needs the hf extra
-from gptmini.export import export  # noqa: E402
-from gptmini.export import main as export_main  # noqa: E402
+import gptmini.hf.export as export_module  # noqa: E402 - needs the hf extra
+from gptmini.hf.export import export  # noqa: E402
+from gptmini.hf.export import main as export_main  # noqa: E402
 
 CORPUS = "".join(
     f"The {w} sat on the mat, {i} times. Ünïcödé café {w * 2}!\n    def f{i}(x): return x + {i}\n"
@@ -151,12 +151,12 @@ def test_ctrl_c_while_writing_exits_130_and_leaves_nothing_half_written(
 
 
 def run_export_that_signals_itself(ckpt, out, signum, cwd):
-    """``python -m gptmini.export`` in a fresh process that sends itself ``signum`` while it writes the
+    """``python -m gptmini.hf.export`` in a fresh process that sends itself ``signum`` while it writes the
     second file of the export (the first is already on disk)."""
     script = textwrap.dedent(
         f"""
         import os, sys
-        import gptmini.export as e
+        import gptmini.hf.export as e
         real, count = e._write_file, []
         def write(path, data):
             count.append(1)
@@ -219,7 +219,7 @@ def test_the_cli_refuses_in_one_line_with_exit_2(tmp_path, ckpt, repo_root):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
     done = subprocess.run(
-        [sys.executable, "-m", "gptmini.export", f"ckpt={ckpt}", f"out={tmp_path / 'out'}"],
+        [sys.executable, "-m", "gptmini.hf.export", f"ckpt={ckpt}", f"out={tmp_path / 'out'}"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -268,7 +268,7 @@ def lora_checkpoint(path, base, rank=4, alpha=8.0, fingerprint=True, seed=0, **c
     entries of its lora record (to damage it)."""
     from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
 
-    source = read_source(base)
+    source = read_weights(base)
     torch.manual_seed(seed)
     model = GPT(source.model_config)
     add_lora(model, FinetuneConfig(method="lora", rank=rank, alpha=alpha))
@@ -322,7 +322,7 @@ def test_an_exported_bpe_model_reads_back_with_its_own_tokenizer(tmp_path, ckpt,
     from gptmini.generation.text import GenerateTextConfig, generate_text
 
     out = export(str(ckpt), tmp_path / "out")
-    assert read_source(out).tokenizer_spec == tokenizer_to_spec(bpe)  # the very BPE, not GPT-2's
+    assert read_weights(out).tokenizer_spec == tokenizer_to_spec(bpe)  # the very BPE, not GPT-2's
     texts = {}
     for source in (ckpt, out):
         config = GenerateTextConfig(ckpt=str(source), prompt="The cat", max_new_tokens=30, temperature=0.0)
@@ -399,12 +399,12 @@ def base_and_lora(tmp_path, ckpt):
 
 
 def test_a_replaced_base_is_refused_until_rebased_on_purpose(tmp_path, bpe, base_and_lora, capsys):
-    from gptmini.checkpoint import main as checkpoint_main
-    from gptmini.checkpoint import weights_fingerprint
+    from gptmini.weights import main as checkpoint_main
+    from gptmini.weights import weights_fingerprint
 
     base, lora = base_and_lora
     assert read_checkpoint(lora)["gptmini"]["lora"]["base_fingerprint"] == weights_fingerprint(
-        read_source(base).state
+        read_weights(base).state
     )
     load_checkpoint(lora)
     export(str(bpe_checkpoint(tmp_path / "other.ckpt", bpe, seed=1)), base)  # same shape, other weights
@@ -412,24 +412,24 @@ def test_a_replaced_base_is_refused_until_rebased_on_purpose(tmp_path, bpe, base
         GptMiniError, match=r"whose base .*/base now holds other weights than the adapters"
     ) as info:
         load_checkpoint(lora)
-    assert f"python -m gptmini.checkpoint rebase ckpt={lora} base=<its base>" in str(info.value)
+    assert f"python -m gptmini.weights rebase ckpt={lora} base=<its base>" in str(info.value)
     assert "\n" not in str(info.value)
 
     assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={base}"]) == 0
     assert "other weights than it was trained on: re-based" in capsys.readouterr().err
     merged = load_checkpoint(lora).model.state_dict()  # the adapters, now on the new base
-    new_base, adapters = read_source(base).state, read_checkpoint(lora)["state_dict"]
+    new_base, adapters = read_weights(base).state, read_checkpoint(lora)["state_dict"]
     a, b = adapters["model.blocks.0.attn.qkv.lora_a"], adapters["model.blocks.0.attn.qkv.lora_b"]
     expected = new_base["blocks.0.attn.qkv.weight"] + 8.0 / 4 * (b @ a)  # alpha / rank
     assert torch.allclose(merged["blocks.0.attn.qkv.weight"], expected)
 
 
 def test_rebase_refuses_what_it_cannot_apply_the_adapters_to(tmp_path, base_and_lora, capsys):
-    from gptmini.checkpoint import main as checkpoint_main
+    from gptmini.weights import main as checkpoint_main
 
     base, lora = base_and_lora
     assert checkpoint_main(["rebase", f"ckpt={base / 'config.json'}"]) == 2
-    assert "usage: python -m gptmini.checkpoint rebase ckpt=" in one_line_error(capsys)
+    assert "usage: python -m gptmini.weights rebase ckpt=" in one_line_error(capsys)
     other = train_bpe([CORPUS[:5000]], vocab_size=320)
     small = bpe_checkpoint(tmp_path / "small.ckpt", other)
     assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={small}"]) == 2
@@ -517,7 +517,7 @@ def test_lora_bases_that_form_a_cycle_are_one_short_line(tmp_path, base_and_lora
 def test_a_base_of_another_shape_is_named_not_a_matmul_error(tmp_path, base_and_lora):
     base, _ = base_and_lora
     old = lora_checkpoint(tmp_path / "old.ckpt", base, fingerprint=False)  # nothing to tell weights apart
-    enc = read_source(base)
+    enc = read_weights(base)
     torch.manual_seed(0)
     wider = GPT(GPTConfig(vocab_size=384, block_size=32, n_layer=2, n_head=2, n_embd=64))
     save_model_checkpoint(tmp_path / "wider.ckpt", wider, enc.tokenizer_spec)

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gptmini import GPT, GPTConfig
-from gptmini.checkpoint import save_model_checkpoint
+from gptmini.weights import save_model_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec
 from gptmini.generation import text as text_module

@@ -4,7 +4,7 @@ sampling); when the change is intended, say so in the commit and update the numb
 
 import torch
 
-from gptmini.checkpoint import load_checkpoint
+from gptmini.weights import load_checkpoint
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.training.run import train
 

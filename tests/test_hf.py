@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from gptmini.checkpoint import load_checkpoint, read_source, save_model_checkpoint
+from gptmini.weights import load_checkpoint, read_weights, save_model_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec, train_bpe
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
@@ -20,8 +20,8 @@ from gptmini.model.gpt import GPT
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
-from gptmini.export import export  # noqa: E402 - needs the hf extra
-from gptmini.export import main as export_main  # noqa: E402
+from gptmini.hf.export import export  # noqa: E402 - needs the hf extra
+from gptmini.hf.export import main as export_main  # noqa: E402
 from gptmini.hf.convert import state_dict_from_hf  # noqa: E402
 
 GPT2_VOCAB = 50257
@@ -113,7 +113,7 @@ def test_generate_from_a_hf_folder_streams_text(hf_folder, capsys, gpt2_availabl
 def test_init_from_a_hf_folder_takes_its_shape_and_crops_the_context(
     hf_folder, tmp_path, tiny_train_overrides, compose_train, gpt2_available
 ):
-    from gptmini.checkpoint import read_checkpoint
+    from gptmini.weights import read_checkpoint
     from gptmini.training.run import train
 
     _, folder = hf_folder
@@ -153,7 +153,7 @@ def test_a_model_override_contradicting_the_imported_shape_is_one_line(
 
 def test_unknown_model_name_lists_the_names():
     with pytest.raises(GptMiniError, match=r"checkpoint not found: gpt3\. .* GPT-2 name \(gpt2, gpt2-medium"):
-        read_source("gpt3")
+        read_weights("gpt3")
 
 
 def test_offline_with_nothing_cached_says_what_is_missing(tmp_path, monkeypatch):
@@ -165,7 +165,7 @@ def test_offline_with_nothing_cached_says_what_is_missing(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)  # no folder called gpt2 here
     message = r"gpt2: cannot get config.json of openai-community/gpt2 \(HF_HUB_OFFLINE is set .*local folder"
     with pytest.raises(GptMiniError, match=message):
-        read_source("gpt2")
+        read_weights("gpt2")
 
 
 def test_hf_folder_without_weights_or_config(hf_folder):
@@ -174,11 +174,11 @@ def test_hf_folder_without_weights_or_config(hf_folder):
     with pytest.raises(
         GptMiniError, match=r"has no weights: expected model.safetensors or pytorch_model.bin"
     ):
-        read_source(folder)
+        read_weights(folder)
     (folder / "config.json").unlink()
     (folder / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(GptMiniError, match=r"has no config.json, so the model's shape is unknown"):
-        read_source(folder)
+        read_weights(folder)
 
 
 def test_hf_folder_with_corrupt_weights(hf_folder):
@@ -188,7 +188,7 @@ def test_hf_folder_with_corrupt_weights(hf_folder):
     with pytest.raises(
         GptMiniError, match=r"cannot read the weights .*model.safetensors .*truncated or corrupt"
     ):
-        read_source(folder)
+        read_weights(folder)
 
 
 def test_hf_config_gptmini_cannot_reproduce_is_refused(hf_folder):
@@ -198,7 +198,7 @@ def test_hf_config_gptmini_cannot_reproduce_is_refused(hf_folder):
     with pytest.raises(
         GptMiniError, match=r"activation_function='relu', which gptmini's GPT cannot reproduce"
     ):
-        read_source(folder)
+        read_weights(folder)
 
 
 @pytest.mark.slow
@@ -288,7 +288,7 @@ def test_export_arguments_are_checked(capsys):
 
 def test_state_dict_conversion_transposes_conv1d_only(hf_folder):
     model, _ = hf_folder
-    config = read_source(hf_folder[1]).model_config
+    config = read_weights(hf_folder[1]).model_config
     state = state_dict_from_hf(model.state_dict(), config)
     hf_state = model.state_dict()
     assert torch.equal(state["blocks.1.attn.qkv.weight"], hf_state["transformer.h.1.attn.c_attn.weight"].t())
@@ -405,7 +405,7 @@ def test_a_sharded_save_loads(tmp_path, gpt2_available):
     assert (logits_of(load_checkpoint(folder).model, idx) - logits_of(model, idx)).abs().max() <= 1e-4
     next(folder.glob("model-*-of-*.safetensors")).unlink()
     with pytest.raises(GptMiniError, match=r"names the shard model-.*, which is missing from"):
-        read_source(folder)
+        read_weights(folder)
 
 
 def test_ckpt_gpt2_without_a_network_asks_the_cache_alone(tmp_path, monkeypatch):
@@ -426,7 +426,7 @@ def test_ckpt_gpt2_without_a_network_asks_the_cache_alone(tmp_path, monkeypatch)
     with pytest.raises(
         GptMiniError, match=r"no network: the Hub cannot be reached, and it is not in the cache"
     ):
-        read_source("gpt2")
+        read_weights("gpt2")
     assert asked == [{"local_files_only": True}]
 
 
@@ -447,9 +447,9 @@ def test_a_gpt2_tokenizer_json_reads_as_gpt2s_tokenizer(hf_folder, tmp_path, gpt
     """gptmini's own GPT-2 export, and transformers' save of that tokenizer (ByteLevel with its regex)."""
     model, folder = hf_folder
     out = export(str(folder), tmp_path / "out")
-    assert read_source(out).tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"}
+    assert read_weights(out).tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"}
     resaved = tmp_path / "resaved"
     model.save_pretrained(resaved)
     transformers.AutoTokenizer.from_pretrained(out).save_pretrained(resaved)
     assert json.loads((resaved / "tokenizer.json").read_text())["pre_tokenizer"]["type"] == "ByteLevel"
-    assert read_source(resaved).tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"}
+    assert read_weights(resaved).tokenizer_spec == {"kind": "tiktoken", "name": "gpt2"}

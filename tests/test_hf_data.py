@@ -80,7 +80,7 @@ def test_local_jsonl_tokenized_into_shards_by_documents(tmp_path):
 
 
 def test_an_imported_gpt2s_tokenizer_finds_the_tokenizer_gpt2_cache(tmp_path):
-    from gptmini.checkpoint import GPT2_TOKENIZER
+    from gptmini.weights import GPT2_TOKENIZER
     from gptmini.data.tokenizer import tokenizer_from_spec
 
     data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)))

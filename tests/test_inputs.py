@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from gptmini.checkpoint import GPTMINI_KEY
+from gptmini.weights import GPTMINI_KEY
 from gptmini.common import GptMiniError
 from gptmini.generation.text import GenerateTextConfig, generate_text
 from gptmini.training.run import train

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from gptmini.checkpoint import load_checkpoint, read_checkpoint
+from gptmini.weights import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
@@ -102,7 +102,7 @@ def test_lora_fine_tune_trains_resumes_exports_and_generates(
     signal_at_step, tmp_path, tiny_train_overrides, compose_train, capsys, gpt2_available
 ):
     transformers = pytest.importorskip("transformers")
-    from gptmini.export import export
+    from gptmini.hf.export import export
     from gptmini.generation.text import GenerateTextConfig, generate_text
     from gptmini.training.run import train
 

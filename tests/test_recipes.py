@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from gptmini.checkpoint import load_checkpoint, read_checkpoint
+from gptmini.weights import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.training.run import train

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from gptmini.checkpoint import atomic_torch_save, read_checkpoint
+from gptmini.weights import atomic_torch_save, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.training.callbacks import GracefulInterrupt
 from gptmini.training.run import train
@@ -345,7 +345,7 @@ def test_full_disk_while_saving_a_checkpoint_says_the_previous_one_is_intact(
 ):
     import errno
 
-    import gptmini.checkpoint as checkpoint_module
+    import gptmini.weights as checkpoint_module
 
     real_save, saves = torch.save, []
 
@@ -385,7 +385,7 @@ def test_full_disk_while_saving_a_checkpoint_says_the_previous_one_is_intact(
 def test_checkpoint_with_unexpected_contents_names_the_key_and_the_version(
     tmp_path, tiny_train_overrides, compose_train, damage, message
 ):
-    from gptmini.checkpoint import load_checkpoint
+    from gptmini.weights import load_checkpoint
 
     train(compose_train(tiny_train_overrides + ["trainer.max_steps=2"]), out_dir=tmp_path / "a")
     checkpoint = read_checkpoint(tmp_path / "a" / "checkpoints" / "last.ckpt")

@@ -10,7 +10,7 @@ import lightning as L
 import pytest
 import torch
 
-from gptmini.checkpoint import read_checkpoint, resolve_checkpoint
+from gptmini.weights import read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.training.run import train
 

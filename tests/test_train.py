@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from gptmini.checkpoint import load_checkpoint, read_checkpoint
+from gptmini.weights import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError, as_config
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig

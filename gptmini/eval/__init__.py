@@ -7,6 +7,6 @@ One concern: scoring a trained model on held-out tasks. Modules:
     val         validation loss and bits per byte of a checkpoint on any data config
     run         ``run_eval(cfg)``: load, evaluate, print the figures and one final JSON line
 
-May import ``gptmini.checkpoint``, ``gptmini.data``, ``gptmini.model`` and ``gptmini.common``; must not import
+May import ``gptmini.weights``, ``gptmini.data``, ``gptmini.model`` and ``gptmini.common``; must not import
 ``gptmini.training`` (training imports this package for its optional HellaSwag callback).
 """

@@ -23,7 +23,7 @@ class EvalConfig:
     """``python -m gptmini.eval``: each key and its default (configs/eval.yaml picks the data group)."""
 
     ckpt: str = "latest"
-    """A .ckpt file, a run directory or ``latest``; anything ``gptmini.checkpoint.load_checkpoint`` loads."""
+    """A .ckpt file, a run directory or ``latest``; anything ``gptmini.weights.load_checkpoint`` loads."""
     task: str = "hellaswag"
     """hellaswag (multiple choice by completion loss) or val (validation loss and bits per byte)."""
     path: str | None = None

@@ -1,6 +1,6 @@
 """``run_eval(cfg) -> result``: what ``python -m gptmini.eval`` runs, importable so tests call it directly.
 
-It loads the checkpoint (``gptmini.checkpoint.load_checkpoint``: anything it accepts), runs the task,
+It loads the checkpoint (``gptmini.weights.load_checkpoint``: anything it accepts), runs the task,
 prints the figures on stderr-free stdout lines and, last, one JSON line with the result.
 """
 
@@ -11,7 +11,7 @@ import time
 
 from omegaconf import DictConfig
 
-from gptmini.checkpoint import load_checkpoint
+from gptmini.weights import load_checkpoint
 from gptmini.common import CONFIG_DIR, as_config, pick_device
 from gptmini.eval import hellaswag
 from gptmini.eval.config import EvalConfig

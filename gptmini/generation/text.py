@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from gptmini.checkpoint import load_checkpoint
+from gptmini.weights import load_checkpoint
 from gptmini.common import GptMiniError, as_config, check_seed, pick_device, say
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window

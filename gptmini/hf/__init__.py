@@ -6,5 +6,5 @@
 - ``tokenizer_export``: a ``tokenizer.json`` (and GPT-2's vocab.json/merges.txt) from a tiktoken encoding.
 - ``tokenizer_import``: the other way: a folder's ``tokenizer.json`` as the tiktoken encoding it describes.
 
-``gptmini.export`` (``python -m gptmini.export``) writes a whole folder with them.
+``gptmini.hf.export`` (``python -m gptmini.hf.export``) writes a whole folder with them.
 """

@@ -13,7 +13,7 @@ The two models compute the same function; only the storage differs:
   ``transformer.`` prefix; both are accepted.
 - A config value of the wrong type (``layer_norm_epsilon: null``) or absurd size (``n_positions: 1e12``) is
   one line naming the key; the weights are then checked against the config by
-  ``gptmini.checkpoint.check_weights`` (names, shapes, floating point, finite).
+  ``gptmini.weights.check_weights`` (names, shapes, floating point, finite).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checkpoints during training: atomic writes, run directories, and what a resume may start from.
 
-- ``AtomicCheckpointIO``: Lightning writes every checkpoint through ``gptmini.checkpoint.atomic_torch_save``
+- ``AtomicCheckpointIO``: Lightning writes every checkpoint through ``gptmini.weights.atomic_torch_save``
   and reads it with ``weights_only=True``; a full disk or a read-only folder is one line that says the
   previous checkpoint is intact.
 - ``check_run_directory``: a run never writes over another run's checkpoints. A resumed run may continue in
@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gptmini.checkpoint import (
+from gptmini.weights import (
     atomic_torch_save,
     check_state_fits,
     read_checkpoint,

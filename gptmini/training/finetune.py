@@ -1,6 +1,6 @@
 """Fine-tuning: what a run starts from (``init_from``) and how (full, or LoRA adapters on frozen weights).
 
-- ``read_init_source``: ``init_from`` reads anything ``gptmini.checkpoint.read_source`` reads: a gptmini
+- ``read_init_source``: ``init_from`` reads anything ``gptmini.weights.read_weights`` reads: a gptmini
   checkpoint, a Hugging Face GPT-2 (a Hub name or a folder) or a LoRA checkpoint (merged into its base).
 - ``finetune_from`` and ``load_init_weights``: full fine-tuning or LoRA (``gptmini.model.lora``). A LoRA
   run's checkpoints hold only the adapters, name their base and record its fingerprint, so a resume reads
@@ -18,7 +18,7 @@ from typing import Any
 import tiktoken
 import torch
 
-from gptmini.checkpoint import (
+from gptmini.weights import (
     CheckpointContents,
     check_base_fingerprint,
     crop_positions,
@@ -26,7 +26,7 @@ from gptmini.checkpoint import (
     load_weights,
     read_checkpoint,
     read_contents,
-    read_source,
+    read_weights,
     resolve_checkpoint,
     weights_fingerprint,
 )
@@ -73,14 +73,14 @@ class InitSource:
 
     @cached_property
     def fingerprint(self) -> str:
-        """What a LoRA checkpoint records of its base (``gptmini.checkpoint.weights_fingerprint``)."""
+        """What a LoRA checkpoint records of its base (``gptmini.weights.weights_fingerprint``)."""
         return weights_fingerprint(self.state)
 
 
 def read_init_source(spec: str) -> InitSource:
     """Read ``init_from``: a fine-tune keeps the source's tokenizer, or its token ids would mean other
     things to the weights."""
-    source = read_source(spec)
+    source = read_weights(spec)
     return InitSource(
         source.path,
         source.state,

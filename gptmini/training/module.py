@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptmini.checkpoint import GPTMINI_KEY, gptmini_entry
+from gptmini.weights import GPTMINI_KEY, gptmini_entry
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT

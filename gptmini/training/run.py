@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.checkpoint import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
+from gptmini.weights import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError, atomic_write_text, say
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache

@@ -1,4 +1,4 @@
-"""Export to the Hugging Face format: ``python -m gptmini.export ckpt=<file | run dir | latest> out=DIR``.
+"""Export to the Hugging Face format: ``python -m gptmini.hf.export ckpt=<file | run dir | latest> out=DIR``.
 
 Writes a GPT-2 folder that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load: config.json, generation_config.json, model.safetensors, and the
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from gptmini.common import GptMiniError, _umask, command_exit_code, describe_os_error, say
 
 if TYPE_CHECKING:
-    from gptmini.checkpoint import SourceWeights
+    from gptmini.weights import SourceWeights
 
 WEIGHTS_FILE = "model.safetensors"
 # What a Hugging Face model folder holds (an earlier export, or a save_pretrained): replaced with the folder.
@@ -64,7 +64,7 @@ SHARD_FILE = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 
 @dataclass
 class ExportConfig:
-    """Options of ``python -m gptmini.export``."""
+    """Options of ``python -m gptmini.hf.export``."""
 
     ckpt: str = "latest"
     """A .ckpt file, a run directory, ``latest``, or anything generate.py's ckpt= takes."""
@@ -80,11 +80,11 @@ class ExportConfig:
 
 def export(ckpt: str, out: str | Path) -> Path:
     """Write the Hugging Face GPT-2 folder for ``ckpt`` into ``out``; return the folder."""
-    from gptmini.checkpoint import read_source
+    from gptmini.weights import read_weights
 
     folder = Path(out).expanduser().resolve()
     check_destination(folder)
-    source = read_source(ckpt)
+    source = read_weights(ckpt)
     check_not_a_dependency(folder, source.depends_on)
     write_folder(folder, export_files(source))
     return folder

@@ -1,10 +1,11 @@
-"""Self-contained checkpoints: find them, write them atomically, load them safely.
+"""Where weights come from: self-contained checkpoints (found, written atomically, loaded safely), Hugging
+Face folders and LoRA adapters merged into their base; `read_weights(spec)` reads any of them.
 
 A gptmini checkpoint is a Lightning checkpoint with one extra entry, ``checkpoint["gptmini"]``, holding
 everything generation needs besides the weights: the model config and the tokenizer (a trained BPE's ranks
 included). So ``generate.py`` needs only the file — no dataset, no Hydra run directory.
 
-``read_source`` also reads what is not a gptmini checkpoint but holds the same model: a Hugging Face GPT-2
+``read_weights`` also reads what is not a gptmini checkpoint but holds the same model: a Hugging Face GPT-2
 (``gpt2``, ``gpt2-medium``, ``gpt2-large``, ``gpt2-xl`` or a local folder; ``gptmini.hf``), and a LoRA
 checkpoint, which holds only adapters and names its base: the base is read and the adapters merged in.
 
@@ -15,7 +16,7 @@ shapes and values, a LoRA entry), so every reader gets the same one-line answer 
 
 A LoRA checkpoint records a fingerprint of its base's weights (``weights_fingerprint``): a base replaced by
 other weights, even of the same shape, is refused instead of silently getting the adapters.
-``python -m gptmini.checkpoint rebase ckpt=<LoRA checkpoint> base=<weights>`` points a checkpoint at another
+``python -m gptmini.weights rebase ckpt=<LoRA checkpoint> base=<weights>`` points a checkpoint at another
 base on purpose (and records that base's fingerprint).
 """
 
@@ -130,7 +131,7 @@ def gptmini_info(checkpoint: dict, path: Path | str) -> dict:
     if info is None:
         raise GptMiniError(
             f"{path} has no gptmini entry: it was not written by gptmini's train.py. "
-            "Retrain, or save one with gptmini.checkpoint.save_model_checkpoint."
+            "Retrain, or save one with gptmini.weights.save_model_checkpoint."
         )
     if not isinstance(info, dict):
         raise GptMiniError(
@@ -155,7 +156,7 @@ def model_config_of(info: dict, path: Path | str):
     if not isinstance(config, dict):
         raise GptMiniError(
             f"{path} has no gptmini model config: it was not written by gptmini's train.py. "
-            "Retrain, or save one with gptmini.checkpoint.save_model_checkpoint."
+            "Retrain, or save one with gptmini.weights.save_model_checkpoint."
         )
     known = {field.name for field in dataclasses.fields(GPTConfig)} | {"attention"}  # old: GPTConfig drops it
     unknown = sorted(set(config) - known, key=str)
@@ -343,7 +344,7 @@ def _lora_entry(lora: Any, path: Path) -> LoraEntry | None:
     if Path(base).expanduser().resolve() == path.resolve():
         raise GptMiniError(
             f"{path} is a LoRA checkpoint that names itself as its base; {DAMAGED} (or point it at its "
-            f"real base: python -m gptmini.checkpoint rebase ckpt={path} base=<the base>)."
+            f"real base: python -m gptmini.weights rebase ckpt={path} base=<the base>)."
         )
     return LoraEntry(rank, float(alpha), float(dropout), list(targets), base, fingerprint)
 
@@ -420,7 +421,7 @@ def check_base_fingerprint(lora: LoraEntry, base_state: Mapping[str, torch.Tenso
     A checkpoint written before fingerprints were recorded is read with a warning: its base cannot be
     checked, and ``rebase`` records one.
     """
-    rebase = f"python -m gptmini.checkpoint rebase ckpt={path} base=<its base>"
+    rebase = f"python -m gptmini.weights rebase ckpt={path} base=<its base>"
     if lora.base_fingerprint is None:
         warnings.warn(
             f"{path} records no fingerprint of its LoRA base {lora.base} (an older gptmini wrote it), so "
@@ -455,7 +456,7 @@ class LoadedCheckpoint:
 
 @dataclass
 class SourceWeights:
-    """Plain ``GPT`` weights from anywhere ``read_source`` reads, with their config and tokenizer."""
+    """Plain ``GPT`` weights from anywhere ``read_weights`` reads, with their config and tokenizer."""
 
     spec: str  # how to name it again from any directory: an absolute path, or a Hub name
     path: Path  # the file the weights came from
@@ -473,7 +474,7 @@ class SourceWeights:
         return weights_fingerprint(self.state)
 
 
-def read_source(spec: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> SourceWeights:
+def read_weights(spec: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> SourceWeights:
     """Read weights to generate from or fine-tune: a gptmini checkpoint, run dir or ``latest``; a LoRA
     checkpoint (merged into its base); or a Hugging Face GPT-2 (a Hub name or a folder).
 
@@ -488,7 +489,7 @@ def read_source(spec: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> Sourc
         names = " -> ".join(str(p) for p in (*_chain, path.resolve()))
         raise BaseCycleError(
             f"the LoRA checkpoints' bases form a cycle ({names}): each must end at plain weights; point "
-            "one at its real base with python -m gptmini.checkpoint rebase ckpt=<it> base=<the base>."
+            "one at its real base with python -m gptmini.weights rebase ckpt=<it> base=<the base>."
         )
     contents = checked_contents(read_checkpoint(path, map_location="cpu"), path)
     state, depends_on = contents.state, (path.resolve(),)
@@ -505,7 +506,7 @@ def _read_base(contents: CheckpointContents, chain: tuple[Path, ...]) -> SourceW
     """The base a LoRA checkpoint names, read (a missing one is one line) and checked by its fingerprint."""
     lora = contents.lora
     try:
-        base = read_source(lora.base, chain)
+        base = read_weights(lora.base, chain)
     except BaseCycleError:
         raise  # already names every checkpoint of the cycle
     except GptMiniError as error:
@@ -563,11 +564,11 @@ def crop_positions(state: dict[str, torch.Tensor], block_size: int) -> dict[str,
 
 
 def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Load weights (anything ``read_source`` reads) into an eval-mode GPT on ``device``, + tokenizer."""
+    """Load weights (anything ``read_weights`` reads) into an eval-mode GPT on ``device``, + tokenizer."""
     from gptmini import GPT
     from gptmini.data.tokenizer import tokenizer_from_spec
 
-    source = read_source(spec)
+    source = read_weights(spec)
     tokenizer = tokenizer_from_spec(source.tokenizer_spec)
     model = GPT(source.model_config)
     load_weights(model, source.state, source=source.path)
@@ -616,7 +617,7 @@ def _first_few(names: list[str], limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Re-basing a LoRA checkpoint on purpose: python -m gptmini.checkpoint rebase ckpt=... base=...
+# Re-basing a LoRA checkpoint on purpose: python -m gptmini.weights rebase ckpt=... base=...
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -629,7 +630,7 @@ def rebase_lora(ckpt: str | os.PathLike, base: str | os.PathLike) -> tuple[Path,
     contents = checked_contents(checkpoint, path)
     if contents.lora is None:
         raise GptMiniError(f"{path} is not a LoRA checkpoint: it holds all its weights and names no base.")
-    source = read_source(base, _chain=(path.resolve(),))
+    source = read_weights(base, _chain=(path.resolve(),))
     if source.tokenizer_spec != contents.tokenizer_spec:
         raise GptMiniError(
             f"{source.spec} has another tokenizer than the one {path}'s adapters were trained with: its "
@@ -646,12 +647,12 @@ def rebase_lora(ckpt: str | os.PathLike, base: str | os.PathLike) -> tuple[Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gptmini.checkpoint rebase ckpt=<LoRA checkpoint> base=<weights>``."""
+    """``python -m gptmini.weights rebase ckpt=<LoRA checkpoint> base=<weights>``."""
     args = sys.argv[1:] if argv is None else argv
     values = dict(arg.partition("=")[::2] for arg in args[1:])
     if args[:1] != ["rebase"] or set(values) != {"ckpt", "base"} or not all(values.values()):
         print(
-            "error: usage: python -m gptmini.checkpoint rebase ckpt=<LoRA checkpoint> base=<weights>",
+            "error: usage: python -m gptmini.weights rebase ckpt=<LoRA checkpoint> base=<weights>",
             file=sys.stderr,
         )
         return 2
