@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.common import atomic_file, say
-from gptmini.training.perf import mfu, peak_flops
+from gptmini.training.perf import flops_per_token, mfu, peak_flops
 from gptmini.training.steps import StepBoundaries, align_logged_step, is_logging_step
 
 
@@ -49,7 +49,7 @@ class Throughput(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak = peak_flops(pl_module.device, str(trainer.precision), self.peak_override)
-        self._flops_per_token = pl_module.model.flops_per_token()
+        self._flops_per_token = flops_per_token(pl_module.model)
         self._start_window(pl_module)
 
     def _start_window(self, pl_module, keep_tokens: bool = False) -> None:

@@ -22,7 +22,7 @@ from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
-from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
+from gptmini.training.optim import OptimConfig, adamw_fused, build_lr_schedule, build_optimizer, lr_at
 from gptmini.training.steps import RunPlan, is_logging_step
 
 
@@ -184,15 +184,10 @@ class GPTTrainingModule(L.LightningModule):
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip as Lightning does, except for a fused optimizer, which Lightning's mixed precision refuses.
-
-        The plugin assumes that a fused optimizer unscales a float16 GradScaler's gradients inside its step,
-        so it will not clip before that step, even under bf16-mixed, which has no scaler. ``adamw_fused``
-        never fuses where a scaler meets clipping (16-mixed), so a fused optimizer's gradients here are true
-        values under every precision, and clipping them is what a plain PyTorch loop does. Without this,
-        every bf16 run on a GPU (fused AdamW) stopped at its first step.
-        """
-        fused = any(group.get("fused") for group in optimizer.param_groups)
+        """Clip as Lightning does, except where ``adamw_fused`` made AdamW fused: Lightning's mixed-precision
+        plugin refuses to clip a fused optimizer (even under bf16-mixed, which has no scaler), although its
+        gradients are true values here. Without this, every bf16 run on a GPU stopped at its first step."""
+        fused = adamw_fused(self.device, self.plan.precision, self.plan.clipping)
         # FSDP clips its shards through its own path (a local norm would be wrong): Lightning's, untouched.
         if not (fused and gradient_clip_val) or isinstance(self.trainer.strategy, FSDPStrategy):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -134,18 +134,28 @@ SCALED_PRECISIONS = ("16-mixed", "16")
 def adamw_fused(device: torch.device | str, precision: str | None = None, clipping: bool = False) -> bool:
     """Whether AdamW runs fused (one kernel for all parameters): on CUDA, where its gradients can be clipped.
 
+    The one place that decides: ``build_optimizer`` builds by it and ``GPTTrainingModule`` clips by it.
     Fused AdamW unscales a GradScaler's gradients inside its own step (torch marks it
     ``_step_supports_amp_scaling``), so with 16-mixed the gradients are still scaled when they would be
     clipped, and Lightning refuses to clip: the run stopped at step 1. A run that clips under 16-mixed
     therefore gets torch's default instead (foreach: multi-tensor kernels, nearly as fast). Every other
-    precision has true gradients before the step and stays fused: Lightning clips them (32-true, bf16-true,
-    ...), or ``GPTTrainingModule.configure_gradient_clipping`` does where Lightning's mixed-precision
-    plugin refuses a fused optimizer although it has no scaler (bf16-mixed). ``precision=None`` is a plain
-    loop outside Lightning (bench/), which clips itself: fused.
+    precision has true gradients before the step and stays fused; Lightning's mixed-precision plugin still
+    refuses to clip a fused optimizer even without a scaler (bf16-mixed), so the module clips those itself.
+    ``precision=None`` is a plain loop outside Lightning (bench/), which clips itself: fused.
     """
     if torch.device(device).type != "cuda":
         return False
     return not (clipping and str(precision) in SCALED_PRECISIONS)
+
+
+def decay_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable ``params``: decay on matrices (≥2-D: Linear and embedding
+    weights), none on biases and norm gains, which only shift or scale and should not be pulled to zero."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(
@@ -155,25 +165,19 @@ def build_optimizer(
     precision: str | None = None,
     clipping: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model.configure_optimizer_groups`` (decay on matrices only), fused where
-    ``adamw_fused`` allows (the Trainer's ``precision``, and whether it clips gradients); or, for
-    optim.name="muon", ``MuonWithAdamW``."""
+    """AdamW over ``decay_groups``, fused where ``adamw_fused`` allows (the Trainer's ``precision``, and
+    whether it clips gradients); or, for optim.name="muon", ``MuonWithAdamW``."""
     fused = adamw_fused(device, precision, clipping)
     adamw = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "fused": fused}
     if optim.name == "adamw":
-        return torch.optim.AdamW(model.configure_optimizer_groups(optim.weight_decay), **adamw)
+        return torch.optim.AdamW(decay_groups(model.parameters(), optim.weight_decay), **adamw)
     hidden = muon_parameters(model)
     hidden_ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
-    rest_groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": optim.weight_decay},  # embeddings, head
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},  # gains and biases
-    ]
+    rest = decay_groups((p for p in model.parameters() if id(p) not in hidden_ids), optim.weight_decay)
     # torch's Muon runs its orthogonalisation in bfloat16, fast on GPUs but ~25x slower than float32 on CPUs.
-    check_muon_available()
     muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else _float32_muon()
     muon = muon_class(hidden, lr=optim.muon_lr, weight_decay=optim.weight_decay, momentum=optim.muon_momentum)
-    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest_groups if g["params"]], **adamw))
+    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], **adamw))
 
 
 def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
