@@ -225,16 +225,8 @@ class GPT(nn.Module):
         """An empty key/value cache for ``batch_size`` sequences of up to block_size tokens; device and dtype
         default to the model's parameters. Grouped-query attention caches only its key/value heads."""
         c, weight = self.config, self.wte.weight
-        return KVCache(
-            c.n_layer,
-            batch_size,
-            c.n_head,
-            c.block_size,
-            c.n_embd // c.n_head,
-            device=weight.device if device is None else device,
-            dtype=weight.dtype if dtype is None else dtype,
-            n_kv_head=c.kv_heads,
-        )
+        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        return KVCache(*shape, device or weight.device, dtype or weight.dtype, n_kv_head=c.kv_heads)
 
     @torch.no_grad()
     def attention_maps(self, idx: Tensor) -> Tensor:

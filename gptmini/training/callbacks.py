@@ -1,19 +1,13 @@
-"""Lightning callbacks for what a language-model run needs beyond Lightning's own.
-
-- ``Throughput``: tokens/s and MFU, measured over windows of steps (one host sync per window, not per step).
-- ``LossHistory``: train/val loss against tokens seen, for the loss-curve PNG.
-- ``TextSamples``: a text sample at each validation, printed and written to ``samples.txt``.
-- ``AlignStepLabels``: a resumed run labels its logged rows with the steps a straight run would.
-- ``GracefulInterrupt``: Ctrl-C / SIGTERM save a checkpoint at the next step boundary and stop; a second
-  Ctrl-C exits at once.
-- ``QuietRichProgressBar``: refreshes its metrics every few steps, so the bar does not sync every step.
-"""
+"""Lightning callbacks for what a language-model run needs beyond Lightning's own: throughput and MFU, the
+loss history, text samples, step labels that survive a resume, the stop at max_steps, a graceful Ctrl-C, and
+a progress bar that does not sync every step."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -23,10 +17,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.common import atomic_file, say
 from gptmini.training.perf import flops_per_token, mfu, peak_flops
-from gptmini.training.steps import StepBoundaries, align_logged_step, is_logging_step
+from gptmini.training.steps import StepCallback, align_logged_step, is_logging_step
 
 
-class Throughput(L.Callback):
+class Throughput(StepCallback):
     """Logs ``perf/tokens_per_s`` and ``perf/mfu`` every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -45,7 +39,6 @@ class Throughput(L.Callback):
         self._paused = False
         self.last_tokens_per_s: float | None = None
         self.last_mfu: float | None = None
-        self._steps = StepBoundaries()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak = peak_flops(pl_module.device, str(trainer.precision), self.peak_override)
@@ -68,13 +61,10 @@ class Throughput(L.Callback):
         self._window_seconds += elapsed
         return self._window_seconds
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._steps.batch_started(trainer)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x, _ = batch
         self._window_tokens += x.numel() * trainer.world_size
-        if not self._steps.ended_a_step(trainer) or trainer.global_step % self.every_n_steps:
+        if not self.ended_a_step(trainer) or trainer.global_step % self.every_n_steps:
             return
         elapsed = self._close_window(pl_module)
         self.train_tokens += self._window_tokens
@@ -114,12 +104,25 @@ class Throughput(L.Callback):
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
 
 
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """Run ``model`` in eval mode and eagerly (a compiled model would compile a graph for every new shape, and
+    a sample or an evaluation is short), then put it back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-class LossHistory(L.Callback):
+class LossHistory(StepCallback):
     """Keeps (tokens seen, loss) pairs of every logged training step and every validation.
 
     The pairs travel in the checkpoint, so a resumed run's loss curve and best validation loss cover the
@@ -131,7 +134,6 @@ class LossHistory(L.Callback):
         self.val: list[tuple[int, float]] = []
         self.tokens_per_batch = 0
         self.last_val_step: int | None = None
-        self._steps = StepBoundaries()
 
     def state_dict(self) -> dict:
         return {"train": list(self.train), "val": list(self.val)}
@@ -145,12 +147,9 @@ class LossHistory(L.Callback):
         batches = trainer.global_step * trainer.accumulate_grad_batches
         return batches * self.tokens_per_batch * trainer.world_size
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._steps.batch_started(trainer)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens_per_batch = batch[0].numel()
-        if self._steps.ended_a_step(trainer) and is_logging_step(trainer):
+        if self.ended_a_step(trainer) and is_logging_step(trainer):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             # Lightning hands back the loss divided by the accumulation factor (what backward saw).
             self.train.append((self.tokens_seen(trainer), float(loss) * trainer.accumulate_grad_batches))
@@ -210,22 +209,16 @@ class TextSamples(L.Callback):
         eot = self.tokenizer.eot_token
         prompt_ids = self.tokenizer.encode_ordinary(self.prompt) or [eot]
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            # A compiled model would recompile for every cache length; a short sample runs fine eagerly.
-            with torch.compiler.set_stance("force_eager"):
-                tokens = sample_tokens(
-                    model,
-                    torch.tensor(prompt_ids, device=device),
-                    self.options,
-                    generator=generator,
-                    eot_id=eot,
-                    vocab_limit=self.tokenizer.n_vocab,  # never an id the tokenizer cannot decode
-                )
-                new_ids = [int(t) for t in tokens]
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            tokens = sample_tokens(
+                model,
+                torch.tensor(prompt_ids, device=device),
+                self.options,
+                generator=generator,
+                eot_id=eot,
+                vocab_limit=self.tokenizer.n_vocab,  # never an id the tokenizer cannot decode
+            )
+            new_ids = [int(t) for t in tokens]
         return self.tokenizer.decode([i for i in new_ids if i != eot])
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -269,7 +262,7 @@ class TrainingInterrupted(Exception):
     """Raised at a step boundary after Ctrl-C or SIGTERM, once the checkpoint is safely written."""
 
 
-class GracefulInterrupt(L.Callback):
+class GracefulInterrupt(StepCallback):
     """Ctrl-C or SIGTERM: finish the current step, write a resumable checkpoint, then leave the loop.
 
     The signal only sets a flag. The checkpoint is written at the end of the next training step, so it
@@ -288,7 +281,6 @@ class GracefulInterrupt(L.Callback):
         self.received: str | None = None
         self.saved = False  # the checkpoint is written; the loop is left before the next step
         self._previous: dict[int, object] = {}
-        self._steps = StepBoundaries()
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed here, after Lightning's own handlers (which Lightning restores when fit ends).
@@ -307,7 +299,7 @@ class GracefulInterrupt(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._steps.ended_a_step(trainer) or self.saved:
+        if not self.ended_a_step(trainer) or self.saved:
             return
         stop = self.received is not None
         if trainer.world_size > 1:
@@ -323,7 +315,7 @@ class GracefulInterrupt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.saved:
             raise TrainingInterrupted(self.received or "signal on another rank")
-        self._steps.batch_started(trainer)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

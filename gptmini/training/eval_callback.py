@@ -14,6 +14,7 @@ import torch
 from gptmini.common import as_config
 from gptmini.eval.config import HELLASWAG_HUB, HellaSwagConfig
 from gptmini.eval.hellaswag import Example, load_examples, score
+from gptmini.training.callbacks import evaluating
 
 
 class HellaSwagEval(L.Callback):
@@ -35,15 +36,8 @@ class HellaSwagEval(L.Callback):
         if step == 0 or step % self.config.hellaswag_every or step == self.last_step:
             return
         self.last_step = step
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
-        try:
-            # Eager: a compiled model would compile a new graph for every example's shape.
-            with torch.compiler.set_stance("force_eager"):
-                figures = score(model, self.tokenizer, self.examples, pl_module.device, progress=False)
-        finally:
-            model.train(was_training)
+        with evaluating(pl_module.model) as model:
+            figures = score(model, self.tokenizer, self.examples, pl_module.device, progress=False)
         counts = torch.tensor(
             [figures["correct"], figures["correct_norm"], figures["n"]],
             device=pl_module.device,

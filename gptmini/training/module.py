@@ -17,13 +17,13 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptmini.weights import GPTMINI_KEY, gptmini_entry
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
 from gptmini.training.optim import OptimConfig, adamw_fused, build_lr_schedule, build_optimizer, lr_at
 from gptmini.training.steps import RunPlan, is_logging_step
+from gptmini.weights import GPTMINI_KEY, gptmini_entry
 
 
 class GPTTrainingModule(L.LightningModule):
@@ -77,8 +77,7 @@ class GPTTrainingModule(L.LightningModule):
         self.run_info = run_info or {}
         self._compile = compile
         self._compile_mode = compile_mode
-        if loss not in ("chunked", "standard"):
-            raise GptMiniError(f"loss={loss!r} must be 'chunked' or 'standard'")
+        assert loss in ("chunked", "standard"), loss  # settings.resolve_loss chose it
         self._loss_kind = loss
         self._train_loss = self._chosen_loss()  # compiled in configure_model when asked
         # Non-finite losses are detected on the device and checked only on logging steps and before each
@@ -117,11 +116,7 @@ class GPTTrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _schedule_steps(self) -> int:
-        if not self.plan.schedule_steps or self.plan.schedule_steps <= 0:
-            raise GptMiniError(
-                "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
-                "or optim.decay_steps."
-            )
+        assert self.plan.schedule_steps, "train() plans the schedule's length (settings checked it has one)"
         return self.plan.schedule_steps
 
     def _time_progress(self):
@@ -130,10 +125,7 @@ class GPTTrainingModule(L.LightningModule):
         It reads the Timer that also stops the run (``clock``), so the decay ends when the run does; a resumed
         run restores the Timer's elapsed time from its checkpoint and continues with the rest.
         """
-        if self.clock is None or self.clock.time_remaining() is None:
-            raise GptMiniError(
-                "optim.schedule_by=time needs a time budget: set trainer.max_time (e.g. 00:00:02:00)."
-            )
+        assert self.clock is not None, "schedule_by=time needs train()'s clock (settings checked max_time)"
         budget = self.clock.time_elapsed() + self.clock.time_remaining()  # the duration, in seconds
         return lambda: min(1.0, self.clock.time_elapsed() / budget)
 
@@ -171,8 +163,7 @@ class GPTTrainingModule(L.LightningModule):
             return
         self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
         if self.val_bytes_per_token:
-            # nats per token -> bits per UTF-8 byte: comparable across char-level, BPE and GPT-2 tokenizers.
-            self.log("val/bpb", val_loss / math.log(2) / self.val_bytes_per_token, prog_bar=True)
+            self.log("val/bpb", bits_per_byte(val_loss, self.val_bytes_per_token), prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm costs one reduction; compute it only on steps that get logged.
@@ -257,6 +248,11 @@ class GPTTrainingModule(L.LightningModule):
             self.tokenizer_spec = entry.get("tokenizer")
         self._rng_to_restore = entry.get("rng")
         self._saved_step = checkpoint.get("global_step")  # a resumed run's last good checkpoint
+
+
+def bits_per_byte(loss, bytes_per_token: float):
+    """Nats per token to bits per UTF-8 byte: comparable across char-level, BPE and GPT-2 tokenizers."""
+    return loss / math.log(2) / bytes_per_token
 
 
 def _rng_states() -> dict:

@@ -1,22 +1,13 @@
 """The optimizer and its learning-rate schedule: ``OptimConfig``, ``build_optimizer``, ``build_lr_schedule``.
 
-- ``name="adamw"``: AdamW as nanoGPT sets it up: weight decay only on matrices (biases and norm gains are
-  left alone), the fused kernel on CUDA unless it would clip float16-scaled gradients (``adamw_fused``).
-- ``name="muon"``: ``torch.optim.Muon`` for the 2-D weight matrices inside the transformer blocks, AdamW for
-  everything else (embeddings, LM head, norm gains, biases), each with its own learning rate: the split
-  nanochat and the modded-nanogpt speedrun use. ``MuonWithAdamW`` steps both as one optimizer. Muon needs
-  torch 2.9; it is looked up only when chosen, so everything else works on torch 2.6.
-- The schedule, one multiplier for every group: linear warmup, then cosine decay to a floor, or
-  warmup-stable-decay ("wsd": constant, then a linear decay over the last ``decay_fraction``). Its progress
-  is counted in optimizer steps, or (``schedule_by="time"``) in elapsed training time over the run's
-  time budget, so the decay ends when the time is up.
-
-The LightningModule and bench/train.py's plain loop both build theirs here, so they cannot drift apart.
+AdamW (nanoGPT's setup), or Muon on the blocks' matrices with AdamW on the rest (nanochat's and the
+modded-nanogpt speedrun's split); one schedule multiplies every group's rate, counted in optimizer steps or
+in elapsed time. The LightningModule and bench/train.py's plain loop both build theirs here, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,7 +166,8 @@ def build_optimizer(
     hidden_ids = {id(p) for p in hidden}
     rest = decay_groups((p for p in model.parameters() if id(p) not in hidden_ids), optim.weight_decay)
     # torch's Muon runs its orthogonalisation in bfloat16, fast on GPUs but ~25x slower than float32 on CPUs.
-    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else _float32_muon()
+    check_muon_available()
+    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else Float32Muon
     muon = muon_class(hidden, lr=optim.muon_lr, weight_decay=optim.weight_decay, momentum=optim.muon_momentum)
     return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], **adamw))
 
@@ -223,31 +215,7 @@ def check_muon_available() -> None:
         )
 
 
-@torch.no_grad()
-def _float32_muon_step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-    """``Float32Muon.step``: torch's Muon update with the Newton-Schulz iteration in float32."""
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    for group in self.param_groups:
-        params, grads, buffers = [], [], []
-        self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
-        lr, momentum = group["lr"], group["momentum"]
-        for param, grad, buf in zip(params, grads, buffers, strict=True):
-            buf.lerp_(grad, 1 - momentum)
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            param.mul_(1 - lr * group["weight_decay"])
-            param.add_(update.to(param.dtype), alpha=-lr * math.sqrt(max(1.0, param.size(0) / param.size(1))))
-    return loss
-
-
-@functools.cache
-def _float32_muon() -> type[torch.optim.Optimizer]:
-    """The ``Float32Muon`` class, built on first use: its base, ``torch.optim.Muon``, exists only from torch
-    2.9, and importing this module (for AdamW) must work on older versions."""
-    check_muon_available()
+if hasattr(torch.optim, "Muon"):  # defined only where its base exists: importing this module must work on 2.6
 
     class Float32Muon(torch.optim.Muon):
         """``torch.optim.Muon`` with its Newton-Schulz iteration in float32 (``orthogonalize``), for CPUs.
@@ -258,17 +226,24 @@ def _float32_muon() -> type[torch.optim.Optimizer]:
         the two), decoupled weight decay, and the rate scaled by sqrt(max(1, rows / cols)).
         """
 
-        step = _float32_muon_step
-
-    Float32Muon.__qualname__ = "Float32Muon"  # found as gptmini.training.optim.Float32Muon (pickle, repr)
-    return Float32Muon
-
-
-def __getattr__(name: str):
-    """``from gptmini.training.optim import Float32Muon`` builds the class then (PEP 562 module attribute)."""
-    if name == "Float32Muon":
-        return _float32_muon()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        @torch.no_grad()
+        def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                params, grads, buffers = [], [], []
+                self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
+                lr, momentum = group["lr"], group["momentum"]
+                for param, grad, buf in zip(params, grads, buffers, strict=True):
+                    buf.lerp_(grad, 1 - momentum)
+                    update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                    update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                    param.mul_(1 - lr * group["weight_decay"])
+                    scale = math.sqrt(max(1.0, param.size(0) / param.size(1)))
+                    param.add_(update.to(param.dtype), alpha=-lr * scale)
+            return loss
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -143,8 +143,7 @@ def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
     """``auto`` = bf16-mixed on a GPU that supports bf16, else full fp32. Decided here, not at import."""
     if precision != "auto":
         return precision
-    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if on_cuda and torch.cuda.is_bf16_supported():
+    if _on_cuda(accelerator) and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
 
@@ -163,19 +162,27 @@ def resolve_loss(loss: str, accelerator: str = "auto") -> str:
         raise GptMiniError(f"loss={loss!r} must be one of {', '.join(LOSSES)}; try loss=auto.")
     if loss != "auto":
         return loss
-    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    return "standard" if on_cuda else "chunked"
+    return "standard" if _on_cuda(accelerator) else "chunked"
+
+
+def _on_cuda(accelerator: str) -> bool:
+    return accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
 
 
 def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
     """``cfg.trainer`` as ``L.Trainer`` keyword arguments: precision resolved, root dir = the run dir."""
     args = asdict(as_config(cfg.trainer, TrainerSchema, "trainer"))  # checks what Lightning checks late
-    if cfg.optim.get("schedule_by") == "time":
-        if not args.get("max_time"):
-            raise GptMiniError(
-                "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
-                "e.g. trainer.max_time=00:00:02:00."
-            )
+    by_time = cfg.optim.get("schedule_by") == "time"
+    if by_time and not args.get("max_time"):
+        raise GptMiniError(
+            "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
+            "e.g. trainer.max_time=00:00:02:00."
+        )
+    if not by_time and (args["max_steps"] or -1) <= 0 and not cfg.optim.get("decay_steps"):
+        raise GptMiniError(
+            "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
+            "or optim.decay_steps."
+        )
     args["precision"] = resolve_precision(args["precision"], args["accelerator"])
     args["default_root_dir"] = args["default_root_dir"] or str(run_dir)
     return args
