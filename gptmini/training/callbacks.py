@@ -33,43 +33,40 @@ class Throughput(StepCallback):
         self.peak_override = peak_flops
         self.train_seconds = 0.0  # training time only: validation and data preparation excluded
         self.train_tokens = 0
-        self._window_start: float | None = None
-        self._window_tokens = 0
-        self._window_seconds = 0.0  # training seconds of the current window (validation pauses excluded)
-        self._paused = False
+        self._started: float | None = None  # when the clock last started; None while it is stopped
+        self._paused = False  # stopped for a validation in the middle of training
+        self._window_tokens, self._window_seconds = 0, 0.0
         self.last_tokens_per_s: float | None = None
         self.last_mfu: float | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak = peak_flops(pl_module.device, str(trainer.precision), self.peak_override)
         self._flops_per_token = flops_per_token(pl_module.model)
-        self._start_window(pl_module)
+        self._start(pl_module)
 
-    def _start_window(self, pl_module, keep_tokens: bool = False) -> None:
-        """Start timing; ``keep_tokens`` continues a window that validation paused."""
+    def _start(self, pl_module) -> None:
         _synchronize(pl_module.device)
-        self._window_start = time.perf_counter()
-        if not keep_tokens:
-            self._window_tokens = 0
-            self._window_seconds = 0.0
+        self._started = time.perf_counter()
 
-    def _close_window(self, pl_module) -> float:
-        """Stop timing; return the window's training seconds so far (pauses excluded)."""
+    def _stop(self, pl_module) -> None:
+        """Stop the clock; the seconds since it started count for the window and the run."""
         _synchronize(pl_module.device)
-        elapsed = time.perf_counter() - self._window_start
+        elapsed = time.perf_counter() - self._started
+        self._started = None
         self.train_seconds += elapsed
         self._window_seconds += elapsed
-        return self._window_seconds
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x, _ = batch
         self._window_tokens += x.numel() * trainer.world_size
         if not self.ended_a_step(trainer) or trainer.global_step % self.every_n_steps:
             return
-        elapsed = self._close_window(pl_module)
-        self.train_tokens += self._window_tokens
-        if elapsed > 0 and self._window_tokens:
-            self.last_tokens_per_s = self._window_tokens / elapsed
+        self._stop(pl_module)
+        tokens, seconds = self._window_tokens, self._window_seconds
+        self.train_tokens += tokens
+        self._window_tokens, self._window_seconds = 0, 0.0
+        if seconds > 0 and tokens:
+            self.last_tokens_per_s = tokens / seconds
             self.last_mfu = mfu(
                 self._flops_per_token, self.last_tokens_per_s / trainer.world_size, self._peak
             )
@@ -78,26 +75,25 @@ class Throughput(StepCallback):
                 metrics["perf/mfu"] = self.last_mfu
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
             pl_module.log("tok/s", self.last_tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
-        self._start_window(pl_module)
+        self._start(pl_module)
 
-    # Validation in the middle of training is not training time: the window pauses around it. (During
-    # validation ``trainer.training`` is False, so the window's own state says whether training was timing.)
+    # Validation in the middle of training is not training time: the clock stops around it. (During
+    # validation ``trainer.training`` is False, so the clock's own state says whether training was timing.)
     def on_validation_start(self, trainer, pl_module) -> None:
-        if self._window_start is not None:
-            self._close_window(pl_module)
-            self._window_start = None
-            self._paused = True
+        self._paused = self._started is not None
+        if self._paused:
+            self._stop(pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._paused:
             self._paused = False
-            self._start_window(pl_module, keep_tokens=True)
+            self._start(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._window_start is not None and self._window_tokens:
-            self._close_window(pl_module)
+        if self._started is not None and self._window_tokens:
+            self._stop(pl_module)
             self.train_tokens += self._window_tokens
-        self._window_start, self._window_tokens = None, 0
+        self._started, self._window_tokens = None, 0
 
     @property
     def average_tokens_per_s(self) -> float | None:

@@ -1,11 +1,7 @@
-"""Fine-tuning: what a run starts from (``init_from``) and how (full, or LoRA adapters on frozen weights).
-
-- ``read_init_source``: ``init_from`` reads anything ``gptmini.weights.read_weights`` reads: a gptmini
-  checkpoint, a Hugging Face GPT-2 (a Hub name or a folder) or a LoRA checkpoint (merged into its base).
-- ``finetune_from`` and ``load_init_weights``: full fine-tuning or LoRA (``gptmini.model.lora``). A LoRA
-  run's checkpoints hold only the adapters, name their base and record its fingerprint, so a resume reads
-  the base again and refuses one that now holds other weights; it also refuses other finetune settings
-  than the run's (another ``finetune.alpha`` would rescale what the adapters learnt).
+"""Fine-tuning: what a run starts from (``init_from``: anything ``gptmini.weights.read_weights`` reads) and
+how (full, or LoRA adapters on frozen weights). A LoRA run's checkpoints hold only the adapters, name their
+base and record its fingerprint, so a resume reads the base again and refuses one that now holds other
+weights, or other finetune settings than the run's.
 """
 
 from __future__ import annotations

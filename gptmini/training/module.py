@@ -79,7 +79,8 @@ class GPTTrainingModule(L.LightningModule):
         self._compile_mode = compile_mode
         assert loss in ("chunked", "standard"), loss  # settings.resolve_loss chose it
         self._loss_kind = loss
-        self._train_loss = self._chosen_loss()  # compiled in configure_model when asked
+        # The chunked loss runs the LM head in chunks (no full logits tensor); the standard one is forward's.
+        self._train_loss = self.model.loss if loss == "chunked" else lambda x, y: self.model(x, y)[1]
         # Non-finite losses are detected on the device and checked only on logging steps and before each
         # checkpoint, so the training step never waits for the host (no .item() per step). Both counters
         # count micro-batches, so gradient accumulation needs no special case.
@@ -94,18 +95,11 @@ class GPTTrainingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._compile and not getattr(self.model, "_compiled_in_place", False):
             # In place: parameters keep their names, so checkpoints carry no "_orig_mod." prefix.
-            # Module.compile covers forward (validation); the training step's loss is its own method.
+            # Module.compile covers forward (validation, the standard loss); the chunked loss is a method.
             self.model.compile(mode=self._compile_mode)
-            chunked = self._loss_kind == "chunked"
-            self._train_loss = (
-                torch.compile(self.model.loss, mode=self._compile_mode) if chunked else self._chosen_loss()
-            )
+            if self._loss_kind == "chunked":
+                self._train_loss = torch.compile(self.model.loss, mode=self._compile_mode)
             self.model._compiled_in_place = True
-
-    def _chosen_loss(self):
-        if self._loss_kind == "chunked":
-            return self.model.loss
-        return lambda x, y: self.model(x, y)[1]  # forward's loss: it runs compiled once forward is
 
     def configure_optimizers(self):
         plan = self.plan
@@ -141,7 +135,7 @@ class GPTTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self._train_loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
+        loss = self._train_loss(x, y)
         self._record_if_nonfinite(loss)
         steps_done = self.trainer.global_step + 1  # once this step's optimizer has stepped
         last = self.plan.max_steps is not None and steps_done >= self.plan.max_steps

@@ -64,27 +64,22 @@ class OptimConfig:
                 )
         if self.name == "muon":
             check_muon_available()  # an old torch: one line now, not an AttributeError at the first step
-        if not self.muon_lr > 0:
-            raise GptMiniError(f"optim.muon_lr must be > 0, got {self.muon_lr}; try optim.muon_lr=0.02.")
-        if not 0 <= self.muon_momentum < 1:
-            raise GptMiniError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}; try 0.95.")
-        if not 0 < self.decay_fraction <= 1:
-            raise GptMiniError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}; try 0.2.")
-        if not self.lr > 0:
-            raise GptMiniError(f"optim.lr must be > 0, got {self.lr}; try optim.lr=1e-3.")
-        if not 0 <= self.min_lr <= self.lr:
-            raise GptMiniError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}.")
-        if self.warmup_steps < 0:
-            raise GptMiniError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.decay_steps is not None and self.decay_steps <= 0:
-            raise GptMiniError(f"optim.decay_steps must be > 0 or null, got {self.decay_steps}.")
-        if self.weight_decay < 0:
-            raise GptMiniError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise GptMiniError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.eps < 0:
-            raise GptMiniError(f"optim.eps must be >= 0, got {self.eps}; try optim.eps=1e-8.")
+        ranges = [  # (field, whether its value is valid, the valid range, a hint), checked in this order
+            ("muon_lr", self.muon_lr > 0, "> 0", "; try optim.muon_lr=0.02"),
+            ("muon_momentum", 0 <= self.muon_momentum < 1, "in [0, 1)", "; try 0.95"),
+            ("decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]", "; try 0.2"),
+            ("lr", self.lr > 0, "> 0", "; try optim.lr=1e-3"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"in [0, optim.lr={self.lr}]", ""),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0", ""),
+            ("decay_steps", self.decay_steps is None or self.decay_steps > 0, "> 0 or null", ""),
+            ("weight_decay", self.weight_decay >= 0, ">= 0", ""),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)", ""),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)", ""),
+            ("eps", self.eps >= 0, ">= 0", "; try optim.eps=1e-8"),
+        ]
+        for name, valid, allowed, hint in ranges:
+            if not valid:
+                raise GptMiniError(f"optim.{name} must be {allowed}, got {getattr(self, name)}{hint}.")
 
 
 def lr_at(step: int, optim: OptimConfig, decay_steps: int, progress: float | None = None) -> float:

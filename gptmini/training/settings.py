@@ -10,7 +10,7 @@ it rejects comes back as one line naming the ``trainer.`` key, not a traceback a
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
-from gptmini.model.config import ATTENTION_GONE, GPTConfig, declared
+from gptmini.model.config import ATTENTION_GONE, MODEL_SIZES, GPTConfig, declared
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
@@ -99,10 +99,9 @@ def model_config_from(
 def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vocab: int | None) -> GPTConfig:
     """The source's config with the free fields and a cropped block_size applied; contradictions refused.
     What a fine-tune may change is each GPTConfig field's ``finetune`` declaration."""
-    import dataclasses
-
     if size is not None:  # a named size counts as setting its fields
-        values = {**_size_row(size), **values}
+        GPTConfig.from_name(size)  # an unknown name: the usual message
+        values = {**MODEL_SIZES[size], **values}
     if tokenizer_vocab is not None and tokenizer_vocab != source.vocab_size:
         raise GptMiniError(
             f"the init_from weights have {source.vocab_size} vocabulary rows but their tokenizer has "
@@ -121,14 +120,7 @@ def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vo
                 f"model.{name}={value!r} contradicts the init_from weights, which have {name}={current!r}"
                 f"{more}; drop model.{name} (the imported shape is used)."
             )
-    return dataclasses.replace(source, **changes)
-
-
-def _size_row(size: str) -> dict:
-    from gptmini.model.config import MODEL_SIZES
-
-    GPTConfig.from_name(size)  # an unknown name: the usual message
-    return dict(MODEL_SIZES[size])
+    return replace(source, **changes)
 
 
 def sample_config_from(cfg: DictConfig) -> SampleConfig:
