@@ -29,19 +29,16 @@ from gptmini.weights import GPTMINI_KEY, gptmini_entry
 class GPTTrainingModule(L.LightningModule):
     """GPT language modelling under Lightning.
 
+    ``model_config``, ``optim``, ``finetune`` and ``plan`` are the fields of ``GPTConfig``, ``OptimConfig``,
+    ``FinetuneConfig`` (method "lora" freezes the GPT and trains adapters) and ``RunPlan`` (the run's length,
+    schedule length, precision and clipping, as ``train()`` decided them) as dicts.
+
     Args:
-        model_config: ``GPTConfig`` fields as a dict (vocab_size already set from the tokenizer).
-        optim: ``OptimConfig`` fields as a dict.
         val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
-        compile: compile the GPT in place with ``torch.compile`` (checkpoint keys do not change).
-        compile_mode: ``torch.compile`` mode (None = default, "max-autotune", "reduce-overhead").
-        loss: the training step's loss: "chunked" (the LM head in chunks, no full logits tensor) or
-            "standard" (``forward``'s full logits; bench/train.py compares the two).
+        compile, compile_mode: ``torch.compile`` the GPT in place (checkpoint keys do not change).
+        loss: "chunked" (``GPT.loss``: no full logits tensor) or "standard" (``forward``'s full logits).
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
         run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
-        finetune: ``FinetuneConfig`` fields as a dict; method "lora" freezes the GPT and trains adapters.
-        plan: ``RunPlan`` fields as a dict: the run's length, schedule length, precision and clipping, as
-            ``train()`` decided them.
         clock: with optim.schedule_by=time, the Timer that ends the run; the schedule's progress is its
             elapsed fraction (not saved as a hyperparameter: it is a live object).
     """

@@ -83,16 +83,13 @@ class OptimConfig:
 
 
 def lr_at(step: int, optim: OptimConfig, decay_steps: int, progress: float | None = None) -> float:
-    """The (AdamW) learning rate after ``step`` optimizer steps: linear warmup, decay, then the floor.
+    """The (AdamW) learning rate after ``step`` optimizer steps: linear warmup, decay until ``decay_steps``,
+    then the floor.
 
-    Args:
-        step: optimizer steps done.
-        optim: the schedule's settings.
-        decay_steps: the step at which the decay ends (schedule_by="steps").
-        progress: for schedule_by="time", the fraction of the time budget used. The rate is then the lower
-            of the warmup ramp (in steps: it is about the first updates, not the clock) and the decay curve
-            at that progress, so the schedule reaches its floor when the time is up even on a machine so
-            slow that the run never leaves warmup.
+    With ``progress`` (schedule_by="time": the fraction of the time budget used) the rate is the lower of the
+    warmup ramp (in steps: it is about the first updates, not the clock) and the decay curve at that progress,
+    so the schedule reaches its floor when the time is up even on a machine so slow that the run never leaves
+    warmup.
     """
     warmup = optim.lr * (step + 1) / optim.warmup_steps if step < optim.warmup_steps else optim.lr
     if progress is not None:
