@@ -6,8 +6,7 @@ weights, or other finetune settings than the run's.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +67,8 @@ def read_init_source(spec: str) -> InitSource:
     """Read ``init_from``: a fine-tune keeps the source's tokenizer, or its token ids would mean other
     things to the weights."""
     source = read_weights(spec)
-    fields = {f.name: getattr(source, f.name) for f in dataclasses.fields(source)}
-    return InitSource(**fields, tokenizer=tokenizer_from_spec(source.tokenizer_spec))
+    read = {f.name: getattr(source, f.name) for f in fields(source)}
+    return InitSource(**read, tokenizer=tokenizer_from_spec(source.tokenizer_spec))
 
 
 def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource | None:
