@@ -24,6 +24,7 @@ from torch import nn
 from gptmini.book.attention import CompactMultiHeadAttention, StackedHeadsAttention
 from gptmini.common import pick_device
 from gptmini.model.attention import CausalSelfAttention
+from gptmini.model.config import GPTConfig
 
 
 class BareSDPA(nn.Module):
@@ -147,8 +148,8 @@ def main() -> None:
     modules = {
         "heads": StackedHeadsAttention(C, C // nh, T, 0.0, num_heads=nh, qkv_bias=True),
         "mha": CompactMultiHeadAttention(C, C, T, 0.0, num_heads=nh, qkv_bias=True),
-        "sdpa": CausalSelfAttention(C, nh, T, 0.0, True),
-        "sdpa-maps": MapsPass(CausalSelfAttention(C, nh, T, 0.0, True)),
+        "sdpa": CausalSelfAttention(GPTConfig(n_embd=C, n_head=nh, block_size=T)),
+        "sdpa-maps": MapsPass(CausalSelfAttention(GPTConfig(n_embd=C, n_head=nh, block_size=T))),
         "bare-sdpa": BareSDPA(C, nh),
     }
 

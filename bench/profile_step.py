@@ -26,7 +26,7 @@ from gptmini import GPT
 from gptmini.common import as_config, pick_device
 from gptmini.training.config import compose_config
 from gptmini.training.optim import OptimConfig, build_optimizer
-from gptmini.training.perf import mfu, peak_flops
+from gptmini.training.perf import flops_per_token, mfu, peak_flops
 from gptmini.training.settings import model_config_from
 
 # Kernel families by name fragment, first match wins: what each share of the step is spent on.
@@ -129,7 +129,7 @@ def report(prof, args, device, config, model, times, warmup_s) -> None:
     median = statistics.median(times)
     tokens_per_s = args.batch * config.block_size / (median / 1000)
     precision = "bf16-mixed" if cuda else "32-true"
-    util = mfu(model.flops_per_token(config.block_size), tokens_per_s, peak_flops(device, precision, None))
+    util = mfu(flops_per_token(model, config.block_size), tokens_per_s, peak_flops(device, precision, None))
     card = torch.cuda.get_device_name(device) if cuda else device.type
     busy_ms = total / 1000 / per_step
     print(

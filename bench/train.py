@@ -39,7 +39,7 @@ from gptmini.training.callbacks import LossHistory, StopAtMaxSteps, Throughput
 from gptmini.training.config import compose_config
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer
-from gptmini.training.perf import mfu, peak_flops
+from gptmini.training.perf import flops_per_token, mfu, peak_flops
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODES = {"cpu_default": (15, 3), "nanogpt_cpu": (60, 10), "gpt2": (30, 5), "smoke": (3, 1)}  # steps, warmup
@@ -199,7 +199,7 @@ def run_one(loop: str, overrides: list[str], args: argparse.Namespace) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {
         "loop": loop, "step_ms": step_ms, "tokens_per_step": tokens, "tokens_per_s": tokens_per_s,
-        "mfu": mfu(model.flops_per_token(model_config.block_size), tokens_per_s, peak),
+        "mfu": mfu(flops_per_token(model, model_config.block_size), tokens_per_s, peak),
         "first_step_s": clock.step_ms()[0] / 1000,  # compile, allocator and kernel selection
         "precision": targs["precision"], "n_params": model.num_params(), "peak_mem_mb": peak_mb,
         "threads": threads.threads, "threads_how": threads.how,

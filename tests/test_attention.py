@@ -8,21 +8,22 @@ from hypothesis import strategies as st
 
 from gptmini.common import GptMiniError
 from gptmini.model.attention import CausalSelfAttention, apply_rope, rope_tables
+from gptmini.model.config import GPTConfig
 from gptmini.model.kv_cache import KVCache
 
 SWITCHES = [
     {},
     {"n_kv_head": 2},
     {"n_kv_head": 1},
-    {"rope_base": 10000.0},
+    {"pos_emb": "rope"},
     {"qk_norm": True},
-    {"n_kv_head": 2, "rope_base": 100.0, "qk_norm": True},
+    {"n_kv_head": 2, "pos_emb": "rope", "rope_base": 100.0, "qk_norm": True},
 ]
 
 
 def _attention(**switches) -> CausalSelfAttention:
     torch.manual_seed(0)
-    return CausalSelfAttention(32, 4, 16, 0.0, True, **switches).eval()
+    return CausalSelfAttention(GPTConfig(n_embd=32, n_head=4, block_size=16, **switches)).eval()
 
 
 def _assert_causal(module: torch.nn.Module, x: torch.Tensor, t: int, **kwargs) -> None:
@@ -41,7 +42,7 @@ def test_shapes_and_saved_weights():
     assert attn(torch.randn(2, 10, 32)).shape == (2, 10, 32)
     # The RoPE tables are rebuilt from the config, so checkpoints hold the two projections only.
     expected = {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
-    assert set(_attention(rope_base=10000.0).state_dict()) == expected
+    assert set(_attention(pos_emb="rope").state_dict()) == expected
     assert _attention(n_kv_head=1).qkv.weight.shape == (32 + 2 * 8, 32)  # queries, then one key/value head
 
 
@@ -58,7 +59,7 @@ def test_causality_property(n_head, head_size, batch, length, explicit, data):
     t = data.draw(st.integers(0, length - 1), label="t")
     torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
     n_embd = n_head * head_size
-    module = CausalSelfAttention(n_embd, n_head, 12, 0.0, True).eval()
+    module = CausalSelfAttention(GPTConfig(n_embd=n_embd, n_head=n_head, block_size=12)).eval()
     _assert_causal(module, torch.randn(batch, length, n_embd), t, maps=[] if explicit else None)
 
 
@@ -107,7 +108,7 @@ def test_kv_cache_matches_full_forward_with_every_switch(switches, fixed_span):
 
 def test_rows_of_a_batch_may_sit_at_different_positions():
     """A view's positions are per row: one step may extend sequences of different lengths (serving)."""
-    attn = _attention(rope_base=10000.0, n_kv_head=2)
+    attn = _attention(pos_emb="rope", n_kv_head=2)
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         expected = attn(x)  # (2, 9, 32)
@@ -143,8 +144,8 @@ def test_rope_scores_depend_on_relative_position_only():
     torch.testing.assert_close(apply_rope(q, cos[:1], sin[:1]), q)  # position 0 is not rotated
 
 
-def test_bad_head_counts():
+def test_bad_head_counts_are_refused_by_the_config_the_attention_is_built_from():
     with pytest.raises(GptMiniError, match="n_embd=30 is not divisible by n_head=4"):
-        CausalSelfAttention(30, 4, 16)
+        CausalSelfAttention(GPTConfig(n_embd=30, n_head=4, block_size=16))
     with pytest.raises(GptMiniError, match="n_head=4 is not divisible by n_kv_head=3"):
-        CausalSelfAttention(32, 4, 16, n_kv_head=3)
+        CausalSelfAttention(GPTConfig(n_embd=32, n_head=4, block_size=16, n_kv_head=3))

@@ -21,6 +21,7 @@ from gptmini.book.attention import (
 from gptmini.book.walkthrough import chapter3_numbers, fused_from_stacked_heads, gqa_numbers, main
 from gptmini.common import GptMiniError
 from gptmini.model.attention import CausalSelfAttention
+from gptmini.model.config import GPTConfig
 
 
 def test_worked_example_numbers():
@@ -179,7 +180,8 @@ def _model_attention_from(book: GroupedQueryAttention | CompactMultiHeadAttentio
     """The model's attention holding a book module's weights (d_in == d_out): ``qkv`` stacks the query, key
     and value layers (which have no bias, so qkv's is zero) and ``proj`` is ``out_proj``."""
     n_kv_head = getattr(book, "num_kv_groups", book.num_heads)
-    model = CausalSelfAttention(book.d_out, book.num_heads, 16, 0.0, True, n_kv_head=n_kv_head)
+    config = GPTConfig(n_embd=book.d_out, n_head=book.num_heads, block_size=16, n_kv_head=n_kv_head)
+    model = CausalSelfAttention(config)
     qkv_weight = torch.cat([book.W_query.weight, book.W_key.weight, book.W_value.weight])
     model.load_state_dict(
         {

@@ -10,6 +10,8 @@ import torch
 from gptmini.common import GptMiniError
 from gptmini.model.config import MODEL_SIZES, GPTConfig, swiglu_hidden
 from gptmini.model.gpt import GPT
+from gptmini.training.optim import decay_groups
+from gptmini.training.perf import flops_per_token
 
 
 def small_config(**overrides) -> GPTConfig:
@@ -134,8 +136,8 @@ def test_gpt2_small_param_count():
 def test_flops_per_token():
     model = small_model()
     n = model.num_params(non_embedding=True)  # the position table is a lookup, not a matmul
-    assert model.flops_per_token() == 6 * n + 12 * 2 * 4 * 8 * 16
-    assert model.flops_per_token(seq_len=4) == 6 * n + 12 * 2 * 4 * 8 * 4
+    assert flops_per_token(model) == 6 * n + 12 * 2 * 4 * 8 * 16
+    assert flops_per_token(model, seq_len=4) == 6 * n + 12 * 2 * 4 * 8 * 4
 
 
 def test_flops_per_token_counts_an_untied_head_once_and_frozen_weights_at_two_thirds():
@@ -143,16 +145,16 @@ def test_flops_per_token_counts_an_untied_head_once_and_frozen_weights_at_two_th
     untied = GPT(dataclasses.replace(tied.config, tie_embeddings=False))
     table = untied.wte.weight.numel()
     assert untied.num_params() == tied.num_params() + table
-    assert untied.flops_per_token() == tied.flops_per_token()  # the token table is a lookup: no FLOPs
+    assert flops_per_token(untied) == flops_per_token(tied)  # the token table is a lookup: no FLOPs
     for p in tied.parameters():
         p.requires_grad_(False)  # LoRA's frozen base: no weight gradient, 4 FLOPs per weight instead of 6
     n = tied.num_params(non_embedding=True)
-    assert tied.flops_per_token() == 4 * n + 12 * 2 * 4 * 8 * 16
+    assert flops_per_token(tied) == 4 * n + 12 * 2 * 4 * 8 * 16
 
 
 def test_optimizer_groups_cover_every_parameter_once():
     model = small_model()
-    decay, no_decay = model.configure_optimizer_groups(weight_decay=0.1)
+    decay, no_decay = decay_groups(model.parameters(), weight_decay=0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     counted = sum(p.numel() for group in (decay, no_decay) for p in group["params"])
@@ -172,7 +174,7 @@ def test_training_steps_reduce_loss():
     model = small_model()
     model.train()
     idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=2)
-    optimizer = torch.optim.AdamW(model.configure_optimizer_groups(0.1), lr=1e-2)
+    optimizer = torch.optim.AdamW(decay_groups(model.parameters(), 0.1), lr=1e-2)
     losses = []
     for _ in range(5):
         _, loss = model(idx, targets)
@@ -274,7 +276,7 @@ def test_every_switch_trains_and_its_chunked_loss_matches_forward(switches):
     model = small_model(**switches).train()
     idx, targets = random_tokens(4, 16), random_tokens(4, 16, seed=2)
     torch.testing.assert_close(model.loss(idx, targets, chunk_rows=7), model(idx, targets)[1])
-    optimizer = torch.optim.AdamW(model.configure_optimizer_groups(0.1), lr=1e-2)
+    optimizer = torch.optim.AdamW(decay_groups(model.parameters(), 0.1), lr=1e-2)
     losses = []
     for _ in range(5):
         loss = model.loss(idx, targets)

@@ -125,6 +125,16 @@ def test_a_time_schedule_without_a_time_budget_is_refused(tmp_path, tiny_train_o
         train(compose_train(tiny_train_overrides + ["optim.schedule_by=time"]), out_dir=tmp_path / "run")
 
 
+def test_a_step_schedule_without_a_length_is_refused_before_any_data_is_read(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    # trainer.max_steps=-1 with no optim.decay_steps: the cosine decay has no end. Refused with the settings.
+    overrides = [*tiny_train_overrides, "trainer.max_steps=-1"]
+    with pytest.raises(GptMiniError, match=r"^the cosine schedule needs a length: set trainer.max_steps"):
+        train(compose_train(overrides), out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

@@ -82,12 +82,12 @@ def test_fused_adamw_under_bf16_mixed_trains_with_gradient_clipping(
     tmp_path, tiny_train_overrides, compose_train, monkeypatch
 ):
     # On a GPU, AdamW is fused; Lightning's mixed-precision plugin refuses to clip for a fused optimizer,
-    # which stopped every bf16 GPU run at its first step. CPU AdamW can be fused too: the same path, here.
-    def fused_adamw(model, optim, device, *_):  # build_optimizer also takes precision and clipping
-        groups = model.configure_optimizer_groups(optim.weight_decay)
-        return torch.optim.AdamW(groups, lr=optim.lr, fused=True)
+    # which stopped every bf16 GPU run at its first step. CPU AdamW can be fused too: the same path, here,
+    # with the one rule (adamw_fused) answering as on CUDA for both the optimizer and the clipping.
+    import gptmini.training.optim as optim_file
 
-    monkeypatch.setattr(module_file, "build_optimizer", fused_adamw)
+    for file in (optim_file, module_file):
+        monkeypatch.setattr(file, "adamw_fused", lambda *_: True)
     overrides = [*tiny_train_overrides, "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=0.5"]
     summary = train(compose_train(overrides), out_dir=tmp_path / "run")
     assert summary["steps"] == 12

@@ -30,6 +30,7 @@ from gptmini.book.attention import (
 )
 from gptmini.common import GptMiniError
 from gptmini.model.attention import CausalSelfAttention
+from gptmini.model.config import GPTConfig
 
 
 def fused_from_stacked_heads(stacked: StackedHeadsAttention) -> CausalSelfAttention:
@@ -49,7 +50,10 @@ def fused_from_stacked_heads(stacked: StackedHeadsAttention) -> CausalSelfAttent
             f"d_in={d_in} is wider than num_heads·d_out={n_embd}; the fused layout can't hold it"
         )
     bias = heads[0].W_query.bias is not None
-    fused = CausalSelfAttention(n_embd, n_head, heads[0].mask.size(0), heads[0].dropout.p, bias)
+    block_size, dropout = heads[0].mask.size(0), heads[0].dropout.p
+    fused = CausalSelfAttention(
+        GPTConfig(n_embd=n_embd, n_head=n_head, block_size=block_size, dropout=dropout, bias=bias)
+    )
     with torch.no_grad():
         fused.qkv.weight.zero_()
         fused.proj.weight.copy_(torch.eye(n_embd))

@@ -1,10 +1,9 @@
 """The model's attention: causal multi-head self-attention with a fused QKV projection and PyTorch's SDPA.
 
-Chapter 3 builds this up rung by rung (``gptmini.book.attention``); the model keeps only the last rung, in one
-module and one weight layout: ``qkv`` maps n_embd to [queries | keys | values] (within each part, head h
-owns features h·hs to (h+1)·hs, hs = n_embd // n_head) and ``proj`` mixes the concatenated heads. The
-switches beyond GPT-2 are keywords: ``n_kv_head`` (grouped-query keys and values; ``qkv`` then has
-n_embd + 2·n_kv_head·hs rows), ``rope_base`` (rotary positions) and ``qk_norm``.
+Chapter 3 builds this up rung by rung (``gptmini.book.attention``); the model keeps only the last rung.
+``qkv`` maps n_embd to [queries | keys | values] (within each part, head h owns features h·hs to (h+1)·hs)
+and ``proj`` mixes the concatenated heads. With grouped-query attention (``n_kv_head`` < n_head) ``qkv`` has
+n_embd + 2·n_kv_head·hs rows. Every shape comes from a ``GPTConfig``, which has checked them.
 """
 
 import math
@@ -13,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gptmini.common import GptMiniError
+from gptmini.model.config import GPTConfig
 from gptmini.model.kv_cache import CacheView
 
 
@@ -43,44 +42,21 @@ class CausalSelfAttention(nn.Module):
     out instead, so the weights can be kept.
     """
 
-    def __init__(
-        self,
-        n_embd: int,
-        n_head: int,
-        block_size: int,
-        dropout: float = 0.0,
-        bias: bool = True,
-        *,
-        n_kv_head: int | None = None,
-        rope_base: float | None = None,
-        qk_norm: bool = False,
-    ):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        if n_embd % n_head != 0:
-            raise GptMiniError(
-                f"n_embd={n_embd} is not divisible by n_head={n_head}; pick n_head that divides n_embd"
-            )
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_head % n_kv_head != 0:
-            raise GptMiniError(f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}")
-        self.n_embd = n_embd
-        self.n_head = n_head
-        self.n_kv_head = n_kv_head
-        self.head_size = n_embd // n_head
-        self.kv_size = n_kv_head * self.head_size  # features of all key (or value) heads together
-        self.block_size = block_size
-        self.dropout = dropout
-        self.qk_norm = qk_norm
-        self.rope = rope_base is not None
-        self.qkv = nn.Linear(n_embd, n_embd + 2 * self.kv_size, bias=bias)  # [queries | keys | values]
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.resid_dropout = nn.Dropout(dropout)
+        c = config
+        self.n_embd, self.n_head, self.n_kv_head = c.n_embd, c.n_head, c.kv_heads
+        self.head_size = c.n_embd // c.n_head
+        self.kv_size = self.n_kv_head * self.head_size  # features of all key (or value) heads together
+        self.block_size, self.dropout, self.qk_norm = c.block_size, c.dropout, c.qk_norm
+        self.rope = c.pos_emb == "rope"
+        self.qkv = nn.Linear(c.n_embd, c.n_embd + 2 * self.kv_size, bias=c.bias)  # [queries | keys | values]
+        self.proj = nn.Linear(c.n_embd, c.n_embd, bias=c.bias)
+        self.attn_dropout = nn.Dropout(c.dropout)
+        self.resid_dropout = nn.Dropout(c.dropout)
         if self.rope:
-            if self.head_size % 2:
-                raise GptMiniError(f"RoPE needs an even head size, got {self.head_size}")
             # Rebuilt from the config, so not saved: checkpoints hold weights only.
-            cos, sin = rope_tables(self.head_size, block_size, rope_base)
+            cos, sin = rope_tables(self.head_size, c.block_size, c.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs/2)
             self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs/2)
 

@@ -13,9 +13,11 @@ from typing import Any
 from gptmini.common import GptMiniError, check_finite_floats
 
 # The values of GPTConfig's switches (the first of each is GPT-2's).
-POS_EMBS = ("learned", "rope")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "relu2", "swiglu")
+CHOICES = {
+    "pos_emb": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "relu2", "swiglu"),
+}
 # The attention option that once picked a rung of chapter 3's ladder; old checkpoints still hold one of these.
 OLD_ATTENTIONS = ("heads", "mha", "sdpa")
 ATTENTION_GONE = (
@@ -51,14 +53,9 @@ MODEL_SIZES: dict[str, dict] = {
 # Each field declares what other code would otherwise keep a list of (read back with ``declared``):
 #   finetune: what an init_from fine-tune may do to it: "same" (must match the weights), "shorter" (may be
 #             cropped) or "free" (changes no tensor);
-#   gpt2:     the only value GPT-2's Hugging Face format can express (export refuses the others).
-def _field(default: Any, finetune: str = "same", **gpt2: Any) -> Any:
-    return field(default=default, metadata={"finetune": finetune, **gpt2})
-
-
-def _switch(default: Any) -> Any:
-    """A switch beyond GPT-2's recipe: its default is GPT-2's value, the only one GPT-2's format holds."""
-    return _field(default, gpt2=default)
+#   gpt2:     for a switch beyond GPT-2's recipe, the only value GPT-2's format holds: its default.
+def _field(default: Any, finetune: str = "same", switch: bool = False) -> Any:
+    return field(default=default, metadata={"finetune": finetune, **({"gpt2": default} if switch else {})})
 
 
 def declared(key: str) -> dict[str, Any]:
@@ -91,32 +88,32 @@ class GPTConfig:
     """Embedding/LM-head rows are padded up to a multiple of this (faster matmuls on GPUs); 1 = no padding."""
     # Switches beyond GPT-2's 2019 recipe. Their defaults are GPT-2's, so old checkpoints and GPT-2's weights
     # load unchanged; docs/ablations.md measures what each buys.
-    pos_emb: str = _switch("learned")
+    pos_emb: str = _field("learned", switch=True)
     """Positions: "learned" (GPT-2's table, ``wpe``) or "rope" (rotary, inside attention; no table)."""
     rope_base: float = _field(10000.0)
     """RoPE's base: pair i of a head turns by position · base^(-2i/head_size) radians."""
-    norm: str = _switch("layernorm")
+    norm: str = _field("layernorm", switch=True)
     """Normalisation: "layernorm" (GPT-2) or "rmsnorm" (no mean subtraction, no bias: cheaper, as LLaMA)."""
-    qk_norm: bool = _switch(False)
+    qk_norm: bool = _field(False, switch=True)
     """RMS-normalise each head's queries and keys before their dot product (bounds the attention logits)."""
-    mlp: str = _switch("gelu")
+    mlp: str = _field("gelu", switch=True)
     """Feed-forward: "gelu" (GPT-2, hidden 4·C), "relu2" (ReLU squared, hidden 4·C) or "swiglu" (gated,
     hidden ``swiglu_hidden(C)`` = 8·C/3 rounded up to a multiple of 32: three matrices of that size hold
     about the parameters of GELU's two 4·C ones)."""
-    n_kv_head: int | None = _switch(None)
+    n_kv_head: int | None = _field(None, switch=True)
     """Key/value heads: None = n_head (multi-head); fewer = grouped-query (1 = multi-query)."""
-    tie_embeddings: bool = _switch(True)
+    tie_embeddings: bool = _field(True, switch=True)
     """The LM head reuses the token embedding matrix (GPT-2); false gives it its own weights."""
-    logit_softcap: float | None = _switch(None)
+    logit_softcap: float | None = _field(None, switch=True)
     """None, or a cap c: logits become c·tanh(logits / c), so none exceeds ±c (Gemma 2, modded-nanogpt)."""
 
     def __post_init__(self, attention: str | None) -> None:
+        """The invariants, checked once: every module that builds on a GPTConfig trusts them."""
         if attention not in (None, *OLD_ATTENTIONS):
             raise GptMiniError(f"GPTConfig.attention={attention!r}: {ATTENTION_GONE}")
         check_finite_floats(self, prefix="GPTConfig.")  # NaN passes every range check below; inf, "> 0"
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _positive_int(value := getattr(self, name)):
                 raise GptMiniError(f"GPTConfig.{name}={value!r} must be a positive integer")
         if self.n_embd % self.n_head != 0:
             raise GptMiniError(
@@ -125,19 +122,15 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise GptMiniError(f"GPTConfig.dropout={self.dropout!r} must be in [0, 1); use 0.0 to disable it")
-        self._check_switches()
-
-    def _check_switches(self) -> None:
-        """The switches beyond GPT-2: known names, and combinations that can be built."""
-        for name, valid in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+        for name, valid in CHOICES.items():
             if getattr(self, name) not in valid:
                 raise GptMiniError(
                     f"GPTConfig.{name}={getattr(self, name)!r} is not known; valid: {', '.join(valid)}"
                 )
         kv = self.n_kv_head
-        if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0):
+        if kv is not None and not _positive_int(kv):
             raise GptMiniError(f"GPTConfig.n_kv_head={kv!r} must be a positive integer, or null for n_head")
-        if kv is not None and self.n_head % kv != 0:
+        if self.n_head % self.kv_heads != 0:
             raise GptMiniError(
                 f"GPTConfig.n_head={self.n_head} is not divisible by n_kv_head={kv}; each key/value head "
                 "serves the same number of query heads (try a divisor of n_head, e.g. 1 or n_head // 2)"
@@ -179,3 +172,7 @@ class GPTConfig:
         if unknown:
             raise GptMiniError(f"unknown GPTConfig field(s) {unknown}; valid: {', '.join(sorted(valid))}")
         return cls(**{**MODEL_SIZES[name], **overrides})
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,7 +1,7 @@
-"""The GPT model: config, feed-forward, transformer block, and the full language model.
+"""The GPT: feed-forward, transformer block, and the full language model, top to bottom.
 
-Pure torch (no Lightning or Hydra) so it can be used, tested and exported on its own. Read top to bottom:
-each module only uses the ones above it. Shapes: B batch, T sequence length, C = n_embd, nh heads,
+Pure torch (no Lightning or Hydra), so it can be used, tested and exported on its own; each module uses only
+the ones above it (and ``attention``). Shapes: B batch, T sequence length, C = n_embd, nh heads,
 hs = C // nh head size, V vocabulary size.
 """
 
@@ -70,20 +70,10 @@ class TransformerBlock(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        c = config
-        self.ln_1 = make_norm(c)
-        self.attn = CausalSelfAttention(
-            c.n_embd,
-            c.n_head,
-            c.block_size,
-            c.dropout,
-            c.bias,
-            n_kv_head=c.n_kv_head,
-            rope_base=c.rope_base if c.pos_emb == "rope" else None,  # RoPE lives inside attention
-            qk_norm=c.qk_norm,
-        )
-        self.ln_2 = make_norm(c)
-        self.mlp = FeedForward(c)
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config)  # RoPE, if on, lives inside attention
+        self.ln_2 = make_norm(config)
+        self.mlp = FeedForward(config)
 
     def forward(
         self, x: Tensor, positions: Tensor, cache: CacheView | None = None, maps: list[Tensor] | None = None
@@ -128,23 +118,6 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
-    def _check_length(self, idx: Tensor, kv_cache: KVCache | None) -> int:
-        """Raise if the tokens do not fit the context; return the position of the first new token."""
-        B, T = idx.shape
-        start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.config.block_size:
-            where = f"{start} cached + {T} new tokens" if kv_cache is not None else f"sequence length {T}"
-            raise GptMiniError(
-                f"{where} exceeds block_size={self.config.block_size}; crop the input to the last "
-                f"{self.config.block_size} tokens (or reset the KV cache)"
-            )
-        if kv_cache is not None and B != kv_cache.batch_size:
-            raise GptMiniError(
-                f"batch size {B} does not match the KV cache's {kv_cache.batch_size}; "
-                "make the cache with new_kv_cache(batch_size)"
-            )
-        return start
-
     def _trunk(
         self, idx: Tensor, positions: Tensor, caches: list[CacheView] | None, maps: list[Tensor] | None = None
     ) -> Tensor:
@@ -163,18 +136,30 @@ class GPT(nn.Module):
 
     def _hidden(self, idx: Tensor, kv_cache: KVCache | None, maps: list[Tensor] | None = None) -> Tensor:
         """Final hidden states of tokens continuing ``kv_cache`` (or starting at 0): (B, T) to (B, T, C)."""
-        start = self._check_length(idx, kv_cache)
-        end = start + idx.size(1)
-        positions = torch.arange(start, end, device=idx.device).unsqueeze(0)  # (1, T)
-        if kv_cache is None:
-            return self._trunk(idx, positions, None, maps)
-        x = self._trunk(idx, positions, kv_cache.views(positions, span=end), maps)  # reads the filled slots
-        kv_cache.length = end
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.config.block_size:
+            where = f"{start} cached + {T} new tokens" if kv_cache is not None else f"sequence length {T}"
+            raise GptMiniError(
+                f"{where} exceeds block_size={self.config.block_size}; crop the input to the last "
+                f"{self.config.block_size} tokens (or reset the KV cache)"
+            )
+        if kv_cache is not None and B != kv_cache.batch_size:
+            raise GptMiniError(
+                f"batch size {B} does not match the KV cache's {kv_cache.batch_size}; "
+                "make the cache with new_kv_cache(batch_size)"
+            )
+        positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
+        views = None if kv_cache is None else kv_cache.views(positions, span=start + T)  # the filled slots
+        x = self._trunk(idx, positions, views, maps)
+        if kv_cache is not None:
+            kv_cache.length = start + T
         return x
 
-    def _softcap(self, logits: Tensor) -> Tensor:
-        """c·tanh(logits / c) with ``logit_softcap`` c: smooth, bounded logits (no-op when c is None)."""
-        cap = self.config.logit_softcap
+    def _logits(self, x: Tensor) -> Tensor:
+        """The LM head: (..., C) to (..., padded V). With ``logit_softcap`` c the logits become c·tanh(l / c):
+        smooth and bounded."""
+        logits, cap = self.lm_head(x), self.config.logit_softcap
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
     def forward(
@@ -190,8 +175,7 @@ class GPT(nn.Module):
         Returns:
             logits (B, T, vocab_size) over the real vocabulary, and the mean cross-entropy (or None).
         """
-        x = self._hidden(idx, kv_cache)  # (B, T, C)
-        logits = self._softcap(self.lm_head(x))  # (B, T, padded V)
+        logits = self._logits(self._hidden(idx, kv_cache))  # (B, T, padded V)
         loss = None
         if targets is not None:
             # The loss uses the padded logits: padding rows are never targets, so they just learn to be
@@ -207,7 +191,7 @@ class GPT(nn.Module):
         would otherwise make a 1024 x 50k logits tensor to keep one row of it).
         """
         x = self._hidden(idx, kv_cache)[:, -1, :]  # (B, C)
-        return self._softcap(self.lm_head(x))[:, : self.config.vocab_size]  # (B, V)
+        return self._logits(x)[:, : self.config.vocab_size]  # (B, V)
 
     def decode_step(self, token: Tensor, position: Tensor, kv_cache: KVCache) -> Tensor:
         """Logits (B, vocab_size) for one new token per row, (B, 1), at ``position``: a 0-dim tensor, or (B,)
@@ -220,7 +204,7 @@ class GPT(nn.Module):
         """
         positions = position.view(-1, 1)  # (1, 1) or (B, 1)
         x = self._trunk(token, positions, kv_cache.views(positions, span=kv_cache.max_length))  # (B, 1, C)
-        return self._softcap(self.lm_head(x[:, -1, :]))[:, : self.config.vocab_size]  # (B, V)
+        return self._logits(x[:, -1, :])[:, : self.config.vocab_size]  # (B, V)
 
     def loss(self, idx: Tensor, targets: Tensor, chunk_rows: int = 1024) -> Tensor:
         """The training loss alone, as ``forward(idx, targets)[1]``, without materialising the logits.
@@ -238,22 +222,11 @@ class GPT(nn.Module):
     def new_kv_cache(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
-        """An empty key/value cache for ``batch_size`` sequences of up to block_size tokens.
-
-        device/dtype default to the model's parameters.
-        """
-        c = self.config
-        weight = self.wte.weight
-        return KVCache(
-            c.n_layer,
-            batch_size,
-            c.n_head,
-            c.block_size,
-            c.n_embd // c.n_head,
-            device=weight.device if device is None else device,
-            dtype=weight.dtype if dtype is None else dtype,
-            n_kv_head=c.kv_heads,  # grouped-query attention caches only its key/value heads
-        )
+        """An empty key/value cache for ``batch_size`` sequences of up to block_size tokens; device and dtype
+        default to the model's parameters. Grouped-query attention caches only its key/value heads."""
+        c, weight = self.config, self.wte.weight
+        shape = (c.n_layer, batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        return KVCache(*shape, device or weight.device, dtype or weight.dtype, n_kv_head=c.kv_heads)
 
     @torch.no_grad()
     def attention_maps(self, idx: Tensor) -> Tensor:
@@ -276,31 +249,3 @@ class GPT(nn.Module):
         if non_embedding and self.wpe is not None:
             n -= self.wpe.weight.numel()
         return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
-
-        N counts the weights that multiply: every parameter but the lookup tables (the position embeddings,
-        and the token embeddings when the LM head is untied; tied, they are the head's matrix). A trained
-        weight costs 6 FLOPs per token (2 forward, 2 for the input's gradient, 2 for its own); a frozen one
-        (LoRA's base) only 4, since it needs no gradient of its own. The second term is the attention score
-        and weighted-sum matmuls: L layers, H heads, Q head size, T = seq_len (default block_size).
-        """
-        c = self.config
-        T = c.block_size if seq_len is None else seq_len
-        lookups = {id(self.wpe.weight)} if self.wpe is not None else set()
-        if not c.tie_embeddings:
-            lookups.add(id(self.wte.weight))
-        weights = sum(
-            (6 if p.requires_grad else 4) * p.numel() for p in self.parameters() if id(p) not in lookups
-        )
-        return weights + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T
-
-    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups: decay on matrices (≥2-D: Linear and embedding weights), none on biases and
-        LayerNorm gains, which only shift or scale and should not be pulled towards zero."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]

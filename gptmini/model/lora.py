@@ -68,10 +68,6 @@ class FinetuneConfig:
                 f"finetune.targets={shown!r} must be a non-empty list of: {', '.join(TARGETS)}."
             )
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
 
 def _is_finite_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -94,9 +90,7 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_b = nn.Parameter(
-            torch.zeros(self.out_features, rank, **factory)
-        )  # zero: starts at the base
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # 0: starts at the base
         # A as nn.Linear initialises its weights, so x·Aᵀ has the scale of a normal layer's output.
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.scale = alpha / rank
@@ -104,9 +98,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) to (..., out): the frozen layer plus the scaled low-rank update."""
-        update = F.linear(
-            F.linear(self.lora_dropout(x), self.lora_a), self.lora_b
-        )  # (..., r) then (..., out)
+        update = F.linear(F.linear(self.lora_dropout(x), self.lora_a), self.lora_b)  # via (..., r)
         return F.linear(x, self.weight, self.bias) + self.scale * update
 
 

@@ -1,7 +1,4 @@
-"""The training loss without the full logits tensor: the LM head and cross-entropy, in row chunks.
-
-Kept apart from model.py, which reads as the model itself; ``GPT.loss`` is the one caller.
-"""
+"""The training loss without the full logits tensor: the LM head and cross-entropy in row chunks."""
 
 import torch
 from torch import Tensor
@@ -29,7 +26,7 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
     ) -> Tensor:
         """x (N, C), weight (V, C), targets (N,) with -1 = ignore; returns the mean loss over kept rows.
 
-        ``softcap`` c makes the logits c·tanh(x·W / c) (``GPT._softcap``); None leaves them as they are.
+        ``softcap`` c makes the logits c·tanh(x·W / c) (as ``GPT._logits``); None leaves them as they are.
         """
         device = x.device.type
         # Under autocast do the matmuls in its dtype (as nn.Linear would) and the softmax in fp32.

@@ -1,19 +1,13 @@
-"""Lightning callbacks for what a language-model run needs beyond Lightning's own.
-
-- ``Throughput``: tokens/s and MFU, measured over windows of steps (one host sync per window, not per step).
-- ``LossHistory``: train/val loss against tokens seen, for the loss-curve PNG.
-- ``TextSamples``: a text sample at each validation, printed and written to ``samples.txt``.
-- ``AlignStepLabels``: a resumed run labels its logged rows with the steps a straight run would.
-- ``GracefulInterrupt``: Ctrl-C / SIGTERM save a checkpoint at the next step boundary and stop; a second
-  Ctrl-C exits at once.
-- ``QuietRichProgressBar``: refreshes its metrics every few steps, so the bar does not sync every step.
-"""
+"""Lightning callbacks for what a language-model run needs beyond Lightning's own: throughput and MFU, the
+loss history, text samples, step labels that survive a resume, the stop at max_steps, a graceful Ctrl-C, and
+a progress bar that does not sync every step."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -22,11 +16,11 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.common import atomic_file, say
-from gptmini.training.perf import mfu, peak_flops
-from gptmini.training.steps import StepBoundaries, align_logged_step, is_logging_step
+from gptmini.training.perf import flops_per_token, mfu, peak_flops
+from gptmini.training.steps import StepCallback, align_logged_step, is_logging_step
 
 
-class Throughput(L.Callback):
+class Throughput(StepCallback):
     """Logs ``perf/tokens_per_s`` and ``perf/mfu`` every ``every_n_steps`` optimizer steps.
 
     Args:
@@ -39,47 +33,40 @@ class Throughput(L.Callback):
         self.peak_override = peak_flops
         self.train_seconds = 0.0  # training time only: validation and data preparation excluded
         self.train_tokens = 0
-        self._window_start: float | None = None
-        self._window_tokens = 0
-        self._window_seconds = 0.0  # training seconds of the current window (validation pauses excluded)
-        self._paused = False
+        self._started: float | None = None  # when the clock last started; None while it is stopped
+        self._paused = False  # stopped for a validation in the middle of training
+        self._window_tokens, self._window_seconds = 0, 0.0
         self.last_tokens_per_s: float | None = None
         self.last_mfu: float | None = None
-        self._steps = StepBoundaries()
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._peak = peak_flops(pl_module.device, str(trainer.precision), self.peak_override)
-        self._flops_per_token = pl_module.model.flops_per_token()
-        self._start_window(pl_module)
+        self._flops_per_token = flops_per_token(pl_module.model)
+        self._start(pl_module)
 
-    def _start_window(self, pl_module, keep_tokens: bool = False) -> None:
-        """Start timing; ``keep_tokens`` continues a window that validation paused."""
+    def _start(self, pl_module) -> None:
         _synchronize(pl_module.device)
-        self._window_start = time.perf_counter()
-        if not keep_tokens:
-            self._window_tokens = 0
-            self._window_seconds = 0.0
+        self._started = time.perf_counter()
 
-    def _close_window(self, pl_module) -> float:
-        """Stop timing; return the window's training seconds so far (pauses excluded)."""
+    def _stop(self, pl_module) -> None:
+        """Stop the clock; the seconds since it started count for the window and the run."""
         _synchronize(pl_module.device)
-        elapsed = time.perf_counter() - self._window_start
+        elapsed = time.perf_counter() - self._started
+        self._started = None
         self.train_seconds += elapsed
         self._window_seconds += elapsed
-        return self._window_seconds
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._steps.batch_started(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         x, _ = batch
         self._window_tokens += x.numel() * trainer.world_size
-        if not self._steps.ended_a_step(trainer) or trainer.global_step % self.every_n_steps:
+        if not self.ended_a_step(trainer) or trainer.global_step % self.every_n_steps:
             return
-        elapsed = self._close_window(pl_module)
-        self.train_tokens += self._window_tokens
-        if elapsed > 0 and self._window_tokens:
-            self.last_tokens_per_s = self._window_tokens / elapsed
+        self._stop(pl_module)
+        tokens, seconds = self._window_tokens, self._window_seconds
+        self.train_tokens += tokens
+        self._window_tokens, self._window_seconds = 0, 0.0
+        if seconds > 0 and tokens:
+            self.last_tokens_per_s = tokens / seconds
             self.last_mfu = mfu(
                 self._flops_per_token, self.last_tokens_per_s / trainer.world_size, self._peak
             )
@@ -88,30 +75,42 @@ class Throughput(L.Callback):
                 metrics["perf/mfu"] = self.last_mfu
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
             pl_module.log("tok/s", self.last_tokens_per_s, prog_bar=True, logger=False, rank_zero_only=True)
-        self._start_window(pl_module)
+        self._start(pl_module)
 
-    # Validation in the middle of training is not training time: the window pauses around it. (During
-    # validation ``trainer.training`` is False, so the window's own state says whether training was timing.)
+    # Validation in the middle of training is not training time: the clock stops around it. (During
+    # validation ``trainer.training`` is False, so the clock's own state says whether training was timing.)
     def on_validation_start(self, trainer, pl_module) -> None:
-        if self._window_start is not None:
-            self._close_window(pl_module)
-            self._window_start = None
-            self._paused = True
+        self._paused = self._started is not None
+        if self._paused:
+            self._stop(pl_module)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._paused:
             self._paused = False
-            self._start_window(pl_module, keep_tokens=True)
+            self._start(pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._window_start is not None and self._window_tokens:
-            self._close_window(pl_module)
+        if self._started is not None and self._window_tokens:
+            self._stop(pl_module)
             self.train_tokens += self._window_tokens
-        self._window_start, self._window_tokens = None, 0
+        self._started, self._window_tokens = None, 0
 
     @property
     def average_tokens_per_s(self) -> float | None:
         return self.train_tokens / self.train_seconds if self.train_seconds > 0 else None
+
+
+@contextmanager
+def evaluating(model: torch.nn.Module):
+    """Run ``model`` in eval mode and eagerly (a compiled model would compile a graph for every new shape, and
+    a sample or an evaluation is short), then put it back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -119,7 +118,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class LossHistory(L.Callback):
+class LossHistory(StepCallback):
     """Keeps (tokens seen, loss) pairs of every logged training step and every validation.
 
     The pairs travel in the checkpoint, so a resumed run's loss curve and best validation loss cover the
@@ -131,7 +130,6 @@ class LossHistory(L.Callback):
         self.val: list[tuple[int, float]] = []
         self.tokens_per_batch = 0
         self.last_val_step: int | None = None
-        self._steps = StepBoundaries()
 
     def state_dict(self) -> dict:
         return {"train": list(self.train), "val": list(self.val)}
@@ -145,12 +143,9 @@ class LossHistory(L.Callback):
         batches = trainer.global_step * trainer.accumulate_grad_batches
         return batches * self.tokens_per_batch * trainer.world_size
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._steps.batch_started(trainer)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.tokens_per_batch = batch[0].numel()
-        if self._steps.ended_a_step(trainer) and is_logging_step(trainer):
+        if self.ended_a_step(trainer) and is_logging_step(trainer):
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             # Lightning hands back the loss divided by the accumulation factor (what backward saw).
             self.train.append((self.tokens_seen(trainer), float(loss) * trainer.accumulate_grad_batches))
@@ -210,22 +205,16 @@ class TextSamples(L.Callback):
         eot = self.tokenizer.eot_token
         prompt_ids = self.tokenizer.encode_ordinary(self.prompt) or [eot]
         generator = torch.Generator(device=device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        try:
-            # A compiled model would recompile for every cache length; a short sample runs fine eagerly.
-            with torch.compiler.set_stance("force_eager"):
-                tokens = sample_tokens(
-                    model,
-                    torch.tensor(prompt_ids, device=device),
-                    self.options,
-                    generator=generator,
-                    eot_id=eot,
-                    vocab_limit=self.tokenizer.n_vocab,  # never an id the tokenizer cannot decode
-                )
-                new_ids = [int(t) for t in tokens]
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            tokens = sample_tokens(
+                model,
+                torch.tensor(prompt_ids, device=device),
+                self.options,
+                generator=generator,
+                eot_id=eot,
+                vocab_limit=self.tokenizer.n_vocab,  # never an id the tokenizer cannot decode
+            )
+            new_ids = [int(t) for t in tokens]
         return self.tokenizer.decode([i for i in new_ids if i != eot])
 
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -269,7 +258,7 @@ class TrainingInterrupted(Exception):
     """Raised at a step boundary after Ctrl-C or SIGTERM, once the checkpoint is safely written."""
 
 
-class GracefulInterrupt(L.Callback):
+class GracefulInterrupt(StepCallback):
     """Ctrl-C or SIGTERM: finish the current step, write a resumable checkpoint, then leave the loop.
 
     The signal only sets a flag. The checkpoint is written at the end of the next training step, so it
@@ -288,7 +277,6 @@ class GracefulInterrupt(L.Callback):
         self.received: str | None = None
         self.saved = False  # the checkpoint is written; the loop is left before the next step
         self._previous: dict[int, object] = {}
-        self._steps = StepBoundaries()
 
     def on_train_start(self, trainer, pl_module) -> None:
         # Installed here, after Lightning's own handlers (which Lightning restores when fit ends).
@@ -307,7 +295,7 @@ class GracefulInterrupt(L.Callback):
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not self._steps.ended_a_step(trainer) or self.saved:
+        if not self.ended_a_step(trainer) or self.saved:
             return
         stop = self.received is not None
         if trainer.world_size > 1:
@@ -323,7 +311,7 @@ class GracefulInterrupt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.saved:
             raise TrainingInterrupted(self.received or "signal on another rank")
-        self._steps.batch_started(trainer)
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore_handlers()

@@ -1,15 +1,5 @@
-"""Checkpoints during training: atomic writes, run directories, and what a resume may start from.
-
-- ``AtomicCheckpointIO``: Lightning writes every checkpoint through ``gptmini.weights.atomic_torch_save``
-  and reads it with ``weights_only=True``; a full disk or a read-only folder is one line that says the
-  previous checkpoint is intact.
-- ``check_run_directory``: a run never writes over another run's checkpoints. A resumed run may continue in
-  its own directory; there, ``last.ckpt`` is overwritten in place (ModelCheckpoint's version counter is off
-  in configs/callbacks), so the newest step is always ``last.ckpt``.
-- ``check_resumable``: the checks for ``ckpt_path`` (shape, tokenizer, the fine-tune settings).
-
-What a fine-tune starts from (``init_from``, LoRA) is ``gptmini.training.finetune``.
-"""
+"""Checkpoints during training: atomic writes, run directories that are never overwritten, and the checks
+on what a resume starts from. What a fine-tune starts from (``init_from``, LoRA) is ``training.finetune``."""
 
 from __future__ import annotations
 
@@ -19,22 +9,11 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gptmini.weights import (
-    atomic_torch_save,
-    check_state_fits,
-    read_checkpoint,
-    read_contents,
-)
-from gptmini.common import (
-    GptMiniError,
-    describe_os_error,
-    is_environment_fault,
-    remove_stale_temp_files,
-)
+from gptmini.common import GptMiniError, describe_os_error, is_environment_fault, remove_stale_temp_files
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
-from gptmini.training.finetune import check_same_finetune
+from gptmini.weights import atomic_torch_save, check_state_fits, read_checkpoint, read_contents
 
 LAST = "last.ckpt"
 
@@ -95,10 +74,10 @@ def check_resumable(
     ckpt_path: Path, model_config: GPTConfig, tokenizer_spec: dict, finetune: FinetuneConfig | None = None
 ) -> int:
     """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer;
-    return the optimizer step it was written at. A LoRA run's checkpoint is checked against its adapters."""
+    return the optimizer step it was written at. A LoRA run's checkpoint is checked against its adapters
+    (``finetune_from`` has checked that the run's finetune settings are the checkpoint's)."""
     finetune = finetune or FinetuneConfig()
     contents = read_contents(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
-    check_same_finetune(contents, finetune)
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         model = GPT(model_config)
         if contents.lora is not None:

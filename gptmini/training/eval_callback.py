@@ -14,15 +14,16 @@ import torch
 from gptmini.common import as_config
 from gptmini.eval.config import HELLASWAG_HUB, HellaSwagConfig
 from gptmini.eval.hellaswag import Example, load_examples, score
+from gptmini.training.callbacks import evaluating
+from gptmini.training.steps import StepCallback
 
 
-class HellaSwagEval(L.Callback):
+class HellaSwagEval(StepCallback):
     """Score HellaSwag every ``config.hellaswag_every`` optimizer steps (see the module docstring)."""
 
     def __init__(self, config: HellaSwagConfig, tokenizer) -> None:
         self.config, self.tokenizer = config, tokenizer
         self.examples: list[Example] = []
-        self.last_step = -1
         self.history: list[tuple[int, float, float]] = []  # (step, acc, acc_norm), for tests and notebooks
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -31,19 +32,10 @@ class HellaSwagEval(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        # Once per optimizer step: with gradient accumulation several batches end on the same step.
-        if step == 0 or step % self.config.hellaswag_every or step == self.last_step:
+        if step == 0 or step % self.config.hellaswag_every or not self.ended_a_step(trainer):
             return
-        self.last_step = step
-        model = pl_module.model
-        was_training = model.training
-        model.eval()
-        try:
-            # Eager: a compiled model would compile a new graph for every example's shape.
-            with torch.compiler.set_stance("force_eager"):
-                figures = score(model, self.tokenizer, self.examples, pl_module.device, progress=False)
-        finally:
-            model.train(was_training)
+        with evaluating(pl_module.model) as model:
+            figures = score(model, self.tokenizer, self.examples, pl_module.device, progress=False)
         counts = torch.tensor(
             [figures["correct"], figures["correct_norm"], figures["n"]],
             device=pl_module.device,

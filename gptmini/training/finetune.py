@@ -1,25 +1,25 @@
-"""Fine-tuning: what a run starts from (``init_from``) and how (full, or LoRA adapters on frozen weights).
-
-- ``read_init_source``: ``init_from`` reads anything ``gptmini.weights.read_weights`` reads: a gptmini
-  checkpoint, a Hugging Face GPT-2 (a Hub name or a folder) or a LoRA checkpoint (merged into its base).
-- ``finetune_from`` and ``load_init_weights``: full fine-tuning or LoRA (``gptmini.model.lora``). A LoRA
-  run's checkpoints hold only the adapters, name their base and record its fingerprint, so a resume reads
-  the base again and refuses one that now holds other weights; it also refuses other finetune settings
-  than the run's (another ``finetune.alpha`` would rescale what the adapters learnt).
+"""Fine-tuning: what a run starts from (``init_from``: anything ``gptmini.weights.read_weights`` reads) and
+how (full, or LoRA adapters on frozen weights). A LoRA run's checkpoints hold only the adapters, name their
+base and record its fingerprint, so a resume reads the base again and refuses one that now holds other
+weights, or other finetune settings than the run's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 import torch
 
+from gptmini.common import GptMiniError, as_config
+from gptmini.data.tokenizer import tokenizer_from_spec
+from gptmini.model.config import GPTConfig
+from gptmini.model.lora import FinetuneConfig, is_adapter_key
 from gptmini.weights import (
     CheckpointContents,
+    SourceWeights,
     check_base_fingerprint,
     crop_positions,
     gptmini_info,
@@ -28,12 +28,7 @@ from gptmini.weights import (
     read_contents,
     read_weights,
     resolve_checkpoint,
-    weights_fingerprint,
 )
-from gptmini.common import GptMiniError, as_config
-from gptmini.data.tokenizer import tokenizer_from_spec
-from gptmini.model.config import GPTConfig
-from gptmini.model.lora import FinetuneConfig, is_adapter_key
 
 
 def check_same_finetune(contents: CheckpointContents, finetune: FinetuneConfig) -> None:
@@ -62,32 +57,18 @@ def check_same_finetune(contents: CheckpointContents, finetune: FinetuneConfig) 
 
 
 @dataclass
-class InitSource:
-    """The weights a fine-tune starts from: their model config and tokenizer, and how to name them again."""
+class InitSource(SourceWeights):
+    """The weights a fine-tune starts from, as ``read_weights`` reads them, and their tokenizer."""
 
-    path: Path
-    state: dict[str, torch.Tensor]
-    model_config: GPTConfig
-    tokenizer: tiktoken.Encoding
-    spec: str = ""  # an absolute path or a Hub name: what a LoRA checkpoint records as its base
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """What a LoRA checkpoint records of its base (``gptmini.weights.weights_fingerprint``)."""
-        return weights_fingerprint(self.state)
+    tokenizer: tiktoken.Encoding | None = None
 
 
 def read_init_source(spec: str) -> InitSource:
     """Read ``init_from``: a fine-tune keeps the source's tokenizer, or its token ids would mean other
     things to the weights."""
     source = read_weights(spec)
-    return InitSource(
-        source.path,
-        source.state,
-        source.model_config,
-        tokenizer_from_spec(source.tokenizer_spec),
-        source.spec,
-    )
+    read = {f.name: getattr(source, f.name) for f in fields(source)}
+    return InitSource(**read, tokenizer=tokenizer_from_spec(source.tokenizer_spec))
 
 
 def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource | None:
@@ -104,15 +85,12 @@ def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource
     return init
 
 
-def _entry(ckpt_path: Path) -> dict:
-    return gptmini_info(read_checkpoint(ckpt_path, mmap=True), ckpt_path)
-
-
 def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
     """``ckpt_path`` with ``init_from`` is a resume of a fine-tune only when the checkpoint's run started from
     that same ``init_from`` (so the same command plus ``ckpt_path=`` resumes it); otherwise it is refused."""
     try:
-        started_from = _entry(resolve_checkpoint(ckpt_path)).get("init_from")
+        path = resolve_checkpoint(ckpt_path)
+        started_from = gptmini_info(read_checkpoint(path, mmap=True), path).get("init_from")
     except GptMiniError:
         started_from = None
     if started_from is None or started_from != init_from:

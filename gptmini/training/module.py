@@ -17,31 +17,28 @@ import torch
 from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.strategies import FSDPStrategy
 
-from gptmini.weights import GPTMINI_KEY, gptmini_entry
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, adapter_state, add_lora
-from gptmini.training.optim import OptimConfig, build_lr_schedule, build_optimizer, lr_at
+from gptmini.training.optim import OptimConfig, adamw_fused, build_lr_schedule, build_optimizer, lr_at
 from gptmini.training.steps import RunPlan, is_logging_step
+from gptmini.weights import GPTMINI_KEY, gptmini_entry
 
 
 class GPTTrainingModule(L.LightningModule):
     """GPT language modelling under Lightning.
 
+    ``model_config``, ``optim``, ``finetune`` and ``plan`` are the fields of ``GPTConfig``, ``OptimConfig``,
+    ``FinetuneConfig`` (method "lora" freezes the GPT and trains adapters) and ``RunPlan`` (the run's length,
+    schedule length, precision and clipping, as ``train()`` decided them) as dicts.
+
     Args:
-        model_config: ``GPTConfig`` fields as a dict (vocab_size already set from the tokenizer).
-        optim: ``OptimConfig`` fields as a dict.
         val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
-        compile: compile the GPT in place with ``torch.compile`` (checkpoint keys do not change).
-        compile_mode: ``torch.compile`` mode (None = default, "max-autotune", "reduce-overhead").
-        loss: the training step's loss: "chunked" (the LM head in chunks, no full logits tensor) or
-            "standard" (``forward``'s full logits; bench/train.py compares the two).
+        compile, compile_mode: ``torch.compile`` the GPT in place (checkpoint keys do not change).
+        loss: "chunked" (``GPT.loss``: no full logits tensor) or "standard" (``forward``'s full logits).
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
         run_info: extra plain values stored in the checkpoint's gptmini entry (e.g. data and tokenizer names).
-        finetune: ``FinetuneConfig`` fields as a dict; method "lora" freezes the GPT and trains adapters.
-        plan: ``RunPlan`` fields as a dict: the run's length, schedule length, precision and clipping, as
-            ``train()`` decided them.
         clock: with optim.schedule_by=time, the Timer that ends the run; the schedule's progress is its
             elapsed fraction (not saved as a hyperparameter: it is a live object).
     """
@@ -77,10 +74,10 @@ class GPTTrainingModule(L.LightningModule):
         self.run_info = run_info or {}
         self._compile = compile
         self._compile_mode = compile_mode
-        if loss not in ("chunked", "standard"):
-            raise GptMiniError(f"loss={loss!r} must be 'chunked' or 'standard'")
+        assert loss in ("chunked", "standard"), loss  # settings.resolve_loss chose it
         self._loss_kind = loss
-        self._train_loss = self._chosen_loss()  # compiled in configure_model when asked
+        # The chunked loss runs the LM head in chunks (no full logits tensor); the standard one is forward's.
+        self._train_loss = self.model.loss if loss == "chunked" else lambda x, y: self.model(x, y)[1]
         # Non-finite losses are detected on the device and checked only on logging steps and before each
         # checkpoint, so the training step never waits for the host (no .item() per step). Both counters
         # count micro-batches, so gradient accumulation needs no special case.
@@ -95,18 +92,11 @@ class GPTTrainingModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._compile and not getattr(self.model, "_compiled_in_place", False):
             # In place: parameters keep their names, so checkpoints carry no "_orig_mod." prefix.
-            # Module.compile covers forward (validation); the training step's loss is its own method.
+            # Module.compile covers forward (validation, the standard loss); the chunked loss is a method.
             self.model.compile(mode=self._compile_mode)
-            chunked = self._loss_kind == "chunked"
-            self._train_loss = (
-                torch.compile(self.model.loss, mode=self._compile_mode) if chunked else self._chosen_loss()
-            )
+            if self._loss_kind == "chunked":
+                self._train_loss = torch.compile(self.model.loss, mode=self._compile_mode)
             self.model._compiled_in_place = True
-
-    def _chosen_loss(self):
-        if self._loss_kind == "chunked":
-            return self.model.loss
-        return lambda x, y: self.model(x, y)[1]  # forward's loss: it runs compiled once forward is
 
     def configure_optimizers(self):
         plan = self.plan
@@ -117,11 +107,7 @@ class GPTTrainingModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _schedule_steps(self) -> int:
-        if not self.plan.schedule_steps or self.plan.schedule_steps <= 0:
-            raise GptMiniError(
-                "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
-                "or optim.decay_steps."
-            )
+        assert self.plan.schedule_steps, "train() plans the schedule's length (settings checked it has one)"
         return self.plan.schedule_steps
 
     def _time_progress(self):
@@ -130,10 +116,7 @@ class GPTTrainingModule(L.LightningModule):
         It reads the Timer that also stops the run (``clock``), so the decay ends when the run does; a resumed
         run restores the Timer's elapsed time from its checkpoint and continues with the rest.
         """
-        if self.clock is None or self.clock.time_remaining() is None:
-            raise GptMiniError(
-                "optim.schedule_by=time needs a time budget: set trainer.max_time (e.g. 00:00:02:00)."
-            )
+        assert self.clock is not None, "schedule_by=time needs train()'s clock (settings checked max_time)"
         budget = self.clock.time_elapsed() + self.clock.time_remaining()  # the duration, in seconds
         return lambda: min(1.0, self.clock.time_elapsed() / budget)
 
@@ -149,7 +132,7 @@ class GPTTrainingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = self._train_loss(x, y)  # the LM head and cross-entropy in chunks: no full logits tensor
+        loss = self._train_loss(x, y)
         self._record_if_nonfinite(loss)
         steps_done = self.trainer.global_step + 1  # once this step's optimizer has stepped
         last = self.plan.max_steps is not None and steps_done >= self.plan.max_steps
@@ -171,8 +154,7 @@ class GPTTrainingModule(L.LightningModule):
             return
         self.log("val/ppl", torch.exp(val_loss), sync_dist=False)
         if self.val_bytes_per_token:
-            # nats per token -> bits per UTF-8 byte: comparable across char-level, BPE and GPT-2 tokenizers.
-            self.log("val/bpb", val_loss / math.log(2) / self.val_bytes_per_token, prog_bar=True)
+            self.log("val/bpb", bits_per_byte(val_loss, self.val_bytes_per_token), prog_bar=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # The gradient norm costs one reduction; compute it only on steps that get logged.
@@ -184,15 +166,10 @@ class GPTTrainingModule(L.LightningModule):
                 self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)), on_step=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip as Lightning does, except for a fused optimizer, which Lightning's mixed precision refuses.
-
-        The plugin assumes that a fused optimizer unscales a float16 GradScaler's gradients inside its step,
-        so it will not clip before that step, even under bf16-mixed, which has no scaler. ``adamw_fused``
-        never fuses where a scaler meets clipping (16-mixed), so a fused optimizer's gradients here are true
-        values under every precision, and clipping them is what a plain PyTorch loop does. Without this,
-        every bf16 run on a GPU (fused AdamW) stopped at its first step.
-        """
-        fused = any(group.get("fused") for group in optimizer.param_groups)
+        """Clip as Lightning does, except where ``adamw_fused`` made AdamW fused: Lightning's mixed-precision
+        plugin refuses to clip a fused optimizer (even under bf16-mixed, which has no scaler), although its
+        gradients are true values here. Without this, every bf16 run on a GPU stopped at its first step."""
+        fused = adamw_fused(self.device, self.plan.precision, self.plan.clipping)
         # FSDP clips its shards through its own path (a local norm would be wrong): Lightning's, untouched.
         if not (fused and gradient_clip_val) or isinstance(self.trainer.strategy, FSDPStrategy):
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -262,6 +239,11 @@ class GPTTrainingModule(L.LightningModule):
             self.tokenizer_spec = entry.get("tokenizer")
         self._rng_to_restore = entry.get("rng")
         self._saved_step = checkpoint.get("global_step")  # a resumed run's last good checkpoint
+
+
+def bits_per_byte(loss, bytes_per_token: float):
+    """Nats per token to bits per UTF-8 byte: comparable across char-level, BPE and GPT-2 tokenizers."""
+    return loss / math.log(2) / bytes_per_token
 
 
 def _rng_states() -> dict:

@@ -1,22 +1,13 @@
 """The optimizer and its learning-rate schedule: ``OptimConfig``, ``build_optimizer``, ``build_lr_schedule``.
 
-- ``name="adamw"``: AdamW as nanoGPT sets it up: weight decay only on matrices (biases and norm gains are
-  left alone), the fused kernel on CUDA unless it would clip float16-scaled gradients (``adamw_fused``).
-- ``name="muon"``: ``torch.optim.Muon`` for the 2-D weight matrices inside the transformer blocks, AdamW for
-  everything else (embeddings, LM head, norm gains, biases), each with its own learning rate: the split
-  nanochat and the modded-nanogpt speedrun use. ``MuonWithAdamW`` steps both as one optimizer. Muon needs
-  torch 2.9; it is looked up only when chosen, so everything else works on torch 2.6.
-- The schedule, one multiplier for every group: linear warmup, then cosine decay to a floor, or
-  warmup-stable-decay ("wsd": constant, then a linear decay over the last ``decay_fraction``). Its progress
-  is counted in optimizer steps, or (``schedule_by="time"``) in elapsed training time over the run's
-  time budget, so the decay ends when the time is up.
-
-The LightningModule and bench/train.py's plain loop both build theirs here, so they cannot drift apart.
+AdamW (nanoGPT's setup), or Muon on the blocks' matrices with AdamW on the rest (nanochat's and the
+modded-nanogpt speedrun's split); one schedule multiplies every group's rate, counted in optimizer steps or
+in elapsed time. The LightningModule and bench/train.py's plain loop both build theirs here, so they cannot
+drift apart.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,40 +64,32 @@ class OptimConfig:
                 )
         if self.name == "muon":
             check_muon_available()  # an old torch: one line now, not an AttributeError at the first step
-        if not self.muon_lr > 0:
-            raise GptMiniError(f"optim.muon_lr must be > 0, got {self.muon_lr}; try optim.muon_lr=0.02.")
-        if not 0 <= self.muon_momentum < 1:
-            raise GptMiniError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}; try 0.95.")
-        if not 0 < self.decay_fraction <= 1:
-            raise GptMiniError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}; try 0.2.")
-        if not self.lr > 0:
-            raise GptMiniError(f"optim.lr must be > 0, got {self.lr}; try optim.lr=1e-3.")
-        if not 0 <= self.min_lr <= self.lr:
-            raise GptMiniError(f"optim.min_lr must be in [0, optim.lr={self.lr}], got {self.min_lr}.")
-        if self.warmup_steps < 0:
-            raise GptMiniError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}.")
-        if self.decay_steps is not None and self.decay_steps <= 0:
-            raise GptMiniError(f"optim.decay_steps must be > 0 or null, got {self.decay_steps}.")
-        if self.weight_decay < 0:
-            raise GptMiniError(f"optim.weight_decay must be >= 0, got {self.weight_decay}.")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise GptMiniError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}.")
-        if self.eps < 0:
-            raise GptMiniError(f"optim.eps must be >= 0, got {self.eps}; try optim.eps=1e-8.")
+        ranges = [  # (field, whether its value is valid, the valid range, a hint), checked in this order
+            ("muon_lr", self.muon_lr > 0, "> 0", "; try optim.muon_lr=0.02"),
+            ("muon_momentum", 0 <= self.muon_momentum < 1, "in [0, 1)", "; try 0.95"),
+            ("decay_fraction", 0 < self.decay_fraction <= 1, "in (0, 1]", "; try 0.2"),
+            ("lr", self.lr > 0, "> 0", "; try optim.lr=1e-3"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"in [0, optim.lr={self.lr}]", ""),
+            ("warmup_steps", self.warmup_steps >= 0, ">= 0", ""),
+            ("decay_steps", self.decay_steps is None or self.decay_steps > 0, "> 0 or null", ""),
+            ("weight_decay", self.weight_decay >= 0, ">= 0", ""),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)", ""),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)", ""),
+            ("eps", self.eps >= 0, ">= 0", "; try optim.eps=1e-8"),
+        ]
+        for name, valid, allowed, hint in ranges:
+            if not valid:
+                raise GptMiniError(f"optim.{name} must be {allowed}, got {getattr(self, name)}{hint}.")
 
 
 def lr_at(step: int, optim: OptimConfig, decay_steps: int, progress: float | None = None) -> float:
-    """The (AdamW) learning rate after ``step`` optimizer steps: linear warmup, decay, then the floor.
+    """The (AdamW) learning rate after ``step`` optimizer steps: linear warmup, decay until ``decay_steps``,
+    then the floor.
 
-    Args:
-        step: optimizer steps done.
-        optim: the schedule's settings.
-        decay_steps: the step at which the decay ends (schedule_by="steps").
-        progress: for schedule_by="time", the fraction of the time budget used. The rate is then the lower
-            of the warmup ramp (in steps: it is about the first updates, not the clock) and the decay curve
-            at that progress, so the schedule reaches its floor when the time is up even on a machine so
-            slow that the run never leaves warmup.
+    With ``progress`` (schedule_by="time": the fraction of the time budget used) the rate is the lower of the
+    warmup ramp (in steps: it is about the first updates, not the clock) and the decay curve at that progress,
+    so the schedule reaches its floor when the time is up even on a machine so slow that the run never leaves
+    warmup.
     """
     warmup = optim.lr * (step + 1) / optim.warmup_steps if step < optim.warmup_steps else optim.lr
     if progress is not None:
@@ -134,18 +117,28 @@ SCALED_PRECISIONS = ("16-mixed", "16")
 def adamw_fused(device: torch.device | str, precision: str | None = None, clipping: bool = False) -> bool:
     """Whether AdamW runs fused (one kernel for all parameters): on CUDA, where its gradients can be clipped.
 
+    The one place that decides: ``build_optimizer`` builds by it and ``GPTTrainingModule`` clips by it.
     Fused AdamW unscales a GradScaler's gradients inside its own step (torch marks it
     ``_step_supports_amp_scaling``), so with 16-mixed the gradients are still scaled when they would be
     clipped, and Lightning refuses to clip: the run stopped at step 1. A run that clips under 16-mixed
     therefore gets torch's default instead (foreach: multi-tensor kernels, nearly as fast). Every other
-    precision has true gradients before the step and stays fused: Lightning clips them (32-true, bf16-true,
-    ...), or ``GPTTrainingModule.configure_gradient_clipping`` does where Lightning's mixed-precision
-    plugin refuses a fused optimizer although it has no scaler (bf16-mixed). ``precision=None`` is a plain
-    loop outside Lightning (bench/), which clips itself: fused.
+    precision has true gradients before the step and stays fused; Lightning's mixed-precision plugin still
+    refuses to clip a fused optimizer even without a scaler (bf16-mixed), so the module clips those itself.
+    ``precision=None`` is a plain loop outside Lightning (bench/), which clips itself: fused.
     """
     if torch.device(device).type != "cuda":
         return False
     return not (clipping and str(precision) in SCALED_PRECISIONS)
+
+
+def decay_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups of the trainable ``params``: decay on matrices (≥2-D: Linear and embedding
+    weights), none on biases and norm gains, which only shift or scale and should not be pulled to zero."""
+    params = [p for p in params if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(
@@ -155,25 +148,20 @@ def build_optimizer(
     precision: str | None = None,
     clipping: bool = False,
 ) -> torch.optim.Optimizer:
-    """AdamW over ``model.configure_optimizer_groups`` (decay on matrices only), fused where
-    ``adamw_fused`` allows (the Trainer's ``precision``, and whether it clips gradients); or, for
-    optim.name="muon", ``MuonWithAdamW``."""
+    """AdamW over ``decay_groups``, fused where ``adamw_fused`` allows (the Trainer's ``precision``, and
+    whether it clips gradients); or, for optim.name="muon", ``MuonWithAdamW``."""
     fused = adamw_fused(device, precision, clipping)
     adamw = {"lr": optim.lr, "betas": (optim.beta1, optim.beta2), "eps": optim.eps, "fused": fused}
     if optim.name == "adamw":
-        return torch.optim.AdamW(model.configure_optimizer_groups(optim.weight_decay), **adamw)
+        return torch.optim.AdamW(decay_groups(model.parameters(), optim.weight_decay), **adamw)
     hidden = muon_parameters(model)
     hidden_ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in hidden_ids]
-    rest_groups = [
-        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": optim.weight_decay},  # embeddings, head
-        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},  # gains and biases
-    ]
+    rest = decay_groups((p for p in model.parameters() if id(p) not in hidden_ids), optim.weight_decay)
     # torch's Muon runs its orthogonalisation in bfloat16, fast on GPUs but ~25x slower than float32 on CPUs.
     check_muon_available()
-    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else _float32_muon()
+    muon_class = torch.optim.Muon if torch.device(device).type == "cuda" else Float32Muon
     muon = muon_class(hidden, lr=optim.muon_lr, weight_decay=optim.weight_decay, momentum=optim.muon_momentum)
-    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest_groups if g["params"]], **adamw))
+    return MuonWithAdamW(muon, torch.optim.AdamW([g for g in rest if g["params"]], **adamw))
 
 
 def muon_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -219,31 +207,7 @@ def check_muon_available() -> None:
         )
 
 
-@torch.no_grad()
-def _float32_muon_step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-    """``Float32Muon.step``: torch's Muon update with the Newton-Schulz iteration in float32."""
-    loss = None
-    if closure is not None:
-        with torch.enable_grad():
-            loss = closure()
-    for group in self.param_groups:
-        params, grads, buffers = [], [], []
-        self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
-        lr, momentum = group["lr"], group["momentum"]
-        for param, grad, buf in zip(params, grads, buffers, strict=True):
-            buf.lerp_(grad, 1 - momentum)
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-            update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            param.mul_(1 - lr * group["weight_decay"])
-            param.add_(update.to(param.dtype), alpha=-lr * math.sqrt(max(1.0, param.size(0) / param.size(1))))
-    return loss
-
-
-@functools.cache
-def _float32_muon() -> type[torch.optim.Optimizer]:
-    """The ``Float32Muon`` class, built on first use: its base, ``torch.optim.Muon``, exists only from torch
-    2.9, and importing this module (for AdamW) must work on older versions."""
-    check_muon_available()
+if hasattr(torch.optim, "Muon"):  # defined only where its base exists: importing this module must work on 2.6
 
     class Float32Muon(torch.optim.Muon):
         """``torch.optim.Muon`` with its Newton-Schulz iteration in float32 (``orthogonalize``), for CPUs.
@@ -254,17 +218,24 @@ def _float32_muon() -> type[torch.optim.Optimizer]:
         the two), decoupled weight decay, and the rate scaled by sqrt(max(1, rows / cols)).
         """
 
-        step = _float32_muon_step
-
-    Float32Muon.__qualname__ = "Float32Muon"  # found as gptmini.training.optim.Float32Muon (pickle, repr)
-    return Float32Muon
-
-
-def __getattr__(name: str):
-    """``from gptmini.training.optim import Float32Muon`` builds the class then (PEP 562 module attribute)."""
-    if name == "Float32Muon":
-        return _float32_muon()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        @torch.no_grad()
+        def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                params, grads, buffers = [], [], []
+                self._init_group(group, params, grads, buffers)  # creates missing momentum buffers
+                lr, momentum = group["lr"], group["momentum"]
+                for param, grad, buf in zip(params, grads, buffers, strict=True):
+                    buf.lerp_(grad, 1 - momentum)
+                    update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                    update = orthogonalize(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                    param.mul_(1 - lr * group["weight_decay"])
+                    scale = math.sqrt(max(1.0, param.size(0) / param.size(1)))
+                    param.add_(update.to(param.dtype), alpha=-lr * scale)
+            return loss
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

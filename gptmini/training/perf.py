@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation (achieved FLOP/s over the device's dense peak).
+"""Model FLOPs utilisation (achieved FLOP/s over the device's dense peak) and the FLOPs it counts.
 
 A fixed A100 peak reads over 100% on an H100, so the peak is looked up by device name, can be overridden,
 and is ``None`` (reported as "n/a") where unknown: no number beats a wrong number.
@@ -47,3 +47,23 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
     if not peak:
         return None
     return flops_per_token * tokens_per_s / peak
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int | None = None) -> int:
+    """A GPT's training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
+
+    N counts the weights that multiply: every parameter but the lookup tables (the position embeddings,
+    and the token embeddings when the LM head is untied; tied, they are the head's matrix). A trained
+    weight costs 6 FLOPs per token (2 forward, 2 for the input's gradient, 2 for its own); a frozen one
+    (LoRA's base) only 4, since it needs no gradient of its own. The second term is the attention score
+    and weighted-sum matmuls: L layers, H heads, Q head size, T = seq_len (default block_size).
+    """
+    c = model.config
+    T = c.block_size if seq_len is None else seq_len
+    lookups = {id(model.wpe.weight)} if model.wpe is not None else set()
+    if not c.tie_embeddings:
+        lookups.add(id(model.wte.weight))
+    weights = sum(
+        (6 if p.requires_grad else 4) * p.numel() for p in model.parameters() if id(p) not in lookups
+    )
+    return weights + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * T

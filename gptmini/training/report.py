@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from gptmini.common import say
+from gptmini.training.module import bits_per_byte
 
 
 def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: float, val_tokens: int) -> dict:
@@ -18,6 +18,7 @@ def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: flo
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
     }
     best, best_loss = _best_checkpoint(trainer)
+    bpt = lit.val_bytes_per_token
     if best_loss is None and history.val:  # no best.ckpt by val/loss: the whole history's
         best_loss = min(loss for _, loss in history.val)
     return {
@@ -25,7 +26,7 @@ def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: flo
         "val_bpb": metrics.get("val/bpb"),
         "val_ppl": metrics.get("val/ppl"),
         "best_val_loss": best_loss,  # the loss of best_checkpoint, so the two always describe one file
-        "best_val_bpb": _bpb(best_loss, lit.val_bytes_per_token) if best_loss is not None else None,
+        "best_val_bpb": bits_per_byte(best_loss, bpt) if best_loss is not None and bpt else None,
         "train_loss": metrics.get("train/loss"),
         "steps": trainer.global_step,
         "train_tokens": history.tokens_seen(trainer),
@@ -39,10 +40,6 @@ def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: flo
         "threads": torch.get_num_threads(),
         "schedule_by": lit.optim.schedule_by,  # steps (deterministic) or time (trainer.max_time's budget)
     }
-
-
-def _bpb(loss: float, bytes_per_token: float | None) -> float | None:
-    return loss / math.log(2) / bytes_per_token if bytes_per_token else None
 
 
 def _best_checkpoint(trainer) -> tuple[str | None, float | None]:

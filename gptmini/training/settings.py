@@ -10,7 +10,7 @@ it rejects comes back as one line naming the ``trainer.`` key, not a traceback a
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
-from gptmini.model.config import ATTENTION_GONE, GPTConfig, declared
+from gptmini.model.config import ATTENTION_GONE, MODEL_SIZES, GPTConfig, declared
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
 from gptmini.training.optim import OptimConfig
@@ -99,10 +99,9 @@ def model_config_from(
 def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vocab: int | None) -> GPTConfig:
     """The source's config with the free fields and a cropped block_size applied; contradictions refused.
     What a fine-tune may change is each GPTConfig field's ``finetune`` declaration."""
-    import dataclasses
-
     if size is not None:  # a named size counts as setting its fields
-        values = {**_size_row(size), **values}
+        GPTConfig.from_name(size)  # an unknown name: the usual message
+        values = {**MODEL_SIZES[size], **values}
     if tokenizer_vocab is not None and tokenizer_vocab != source.vocab_size:
         raise GptMiniError(
             f"the init_from weights have {source.vocab_size} vocabulary rows but their tokenizer has "
@@ -121,14 +120,7 @@ def _from_source(source: GPTConfig, values: dict, size: str | None, tokenizer_vo
                 f"model.{name}={value!r} contradicts the init_from weights, which have {name}={current!r}"
                 f"{more}; drop model.{name} (the imported shape is used)."
             )
-    return dataclasses.replace(source, **changes)
-
-
-def _size_row(size: str) -> dict:
-    from gptmini.model.config import MODEL_SIZES
-
-    GPTConfig.from_name(size)  # an unknown name: the usual message
-    return dict(MODEL_SIZES[size])
+    return replace(source, **changes)
 
 
 def sample_config_from(cfg: DictConfig) -> SampleConfig:
@@ -143,8 +135,7 @@ def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
     """``auto`` = bf16-mixed on a GPU that supports bf16, else full fp32. Decided here, not at import."""
     if precision != "auto":
         return precision
-    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    if on_cuda and torch.cuda.is_bf16_supported():
+    if _on_cuda(accelerator) and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
 
@@ -163,19 +154,27 @@ def resolve_loss(loss: str, accelerator: str = "auto") -> str:
         raise GptMiniError(f"loss={loss!r} must be one of {', '.join(LOSSES)}; try loss=auto.")
     if loss != "auto":
         return loss
-    on_cuda = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
-    return "standard" if on_cuda else "chunked"
+    return "standard" if _on_cuda(accelerator) else "chunked"
+
+
+def _on_cuda(accelerator: str) -> bool:
+    return accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
 
 
 def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
     """``cfg.trainer`` as ``L.Trainer`` keyword arguments: precision resolved, root dir = the run dir."""
     args = asdict(as_config(cfg.trainer, TrainerSchema, "trainer"))  # checks what Lightning checks late
-    if cfg.optim.get("schedule_by") == "time":
-        if not args.get("max_time"):
-            raise GptMiniError(
-                "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
-                "e.g. trainer.max_time=00:00:02:00."
-            )
+    by_time = cfg.optim.get("schedule_by") == "time"
+    if by_time and not args.get("max_time"):
+        raise GptMiniError(
+            "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
+            "e.g. trainer.max_time=00:00:02:00."
+        )
+    if not by_time and (args["max_steps"] or -1) <= 0 and not cfg.optim.get("decay_steps"):
+        raise GptMiniError(
+            "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
+            "or optim.decay_steps."
+        )
     args["precision"] = resolve_precision(args["precision"], args["accelerator"])
     args["default_root_dir"] = args["default_root_dir"] or str(run_dir)
     return args

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lightning as L
+
 
 @dataclass(frozen=True)
 class RunPlan:
@@ -28,11 +30,6 @@ class RunPlan:
     """Whether gradients are clipped (trainer.gradient_clip_val)."""
 
 
-def log_every(trainer) -> int:
-    """``trainer.log_every_n_steps``, never below 1."""
-    return max(1, int(trainer.log_every_n_steps))
-
-
 def is_logging_step(trainer, steps_done: int | None = None) -> bool:
     """Whether the optimizer step that ends with ``steps_done`` finished steps is a logging step.
 
@@ -40,22 +37,21 @@ def is_logging_step(trainer, steps_done: int | None = None) -> bool:
     ``training_step`` pass ``trainer.global_step + 1``: that step has not finished yet.
     """
     steps = trainer.global_step if steps_done is None else steps_done
-    return steps % log_every(trainer) == 0
+    return steps % max(1, int(trainer.log_every_n_steps)) == 0
 
 
-class StepBoundaries:
-    """Tells, in ``on_train_batch_end``, whether that batch ended an optimizer step.
+class StepCallback(L.Callback):
+    """A callback that can tell, in ``on_train_batch_end``, whether that batch ended an optimizer step.
 
     Under gradient accumulation several micro-batches make one step. The optimizer stepped during a batch
     exactly when ``trainer.global_step`` moved, so comparing it with its value at the batch's start answers
     from public values alone (Lightning's own answer, ``fit_loop._should_accumulate()``, is private).
-    Call ``batch_started`` from ``on_train_batch_start``.
+    A subclass that overrides ``on_train_batch_start`` calls this one too.
     """
 
-    def __init__(self) -> None:
-        self._step_at_start: int | None = None
+    _step_at_start: int | None = None
 
-    def batch_started(self, trainer) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_start = trainer.global_step
 
     def ended_a_step(self, trainer) -> bool:
