@@ -241,6 +241,8 @@ async def _whole(
         watch.cancel()
         if job.finish_reason is None:
             engine.cancel(job)
+    if event.finish_reason == "cancelled":
+        return Response(status_code=499)  # the client has gone: nobody reads this
     if event.error is not None:
         raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
     if event.finish_reason == "abort":

@@ -41,7 +41,7 @@ class Event:
     """What a request's client receives: new text, and at the end why it ended and the token counts."""
 
     text: str
-    finish_reason: str | None = None  # stop, length, abort (server shutting down) or error
+    finish_reason: str | None = None  # stop, length, abort (server shutting down), cancelled (client gone), error
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
@@ -95,6 +95,7 @@ class Engine:
         self.slots: list[Job | None] = [None] * max_batch
         self.waiting: deque[Job] = deque()
         self.steps = 0  # batched decoding steps run
+        self.peak_batch = 0  # the most requests one step has decoded together
         self.closing = False
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="gptmini-engine", daemon=True)
@@ -167,7 +168,7 @@ class Engine:
         """One turn: drop the gone, admit, prefill, one batched step."""
         for job in self.running():
             if job.cancelled:
-                self._free(job)
+                self._finish(job, "cancelled")  # the slot is free for this very turn's admissions
         self._admit()
         for job in self.running():
             if job.needs_prefill:
@@ -183,6 +184,7 @@ class Engine:
             while self.waiting and None in self.slots:
                 job = self.waiting.popleft()
                 if job.cancelled:
+                    self._finish(job, "cancelled")
                     continue
                 job.slot = self.slots.index(None)
                 self.slots[job.slot] = job
@@ -203,6 +205,7 @@ class Engine:
         token = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         position = torch.tensor(positions, dtype=torch.long, device=self.device)
         self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(jobs))
         return self.model.decode_step(token, position, self.cache)
 
     def _take(self, job: Job, logits: torch.Tensor) -> None:
