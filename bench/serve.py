@@ -42,9 +42,13 @@ TARGET = 4.0  # 8 clients' aggregate tokens/s over one client's
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8, 32], help="concurrency levels")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client at each level, one after another")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="requests per client at each level, one after another"
+    )
     parser.add_argument("--max-tokens", type=int, default=96, help="max_tokens of every request")
     parser.add_argument("--max-batch", type=int, default=8, help="the server's max_batch (its default: 8)")
     parser.add_argument("--threads", default="auto", help="the server's threads: auto (timed), or a number")
@@ -103,7 +107,10 @@ async def level(url: str, clients: int, rounds: int, max_tokens: int) -> dict:
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
 
         async def client(i: int) -> list[dict]:
-            return [await one_request(http, url, f"def f{i}_{r}(x):\n    return", max_tokens) for r in range(rounds)]
+            return [
+                await one_request(http, url, f"def f{i}_{r}(x):\n    return", max_tokens)
+                for r in range(rounds)
+            ]
 
         started = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(i) for i in range(clients))) for r in rs]
@@ -135,11 +142,16 @@ def main() -> None:
             process.terminate()
             process.wait(30)
     print(f"server: {threads}; max_batch={args.max_batch}; {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(f"{'clients':>7} {'requests':>8} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} "
-          f"{'tok/s/req':>10} {'load':>5}")
+    print(
+        f"{'clients':>7} {'requests':>8} {'tokens':>7} {'agg tok/s':>10} {'TTFT p50':>9} {'TTFT p95':>9} "
+        f"{'tok/s/req':>10} {'load':>5}"
+    )
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['aggregate_tokens_per_s']:>10} "
-              f"{r['ttft_p50_s']:>8}s {r['ttft_p95_s']:>8}s {r['per_request_tokens_per_s']:>10} {r['load_average']:>5}")
+        print(
+            f"{r['clients']:>7} {r['requests']:>8} {r['tokens']:>7} {r['aggregate_tokens_per_s']:>10} "
+            f"{r['ttft_p50_s']:>8}s {r['ttft_p95_s']:>8}s {r['per_request_tokens_per_s']:>10} "
+            f"{r['load_average']:>5}"
+        )
     by_clients = {r["clients"]: r for r in rows}
     speedup = None
     if 1 in by_clients and 8 in by_clients:

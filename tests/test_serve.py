@@ -1,7 +1,8 @@
 """serve.py: the OpenAI-compatible API against a real uvicorn on 127.0.0.1, with the real openai client.
 
 A tiny model (2 layers, a one-byte-per-token vocabulary, a 64-token context so long replies slide, and never
-<|endoftext|>, so a long reply runs as long as a test needs) serves at a free port in this process; the command line is tested once in a subprocess (Ctrl-C and SIGTERM exit 0).
+<|endoftext|>, so a long reply runs as long as a test needs) serves at a free port in this process; the
+command line is tested in a subprocess (Ctrl-C and SIGTERM exit 0).
 """
 
 import json
@@ -37,7 +38,9 @@ BLOCK = 64
 def byte_encoding() -> tiktoken.Encoding:
     """One token per byte, plus <|endoftext|>."""
     ranks = {bytes([i]): i for i in range(256)}
-    return tiktoken.Encoding(name="bytes-test", pat_str=r"""\S+|\s+""", mergeable_ranks=ranks, special_tokens={EOT: 256})
+    return tiktoken.Encoding(
+        name="bytes-test", pat_str=r"""\S+|\s+""", mergeable_ranks=ranks, special_tokens={EOT: 256}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +237,11 @@ def test_a_checkpoint_template_replaces_the_default_and_a_foreign_one_is_refused
         ({"prompt": "x", "stream": "yes"}, "stream", "'stream' must be true or false"),
         ({"prompt": "x", "logprobs": 2}, "logprobs", "not supported"),
         ({"prompt": ["a", "b"]}, "prompt", "one prompt per request"),
-        ({"prompt": "x" * (BLOCK + 8)}, "prompt", f"the prompt is {BLOCK + 8} tokens, longer than this model's context of {BLOCK}"),
+        (
+            {"prompt": "x" * (BLOCK + 8)},
+            "prompt",
+            f"the prompt is {BLOCK + 8} tokens, longer than this model's context of {BLOCK}",
+        ),
     ],
 )
 def test_bad_completion_fields_are_400_naming_the_field(server, body, param, message):
@@ -355,7 +362,7 @@ def test_a_client_that_disconnects_frees_its_slot_within_one_step(server, stream
 
     def hang_up() -> None:
         """Send the request, read a little (streaming) or wait a second (not), then close the connection."""
-        with httpx.Client(timeout=httpx.Timeout(30, read=1.0)) as http:
+        with httpx.Client(timeout=httpx.Timeout(30, read=30 if stream else 1.0)) as http:
             if stream:
                 with http.stream("POST", f"{server.url}/v1/completions", json=body) as reply:
                     lines = reply.iter_lines()
@@ -408,7 +415,10 @@ def test_yaml_matches_the_schema_and_rejects_typos(repo_root):
     [
         (dict(port=70000), "port=70000 must be a whole number in 0..65535"),
         (dict(max_batch=0), "max_batch=0 must be a whole number in 1..1024"),
-        (dict(default_max_tokens=500, max_tokens_cap=100), "default_max_tokens=500 must be a whole number in 1..100"),
+        (
+            dict(default_max_tokens=500, max_tokens_cap=100),
+            "default_max_tokens=500 must be a whole number in 1..100",
+        ),
         (dict(api_key=" "), "api_key must be a non-empty string"),
         (dict(threads=0), "threads=0"),
     ],
@@ -435,7 +445,14 @@ def test_port_in_use_and_public_host_without_key(ckpt, capsys):
 @pytest.mark.slow  # a fresh interpreter loads torch and the web stack: about 20 s on 2 busy cores
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_cli_serves_and_a_signal_ends_streams_and_exits_0(ckpt, tmp_path, repo_root, signum):
-    command = [sys.executable, str(repo_root / "serve.py"), f"ckpt={ckpt}", "port=0", "device=cpu", "threads=1"]
+    command = [
+        sys.executable,
+        str(repo_root / "serve.py"),
+        f"ckpt={ckpt}",
+        "port=0",
+        "device=cpu",
+        "threads=1",
+    ]
     process = subprocess.Popen(command, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     try:
         url = None

@@ -33,7 +33,12 @@ def open_browser(width: int = 1100, height: int = 720):
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={width},{height}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+    ):
         options.add_argument(argument)
     return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
 
@@ -105,7 +110,11 @@ def test_page_streams_a_reply_and_stop_ends_it_on_the_server(browser, ckpt):
         browser.find_element(By.CSS_SELECTOR, "#mode option[value=completion]").click()
         fill(browser, "input", "def main(")
         browser.find_element(By.ID, "send").click()
-        wait_for(lambda: "(length)" in browser.find_element(By.ID, "status").text and last_reply(browser, "completion"))
+        wait_for(
+            lambda: (
+                "(length)" in browser.find_element(By.ID, "status").text and last_reply(browser, "completion")
+            )
+        )
         assert last_reply(browser, "completion").startswith("def main(")
         assert len(last_reply(browser, "completion")) > len("def main(")
 
@@ -119,12 +128,16 @@ REPLY = 'Hi <script>window.injected = 1</script><b>bold</b> & "quotes" é 😀 �
 
 def split_events() -> bytes:
     """A chat stream of REPLY, three characters per chunk, as OpenAI sends it."""
-    chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}]
+    chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    ]
     chunks += [
         {"choices": [{"index": 0, "delta": {"content": REPLY[i : i + 3]}, "finish_reason": None}]}
         for i in range(0, len(REPLY), 3)
     ]
-    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"completion_tokens": 9}})
+    chunks.append(
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"completion_tokens": 9}}
+    )
     events = [f"data: {json.dumps(c, ensure_ascii=False)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
     return "".join(events).encode()
 

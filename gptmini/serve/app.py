@@ -65,7 +65,9 @@ def create_app(site: Site) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:  # 404, 405 in OpenAI's shape
-        return JSONResponse(ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
+        return JSONResponse(
+            ApiError(error.status_code, str(error.detail)).body(), status_code=error.status_code
+        )
 
     @app.exception_handler(Exception)
     async def bug(_: Request, error: Exception) -> JSONResponse:
@@ -135,7 +137,8 @@ def _key_check(api_key: str | None):
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with a 413 as soon as it passes ``limit`` bytes."""
     too_big = ApiError(
-        413, f"the request body is larger than this server's limit of {limit:,} bytes (max_body_bytes).",
+        413,
+        f"the request body is larger than this server's limit of {limit:,} bytes (max_body_bytes).",
         code="request_too_large",
     )
     declared = request.headers.get("content-length", "")
@@ -249,7 +252,9 @@ async def _whole(
         raise ApiError(503, "the server shut down before the reply was complete.", kind="server_error")
     used = usage(event.prompt_tokens, event.completion_tokens)
     text = "".join(pieces)
-    return JSONResponse(reply(shape.id, shape.created, shape.model, shape.chat, text, event.finish_reason, used))
+    return JSONResponse(
+        reply(shape.id, shape.created, shape.model, shape.chat, text, event.finish_reason, used)
+    )
 
 
 async def _cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:

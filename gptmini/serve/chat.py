@@ -52,7 +52,8 @@ class ChatTemplate:
             text = getattr(self, role)
             if not isinstance(text, str) or text.count(CONTENT) != 1:
                 raise GptMiniError(
-                    f"chat template {self.name!r}: the {role} format {text!r} must hold {CONTENT} exactly once."
+                    f"chat template {self.name!r}: the {role} format {text!r} must hold {CONTENT} "
+                    "exactly once."
                 )
 
     def render(self, messages: list[tuple[str, str]], enc) -> list[int]:
@@ -93,7 +94,8 @@ def template_of(info: dict) -> ChatTemplate:
     if not isinstance(entry, dict):
         raise GptMiniError(
             f"the checkpoint's chat_template is a {type(entry).__name__}, not a mapping of "
-            f"{', '.join(f.name for f in fields(ChatTemplate))}; this gptmini cannot read it (upgrade gptmini)."
+            f"{', '.join(f.name for f in fields(ChatTemplate))}; this gptmini cannot read it "
+            "(upgrade gptmini)."
         )
     known = {f.name for f in fields(ChatTemplate)}
     unknown = sorted(set(entry) - known)

@@ -41,7 +41,9 @@ class Event:
     """What a request's client receives: new text, and at the end why it ended and the token counts."""
 
     text: str
-    finish_reason: str | None = None  # stop, length, abort (server shutting down), cancelled (client gone), error
+    finish_reason: str | None = (
+        None  # stop, length, abort (server shutting down), cancelled (client gone), error
+    )
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
@@ -166,18 +168,22 @@ class Engine:
 
     def _turn(self) -> None:
         """One turn: drop the gone, admit, prefill, one batched step."""
-        for job in self.running():
-            if job.cancelled:
-                self._finish(job, "cancelled")  # the slot is free for this very turn's admissions
+        self._drop_cancelled()  # their slots are free for this very turn's admissions
         self._admit()
         for job in self.running():
             if job.needs_prefill:
                 self._take(job, self._prefill(job))
+        self._drop_cancelled()  # a client gone during the prefills costs no step
         decoding = [job for job in self.running() if not job.needs_prefill]
         if decoding:
             logits = self._decode(decoding)
             for job in decoding:
                 self._take(job, logits[job.slot : job.slot + 1])
+
+    def _drop_cancelled(self) -> None:
+        for job in self.running():
+            if job.cancelled:
+                self._finish(job, "cancelled")
 
     def _admit(self) -> None:
         with self._wake:

@@ -156,7 +156,9 @@ def _number(
     if not math.isfinite(value) or below or (high is not None and value > high):
         bound = f"{'>' if low_open else '>='} {low:g}" if low is not None else "finite"
         bounds = bound + (f" and <= {high:g}" if high is not None else "")
-        raise ApiError(400, f"'{name}' must be {bounds}, got {value:g}{'; ' + hint if hint else ''}.", param=name)
+        raise ApiError(
+            400, f"'{name}' must be {bounds}, got {value:g}{'; ' + hint if hint else ''}.", param=name
+        )
     return value
 
 
@@ -201,7 +203,9 @@ def _stops(body: dict) -> list[str]:
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise ApiError(400, "'stop' must be a string or a list of strings.", param="stop")
     if len(stops) > MAX_STOPS:
-        raise ApiError(400, f"'stop' holds {len(stops)} strings; at most {MAX_STOPS} are allowed.", param="stop")
+        raise ApiError(
+            400, f"'stop' holds {len(stops)} strings; at most {MAX_STOPS} are allowed.", param="stop"
+        )
     return [s for s in stops if s]
 
 
@@ -245,7 +249,9 @@ def _check_fits(ids: list[int], limits: Limits, param: str) -> None:
 def _messages(messages: Any) -> list[tuple[str, str]]:
     """``[(role, text), ...]``: system/developer, user and assistant turns with text content."""
     if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects.", param="messages")
+        raise ApiError(
+            400, "'messages' must be a non-empty list of {role, content} objects.", param="messages"
+        )
     turns = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
@@ -269,8 +275,14 @@ def _content(content: Any, where: str) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"'{where}' may hold only text parts ({{type: text, text}}).", param=where)
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise ApiError(
+                    400, f"'{where}' may hold only text parts ({{type: text, text}}).", param=where
+                )
             texts.append(part["text"])
         return "".join(texts)
     raise ApiError(400, f"'{where}' must be a string, got {json.dumps(content)[:60]}.", param=where)
@@ -305,7 +317,14 @@ def reply(request_id: str, created: int, model: str, chat: bool, text: str, fini
         choice = {"index": 0, "text": text}
     choice.update(logprobs=None, finish_reason=finish)
     kind = "chat.completion" if chat else "text_completion"
-    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [choice], "usage": used}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [choice],
+        "usage": used,
+    }
 
 
 def chunk(
@@ -337,4 +356,11 @@ def chunk(
 def usage_chunk(request_id: str, created: int, model: str, chat: bool, used: dict) -> dict:
     """The extra last chunk of ``stream_options: {include_usage: true}``: no choices, only usage."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [], "usage": used}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": used,
+    }
