@@ -170,7 +170,12 @@ def test_streaming_gives_the_same_text_and_ends_with_finish_reason_and_usage(cli
 
 
 def test_stream_is_server_sent_events_ending_with_done(server):
-    body = {"prompt": "Hi", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "Hi",
+        "max_completion_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
     assert reply.headers["content-type"].startswith("text/event-stream")
     events = [e for e in reply.text.split("\n\n") if e]
@@ -274,6 +279,21 @@ def test_malformed_json_oversize_body_and_unknown_route(server):
     assert huge.status_code == 413 and "max_body_bytes" in huge.json()["error"]["message"]
     missing = httpx.get(f"{server.url}/v1/nothing", timeout=30)
     assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_a_failing_decoding_step_is_a_500_and_the_server_goes_on(client, server, monkeypatch):
+    engine = server.site.engine
+    real = engine._decode
+
+    def fail_once(jobs):
+        monkeypatch.setattr(engine, "_decode", real)
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(engine, "_decode", fail_once)
+    with pytest.raises(openai.InternalServerError, match="generation failed: RuntimeError: out of memory"):
+        complete(client, max_tokens=5)
+    assert complete(client, max_tokens=5).usage.completion_tokens == 5
+    assert engine.active == 0
 
 
 def test_the_openai_client_raises_its_own_errors(client):
