@@ -223,6 +223,23 @@ def test_a_checkpoint_template_replaces_the_default_and_a_foreign_one_is_refused
     assert template_of({}) is DEFAULT_TEMPLATE
 
 
+def test_a_cache_row_prefills_exactly_like_a_fresh_one_row_cache_and_touches_only_its_row():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    prompt = torch.randint(0, 300, (1, 7))
+    with torch.inference_mode():
+        alone = model.next_token_logits(prompt, kv_cache=model.new_kv_cache(1))
+        slots = model.new_kv_cache(4)
+        before = [k.clone() for k in slots.keys]
+        row = slots.row(2)
+        assert torch.equal(model.next_token_logits(prompt, kv_cache=row), alone)
+    assert row.length == 7 and slots.length == 0
+    for keys, old in zip(slots.keys, before, strict=True):
+        assert torch.equal(keys[[0, 1, 3]], old[[0, 1, 3]]) and not torch.equal(keys[2], old[2])
+    with pytest.raises(IndexError, match="row 4 is outside the cache's 4 rows"):
+        slots.row(4)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Bad requests: OpenAI's error object, naming the field
 # ---------------------------------------------------------------------------------------------------------
