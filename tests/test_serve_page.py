@@ -1,7 +1,7 @@
 """The chat page in a real browser: Debian's chromium and chromium-driver through Selenium, headless, offline.
 
-Skipped, saying so, where chromium is not installed; .ci/run installs it with apt-get. With the environment
-variable GPTMINI_SCREENSHOT=<file.png> the first test also saves a picture of the page (docs/images/).
+Skipped, saying so, where chromium is not installed; .ci/run installs it with apt-get. The README's picture of
+the page is taken with these helpers: ``python tests/test_serve_page.py CKPT docs/images/serve-page.png``.
 """
 
 import asyncio
@@ -105,8 +105,6 @@ def test_page_streams_a_reply_and_stop_ends_it_on_the_server(browser, ckpt):
         browser.find_element(By.ID, "send").click()
         wait_for(lambda: "(length)" in browser.find_element(By.ID, "status").text)
         assert "last reply: 40 tokens" in browser.find_element(By.ID, "status").text
-        if os.environ.get("GPTMINI_SCREENSHOT"):
-            browser.save_screenshot(os.environ["GPTMINI_SCREENSHOT"])
         browser.find_element(By.CSS_SELECTOR, "#mode option[value=completion]").click()
         fill(browser, "input", "def main(")
         browser.find_element(By.ID, "send").click()
@@ -186,3 +184,25 @@ def test_page_joins_events_split_across_reads_and_inserts_text_as_text(browser):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def take_screenshot(ckpt: str, path: str, message: str = "ROMEO:", max_tokens: int = 60) -> None:
+    """The page after one chat reply from ``ckpt``, saved to ``path`` (the README's picture)."""
+    with running_server(ckpt) as server:
+        browser = open_browser(1000, 700)
+        try:
+            browser.get(f"{server.url}/")
+            wait_for(lambda: browser.find_element(By.ID, "model").text)
+            fill(browser, "max-tokens", max_tokens)
+            fill(browser, "input", message)
+            browser.find_element(By.ID, "send").click()
+            wait_for(lambda: "last reply" in browser.find_element(By.ID, "status").text, seconds=300)
+            browser.save_screenshot(path)
+        finally:
+            browser.quit()
+
+
+if __name__ == "__main__":
+    import sys
+
+    take_screenshot(*sys.argv[1:3], *sys.argv[3:4])
