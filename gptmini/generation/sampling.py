@@ -197,7 +197,7 @@ def sample_tokens(
     if vocab_limit is not None and vocab_limit < 1:
         raise ValueError(f"vocab_limit must be >= 1, got {vocab_limit}")
     block_size = model.config.block_size
-    keep = max(1, block_size // 2)  # tokens kept when the context slides
+    keep = slide_keep(block_size)  # tokens kept when the context slides
     ids = prompt_ids.view(1, -1) if prompt_ids.dim() == 1 else prompt_ids
     if ids.size(1) == 0:
         raise GptMiniError("the prompt has no tokens; start from <|endoftext|> for unconditional text.")
@@ -216,7 +216,7 @@ def sample_tokens(
     logits = model.next_token_logits(context, kv_cache=cache)  # the prompt at once ("prefill")
 
     for step in range(options.max_new_tokens):
-        token = _choose(logits, options, seen, generator, vocab_limit)
+        token = choose_next_token(logits, options, seen, generator, vocab_limit)
         if eot_id is not None:
             token = token.masked_fill(finished, eot_id)
             finished |= token == eot_id
@@ -266,14 +266,24 @@ def compiled_decode_step(model: torch.nn.Module, cache) -> Callable:
     return compiled
 
 
-def _choose(
+def slide_keep(block_size: int) -> int:
+    """How many tokens the context keeps when it slides past ``block_size`` (see the module docstring)."""
+    return max(1, block_size // 2)
+
+
+def choose_next_token(
     logits: torch.Tensor,
     options: SamplingOptions,
     seen: torch.Tensor | None,
     generator: torch.Generator | None,
     vocab_limit: int | None,
 ) -> torch.Tensor:
-    """The next token (B, 1) from the model's logits (B, V), never an id >= ``vocab_limit``."""
+    """The next token (B, 1) from the model's logits (B, V), never an id >= ``vocab_limit``.
+
+    ``seen`` (B, V) bool flags the tokens in the context (for the repetition penalty; None when it is off).
+    The one choice both ``sample_tokens`` and the server's batches make: the server calls it per row, with
+    each request's own options and generator, so a request draws exactly what generate.py would.
+    """
     logits = logits[:, :vocab_limit].float()  # ids past the limit are simply not candidates
     if seen is not None:
         logits = penalize_seen(logits, seen[:, : logits.size(-1)], options.repetition_penalty)

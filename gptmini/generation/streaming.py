@@ -64,3 +64,36 @@ class StopFilter:
                     longest = n
                     break
         return longest
+
+
+class TextStream:
+    """One sample's text, token by token: decoded whole characters, stop strings held back and cut, and the
+    end at <|endoftext|> or a stop string. generate.py and the server both turn tokens into text with it.
+
+    ``push`` returns the text that may be shown now; once ``ended`` is set ("eot" or "stop") no more tokens
+    should be pushed. ``close`` returns what was held back, when the sample ends for any other reason (its
+    token budget, Ctrl-C, a client that stops).
+    """
+
+    def __init__(self, enc, stops: list[str], eot_id: int | None):
+        self.decoder = StreamDecoder(enc)
+        self.stops = StopFilter(list(stops))
+        self.eot_id = eot_id
+        self.ended: str | None = None
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; the text now safe to show ("" when it is held back or ends the text)."""
+        if token_id == self.eot_id:
+            self.ended = "eot"  # <|endoftext|> ends the sample and is never text
+            return ""
+        text = self.stops.feed(self.decoder.push(token_id))
+        if self.stops.stopped:
+            self.ended = "stop"
+        return text
+
+    def close(self) -> str:
+        """The held-back tail (a partial character, a partial stop string), or "" after a stop string."""
+        if self.stops.stopped:
+            return ""
+        tail = self.stops.feed(self.decoder.flush())
+        return tail + self.stops.flush()

@@ -26,7 +26,7 @@ from gptmini.data.tokenizer import EOT  # the document separator; generation alw
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
 from gptmini.generation.prompt import encode_prompt, read_prompt
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
-from gptmini.generation.streaming import StopFilter, StreamDecoder
+from gptmini.generation.streaming import TextStream
 from gptmini.threads import AUTO, apply_threads, check_threads_setting, decode_probe
 
 SCHEMA_NAME = "generate_schema"
@@ -185,7 +185,7 @@ class _Session:
     def _sample(self, prompt_ids: torch.Tensor) -> tuple[str, list[int]]:
         """One sample, streamed to stdout; returns its text and the token ids the model produced."""
         cfg = self.cfg
-        decoder, stops = StreamDecoder(self.enc), StopFilter(list(cfg.stop))
+        stream = TextStream(self.enc, list(cfg.stop), self.eot_id)
         pieces, new_ids = [], []
         tokens = sample_tokens(
             self.model,
@@ -199,12 +199,9 @@ class _Session:
         )
         try:
             for token in tokens:
-                token_id = int(token)
-                new_ids.append(token_id)
-                if token_id == self.eot_id:
-                    break
-                self._emit(stops.feed(decoder.push(token_id)), pieces)
-                if stops.stopped:
+                new_ids.append(int(token))
+                self._emit(stream.push(new_ids[-1]), pieces)
+                if stream.ended:
                     break
         except KeyboardInterrupt:
             if not cfg.interactive:
@@ -212,8 +209,7 @@ class _Session:
             say("\n[stopped]")
         finally:
             tokens.close()  # leave the inference-mode loop even when we stop early
-        if not stops.stopped:
-            self._emit(stops.feed(decoder.flush()) + stops.flush(), pieces)
+        self._emit(stream.close(), pieces)
         text = "".join(pieces)
         # Streamed text is already out; otherwise the whole sample now. The newline ends the sample's line.
         sys.stdout.write(("" if cfg.stream else text) + "\n")

@@ -70,6 +70,24 @@ class KVCache:
             for keys, values in zip(self.keys, self.values, strict=True)
         ]
 
+    def row(self, index: int) -> "KVCache":
+        """A one-sequence cache over row ``index`` of this one: the same storage, its own (empty) ``length``.
+
+        For a server's ``batch_size``-slot cache: a new request is prefilled alone through its row (the
+        shapes of a one-row cache, so it computes what a fresh one-row cache would), and its keys and values
+        land in its slot with no copy. Batched decoding then reads the slot with per-row positions.
+        """
+        if not 0 <= index < self.batch_size:
+            raise IndexError(f"row {index} is outside the cache's {self.batch_size} rows")
+        view = KVCache.__new__(KVCache)  # shares the tensors: no allocation
+        view.keys = [keys[index : index + 1] for keys in self.keys]
+        view.values = [values[index : index + 1] for values in self.values]
+        view.batch_size = 1
+        view.max_length = self.max_length
+        view.length = 0
+        view.positions = self.positions
+        return view
+
     def reset(self) -> None:
         """Forget all cached tokens (the tensors are reused, not reallocated)."""
         self.length = 0
