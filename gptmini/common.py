@@ -1,8 +1,8 @@
 """Helpers every stage shares: the user-facing error, config coercion, atomic writes and the device picker.
 
 Anything a user can get wrong (a config value, a path, a checkpoint, a prompt) raises ``GptMiniError`` with a
-short message that names the value and the fix. ``train.py`` and ``generate.py`` print it without a traceback
-and exit with status 2; every other exception is a bug and keeps its traceback.
+short message that names the value and the fix. Every command prints it without a traceback and exits with
+status 2 (``gptmini.cli.run_job``); every other exception is a bug and keeps its traceback.
 
 Imports nothing from gptmini, so every module may import it.
 """
@@ -16,16 +16,31 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import IO, Any
 
 # Every temporary file an atomic write makes is named ``.<target>.<random>.tmp`` beside its target.
 TEMP_SUFFIX = ".tmp"
-# The Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups), for code that composes them
-# outside the command-line scripts: tests, benchmarks, python -m gptmini.eval.
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_dir() -> Path:
+    """The folder of the Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups).
+
+    In a checkout it is the repository's ``configs/``, so an edited YAML takes effect at once (an editable
+    install imports gptmini from the checkout too). A wheel has no checkout: the build copies ``configs/``
+    into the package as ``gptmini/configs`` (pyproject.toml), and that copy is used.
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "train.yaml").is_file():
+        return checkout / "configs"
+    return package / "configs"
+
+
+# Where every command and every composing helper (tests, benchmarks, notebooks) finds the configs.
+CONFIG_DIR = config_dir()
 
 
 def say(message: str) -> None:
@@ -164,34 +179,14 @@ def is_environment_fault(error: BaseException) -> bool:
 def user_error_message(error: BaseException) -> str | None:
     """The one line a command prints for ``error``, or None when it is a bug (which keeps its traceback).
 
-    The boundary rule of train.py and generate.py: a ``GptMiniError`` says what was wrong and the fix; a full
-    disk or a permission problem is a fault of the machine, named as such.
+    The boundary rule of every command (``gptmini.cli.run_job``): a ``GptMiniError`` says what was wrong and
+    the fix; a full disk or a permission problem is a fault of the machine, named as such.
     """
     if isinstance(error, GptMiniError):
         return str(error)
     if is_environment_fault(error):
         return describe_os_error(error, "a file")
     return None
-
-
-def command_exit_code(job: Callable[[], object], interrupted: str = "interrupted") -> int:
-    """Run one command's work under the policy every gptmini command shares, and return its exit status.
-
-    A user's mistake or a fault of the machine (``user_error_message``) is one ``error:`` line and status 2;
-    Ctrl-C is ``interrupted`` and 130; success is 0. Anything else is a bug and keeps its traceback.
-    """
-    try:
-        job()
-    except KeyboardInterrupt:
-        say(f"\n{interrupted}")
-        return 130
-    except (GptMiniError, OSError) as error:
-        message = user_error_message(error)
-        if message is None:
-            raise
-        say(f"error: {message}")
-        return 2
-    return 0
 
 
 def describe_os_error(error: OSError, what: str) -> str:

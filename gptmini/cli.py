@@ -1,0 +1,264 @@
+"""The ``gptmini`` command, ``gptmini <job> [options] [key=value ...]``, and the policy every job runs under.
+
+``JOBS`` is the table of jobs; adding one is one line. A job either composes a Hydra config (``config``): its
+function gets the composed config, and Hydra's options all work (``--help``, ``--cfg job``, ``-m`` sweeps,
+``--config-dir DIR``, ``hydra.searchpath=[file://DIR]``); or it reads its own ``key=value`` arguments: its
+function gets them as a list, and ``--help`` prints its docstring.
+
+``run_job`` is the policy, the same for every entry point (``gptmini``, ``python -m gptmini``, train.py,
+generate.py and the ``python -m`` modules all come through ``run_command``):
+
+- a user's mistake or a fault of the machine is one ``error:`` line on stderr and status 2;
+- Ctrl-C is one line and status 130;
+- a reader that goes away (``gptmini generate ... | head``) ends the job quietly, status 0;
+- in a ``-m`` sweep a failed job is recorded in its directory and the sweep goes on;
+- anything else is a bug and keeps its traceback.
+
+Nothing heavy is imported until a job runs, so ``gptmini --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gptmini import __version__
+from gptmini.common import GptMiniError, config_dir, say, user_error_message
+
+
+@dataclass(frozen=True)
+class Job:
+    summary: str
+    """One line for ``gptmini --help``."""
+    run: str
+    """``module:function`` doing the work, imported when the job runs."""
+    config: str | None = None
+    """The Hydra config it composes (``configs/<config>.yaml``); None: the function reads its arguments."""
+    schema: str | None = None
+    """``module:function`` that registers the config's typed schema with Hydra, called before composing."""
+    hydra: tuple[str, ...] = ()
+    """Hydra settings of this job, placed before the user's overrides (which may change them)."""
+    interrupted: str = "interrupted"
+    """What Ctrl-C prints: whether anything was left half-written."""
+    quotes_prompt: bool = False
+    """Quote a raw ``prompt=...`` argument for Hydra, so it arrives as typed."""
+
+
+TRAIN_SCHEMA = "gptmini.training.config:register_configs"
+# A job that only reads and reports: no run directory, no copy of the config, no log file.
+WRITES_NO_RUN_DIR = ("hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout")
+
+JOBS: dict[str, Job] = {
+    "train": Job(
+        "train a GPT (configs/train.yaml); -m runs a sweep",
+        "gptmini.cli:train",
+        config="train",
+        schema=TRAIN_SCHEMA,
+        interrupted="interrupted: no cache or checkpoint was left half-written.",
+    ),
+    "generate": Job(
+        "write text from a checkpoint (configs/generate.yaml)",
+        "gptmini.generation.text:generate_text",
+        config="generate",
+        schema="gptmini.generation.text:register_config",
+        quotes_prompt=True,
+    ),
+    "eval": Job(
+        "score a checkpoint: task=val or task=hellaswag (configs/eval.yaml)",
+        "gptmini.eval.run:run_eval",
+        config="eval",
+        schema="gptmini.eval.run:register_config",
+    ),
+    "prepare": Job(
+        "build the token cache of a data config and stop (configs/train.yaml's data and tokenizer)",
+        "gptmini.cli:prepare",
+        config="train",
+        schema=TRAIN_SCHEMA,
+        hydra=WRITES_NO_RUN_DIR,
+        interrupted="interrupted: no cache was left half-written.",
+    ),
+    "export": Job(
+        "write a checkpoint as a Hugging Face GPT-2 folder",
+        "gptmini.hf.export:export_command",
+        interrupted="interrupted: no export was left half-written.",
+    ),
+    "rebase": Job("point a LoRA checkpoint at another base on purpose", "gptmini.weights:rebase_command"),
+    "walkthrough": Job("print chapter 3's attention example, step by step", "gptmini.cli:walkthrough"),
+}
+
+HELP_FLAGS = ("-h", "--help")
+HYDRA_USAGE = (
+    "usage: gptmini {name} [key=value ...] [group=option ...] [-m (a sweep)] [--cfg job (print the config)]\n"
+    "       [--config-dir DIR (a folder of your own configs)] [--hydra-help]"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``gptmini <job> ...``: the console script; returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        say(usage())
+        return 2
+    if args[0] in HELP_FLAGS:
+        print(usage())
+        return 0
+    if args[0] == "--version":
+        print(f"gptmini {__version__}")
+        return 0
+    if args[0] not in JOBS:
+        say(f"error: {args[0]!r} is not a gptmini job; the jobs are {', '.join(JOBS)} (gptmini --help).")
+        return 2
+    return run_command(args[0], args[1:])
+
+
+def usage() -> str:
+    """What ``gptmini --help`` prints: the jobs, one line each."""
+    width = max(map(len, JOBS))
+    lines = [f"  {name:<{width}}  {job.summary}" for name, job in JOBS.items()]
+    return "\n".join(
+        [
+            "usage: gptmini <job> [options] [key=value ...]",
+            "",
+            "jobs:",
+            *lines,
+            "",
+            "gptmini <job> --help shows the job's config and options; gptmini --version prints the version.",
+            f"configs: {config_dir()}",
+            "  your own config folder: --config-dir DIR, or hydra.searchpath=[file:///abs/DIR]",
+        ]
+    )
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run the job ``name`` with its command-line arguments under ``run_job``'s policy; return the status."""
+    job = JOBS[name]
+    if job.config is None:
+        return _run_with_arguments(name, job, argv)
+    return _run_with_config(name, job, argv)
+
+
+def run_job(work: Callable[[], Any], interrupted: str = "interrupted") -> int:
+    """Run ``work()`` under the policy every gptmini command shares (module docstring); return the status."""
+    try:
+        work()
+    except BrokenPipeError:
+        _discard_stdout()
+        return 0
+    except KeyboardInterrupt:
+        say(f"\n{interrupted}")
+        return 130
+    except (GptMiniError, OSError) as error:
+        message = user_error_message(error)
+        if message is None:
+            raise  # a bug: keep its traceback
+        say(f"error: {message}")
+        return _failed(message)
+    return 0
+
+
+def _failed(message: str) -> int:
+    """Status 2, except in a ``-m`` sweep: there the failure is recorded and the sweep goes on (its summary
+    lists the job as failed and the sweep ends with status 2)."""
+    from gptmini.training.sweep import in_multirun, record_failed_job
+
+    if in_multirun():
+        record_failed_job(message)
+        return 0
+    return 2
+
+
+def _discard_stdout() -> None:
+    """The reader went away (``| head``): point stdout at /dev/null, so the flush at exit is quiet too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured in a test): nothing is left to flush
+        pass
+
+
+def _run_with_arguments(name: str, job: Job, argv: list[str]) -> int:
+    """A job that reads its own ``key=value`` arguments; ``--help`` prints its function's docstring."""
+    function = _load(job.run)
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(inspect.getdoc(function) or f"gptmini {name}")
+        return 0
+    return run_job(lambda: function(argv), job.interrupted)
+
+
+def _run_with_config(name: str, job: Job, argv: list[str]) -> int:
+    """A job on a Hydra config: ``hydra.main`` parses the arguments, composes and calls the job's function."""
+    import hydra
+
+    if job.schema:
+        _load(job.schema)()
+    function = _load(job.run)
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=job.config)
+    def task(cfg):
+        result = []
+        status = run_job(lambda: result.append(function(cfg)), job.interrupted)
+        if status:
+            raise SystemExit(status)  # also ends a sweep: Ctrl-C, or a failure outside one
+        return result[0] if result else None  # what a Hydra sweeper would optimise (train: val_loss)
+
+    if job.quotes_prompt:
+        from gptmini.generation.prompt import quote_prompt_argument
+
+        argv = quote_prompt_argument(argv)
+    # What --help shows first; the config and its groups follow (Hydra's help).
+    header = f'hydra.help.header="gptmini {name}: {job.summary}\n{HYDRA_USAGE.format(name=name)}\n"'
+    saved = sys.argv
+    # hydra.main reads sys.argv. The job's name names its log file; the job's settings come first.
+    sys.argv = [f"gptmini {name}", f"hydra.job.name={name}", header, *job.hydra, *argv]
+    try:
+        task()
+    except SystemExit as done:  # Hydra's own exits (--help, a config typo) and the job's status
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _load(target: str) -> Callable:
+    """The function named ``module:function``."""
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Jobs with no function of their own elsewhere
+# ---------------------------------------------------------------------------------------------------------
+
+
+def train(cfg) -> float | None:
+    """Train on the composed config; return the validation loss (what a Hydra sweeper optimises)."""
+    from gptmini.training.run import train as train_run
+
+    return train_run(cfg).get("val_loss")
+
+
+def prepare(cfg) -> None:
+    """Tokenize the data config's corpus into its token cache (unless it is there); print its folder."""
+    from gptmini.data.token_cache import prepare_cache
+
+    print(prepare_cache(cfg.data, cfg.tokenizer), flush=True)
+
+
+def walkthrough(argv: list[str]) -> None:
+    """usage: gptmini walkthrough
+
+    Print chapter 3's worked example ("Your journey starts with one step"): the attention scores, weights
+    and context vectors of each rung, from simplified self-attention to the model's fused attention, with
+    the book's seeds. Takes no arguments.
+    """
+    if argv:
+        raise GptMiniError(f"walkthrough takes no arguments, got {argv[0]!r}: run gptmini walkthrough.")
+    from gptmini.book.walkthrough import main as print_walkthrough
+
+    print_walkthrough()
