@@ -211,18 +211,51 @@ def _run_with_config(name: str, job: Job, argv: list[str]) -> int:
         from gptmini.generation.prompt import quote_prompt_argument
 
         argv = quote_prompt_argument(argv)
-    # What --help shows first; the config and its groups follow (Hydra's help).
-    header = f'hydra.help.header="gptmini {name}: {job.summary}\n{HYDRA_USAGE.format(name=name)}\n"'
     saved = sys.argv
-    # hydra.main reads sys.argv. The job's name names its log file; the job's settings come first.
-    sys.argv = [f"gptmini {name}", f"hydra.job.name={name}", header, *job.hydra, *argv]
+    sys.argv = [f"gptmini {name}", *_with_job_settings(name, job, argv)]  # what hydra.main reads
     try:
         task()
     except SystemExit as done:  # Hydra's own exits (--help, a config typo) and the job's status
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except BrokenPipeError:  # Hydra printing --help or --cfg into a closed pipe
+        _discard_stdout()
+        return 0
     finally:
         sys.argv = saved
     return 0
+
+
+def _with_job_settings(name: str, job: Job, argv: list[str]) -> list[str]:
+    """The user's arguments with the job's Hydra settings put just before the user's overrides.
+
+    Before them, so the user's own value of a setting wins; next to them, because Hydra's parser (argparse)
+    takes the overrides only as one run, wherever the flags (``-m``, ``--cfg job``) stand.
+    """
+    settings = [
+        f"hydra.job.name={name}",  # names the log file (train.log)
+        # What --help shows first; the config and its groups follow (Hydra's help).
+        f'hydra.help.header="gptmini {name}: {job.summary}\n{HYDRA_USAGE.format(name=name)}\n"',
+        *job.hydra,
+    ]
+    at = _start_of_overrides(argv)
+    return [*argv[:at], *settings, *argv[at:]]
+
+
+def _start_of_overrides(argv: list[str]) -> int:
+    """Where the overrides start in ``argv``, found by Hydra's own parser (0 when there are none, or when
+    the arguments do not parse: hydra.main then says what is wrong)."""
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser  # Hydra's parser (pinned to 1.3 in pyproject.toml)
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            overrides = get_args_parser().parse_args(argv).overrides
+    except SystemExit:
+        return 0
+    n = len(overrides)
+    return next((i for i in range(len(argv) - n + 1) if argv[i : i + n] == overrides), 0)
 
 
 def _load(target: str) -> Callable:
