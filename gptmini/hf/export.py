@@ -318,9 +318,7 @@ def export_command(argv: list[str]) -> None:
             cfg = parse_args(argv)
             folder = export(cfg.ckpt, cfg.out)
     except ImportError as error:
-        raise GptMiniError(
-            f'exporting needs the hf extra ({error.name}): pip install "gptmini[hf]"'
-        ) from None
+        raise GptMiniError(f'exporting needs the hf extra ({error.name}): pip install -e ".[hf]"') from None
     say(f"wrote a Hugging Face GPT-2 folder to {folder} (GPT2LMHeadModel.from_pretrained loads it)")
 
 
