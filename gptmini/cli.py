@@ -3,32 +3,27 @@
 ``JOBS`` is the table of jobs; adding one is one line. A job either composes a Hydra config (``config``): its
 function gets the composed config, and Hydra's options all work (``--help``, ``--cfg job``, ``-m`` sweeps,
 ``--config-dir DIR``, ``hydra.searchpath=[file://DIR]``); or it reads its own ``key=value`` arguments: its
-function gets them as a list, and ``--help`` prints its docstring.
+function is the command itself, ``function(argv) -> exit status`` (``python -m gptmini.hf.export`` runs the
+same function), built on ``gptmini.common.run_with_arguments``.
 
-``run_job`` is the policy, the same for every entry point (``gptmini``, ``python -m gptmini``, train.py,
-generate.py and the ``python -m`` modules all come through ``run_command``):
+Either way the job runs under ``gptmini.common.run_job``, the one error policy of every entry point: one
+``error:`` line and status 2 for a mistake or a fault of the machine, 130 for Ctrl-C, a quiet end when the
+reader goes away (``| head``), a failed job of a ``-m`` sweep recorded while the sweep goes on.
 
-- a user's mistake or a fault of the machine is one ``error:`` line on stderr and status 2;
-- Ctrl-C is one line and status 130;
-- a reader that goes away (``gptmini generate ... | head``) ends the job quietly, status 0;
-- in a ``-m`` sweep a failed job is recorded in its directory and the sweep goes on;
-- anything else is a bug and keeps its traceback.
-
-Nothing heavy is imported until a job runs, so ``gptmini --help`` answers at once.
+This module is the top of the package: nothing in gptmini imports it (train.py, generate.py,
+``python -m gptmini`` and ``python -m gptmini.eval`` do). Nothing heavy is imported until a job runs, so
+``gptmini --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from gptmini import __version__
-from gptmini.common import GptMiniError, config_dir, say, user_error_message
+from gptmini.common import GptMiniError, config_dir, discard_stdout, run_job, run_with_arguments, say
 
 
 @dataclass(frozen=True)
@@ -36,7 +31,8 @@ class Job:
     summary: str
     """One line for ``gptmini --help``."""
     run: str
-    """``module:function`` doing the work, imported when the job runs."""
+    """``module:function``, imported when the job runs: with a config, ``function(cfg)`` does the work;
+    without, ``function(argv)`` is the whole command and returns its exit status."""
     config: str | None = None
     """The Hydra config it composes (``configs/<config>.yaml``); None: the function reads its arguments."""
     schema: str | None = None
@@ -44,7 +40,7 @@ class Job:
     hydra: tuple[str, ...] = ()
     """Hydra settings of this job, placed before the user's overrides (which may change them)."""
     interrupted: str = "interrupted"
-    """What Ctrl-C prints: whether anything was left half-written."""
+    """What Ctrl-C prints in a job with a config: whether anything was left half-written."""
     quotes_prompt: bool = False
     """Quote a raw ``prompt=...`` argument for Hydra, so it arrives as typed."""
 
@@ -82,12 +78,8 @@ JOBS: dict[str, Job] = {
         hydra=WRITES_NO_RUN_DIR,
         interrupted="interrupted: no cache was left half-written.",
     ),
-    "export": Job(
-        "write a checkpoint as a Hugging Face GPT-2 folder",
-        "gptmini.hf.export:export_command",
-        interrupted="interrupted: no export was left half-written.",
-    ),
-    "rebase": Job("point a LoRA checkpoint at another base on purpose", "gptmini.weights:rebase_command"),
+    "export": Job("write a checkpoint as a Hugging Face GPT-2 folder", "gptmini.hf.export:main"),
+    "rebase": Job("point a LoRA checkpoint at another base on purpose", "gptmini.weights:main"),
     "walkthrough": Job("print chapter 3's attention example, step by step", "gptmini.cli:walkthrough"),
 }
 
@@ -105,11 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         say(usage())
         return 2
     if args[0] in HELP_FLAGS:
-        print(usage())
-        return 0
+        return run_job(lambda: print(usage()))
     if args[0] == "--version":
-        print(f"gptmini {__version__}")
-        return 0
+        return run_job(lambda: print(f"gptmini {__version__}"))
     if args[0] not in JOBS:
         say(f"error: {args[0]!r} is not a gptmini job; the jobs are {', '.join(JOBS)} (gptmini --help).")
         return 2
@@ -135,60 +125,11 @@ def usage() -> str:
 
 
 def run_command(name: str, argv: list[str]) -> int:
-    """Run the job ``name`` with its command-line arguments under ``run_job``'s policy; return the status."""
+    """Run the job ``name`` with its arguments, under ``run_job``'s policy; return the status."""
     job = JOBS[name]
     if job.config is None:
-        return _run_with_arguments(name, job, argv)
+        return _load(job.run)(argv)
     return _run_with_config(name, job, argv)
-
-
-def run_job(work: Callable[[], Any], interrupted: str = "interrupted") -> int:
-    """Run ``work()`` under the policy every gptmini command shares (module docstring); return the status."""
-    try:
-        work()
-    except BrokenPipeError:
-        _discard_stdout()
-        return 0
-    except KeyboardInterrupt:
-        say(f"\n{interrupted}")
-        return 130
-    except (GptMiniError, OSError) as error:
-        message = user_error_message(error)
-        if message is None:
-            raise  # a bug: keep its traceback
-        say(f"error: {message}")
-        return _failed(message)
-    return 0
-
-
-def _failed(message: str) -> int:
-    """Status 2, except in a ``-m`` sweep: there the failure is recorded and the sweep goes on (its summary
-    lists the job as failed and the sweep ends with status 2)."""
-    from gptmini.training.sweep import in_multirun, record_failed_job
-
-    if in_multirun():
-        record_failed_job(message)
-        return 0
-    return 2
-
-
-def _discard_stdout() -> None:
-    """The reader went away (``| head``): point stdout at /dev/null, so the flush at exit is quiet too."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # stdout is no file (captured in a test): nothing is left to flush
-        pass
-
-
-def _run_with_arguments(name: str, job: Job, argv: list[str]) -> int:
-    """A job that reads its own ``key=value`` arguments; ``--help`` prints its function's docstring."""
-    function = _load(job.run)
-    if any(arg in HELP_FLAGS for arg in argv):
-        print(inspect.getdoc(function) or f"gptmini {name}")
-        return 0
-    return run_job(lambda: function(argv), job.interrupted)
 
 
 def _run_with_config(name: str, job: Job, argv: list[str]) -> int:
@@ -218,7 +159,7 @@ def _run_with_config(name: str, job: Job, argv: list[str]) -> int:
     except SystemExit as done:  # Hydra's own exits (--help, a config typo) and the job's status
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except BrokenPipeError:  # Hydra printing --help or --cfg into a closed pipe
-        _discard_stdout()
+        discard_stdout()
         return 0
     finally:
         sys.argv = saved
@@ -283,7 +224,12 @@ def prepare(cfg) -> None:
     print(prepare_cache(cfg.data, cfg.tokenizer), flush=True)
 
 
-def walkthrough(argv: list[str]) -> None:
+def walkthrough(argv: list[str]) -> int:
+    """``gptmini walkthrough``: the command (``python -m gptmini.book.walkthrough`` prints the same)."""
+    return run_with_arguments(_print_walkthrough, argv)
+
+
+def _print_walkthrough(argv: list[str]) -> None:
     """usage: gptmini walkthrough
 
     Print chapter 3's worked example ("Your journey starts with one step"): the attention scores, weights

@@ -4,19 +4,21 @@ Anything a user can get wrong (a config value, a path, a checkpoint, a prompt) r
 short message that names the value and the fix. Every command prints it without a traceback and exits with
 status 2 (``gptmini.cli.run_job``); every other exception is a bug and keeps its traceback.
 
-Imports nothing from gptmini, so every module may import it.
+Imports nothing from gptmini when it loads, so every module may import it (``run_job`` asks
+``gptmini.training.sweep``, which imports no gptmini module, whether a failed job is part of a sweep).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import IO, Any
@@ -187,6 +189,67 @@ def user_error_message(error: BaseException) -> str | None:
     if is_environment_fault(error):
         return describe_os_error(error, "a file")
     return None
+
+
+def run_job(work: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run ``work()`` under the policy every gptmini command shares, and return its exit status.
+
+    - a user's mistake or a fault of the machine (``user_error_message``) is one ``error:`` line and status
+      2; in a ``-m`` sweep the job's failure is recorded instead and the sweep goes on (status 0 here; the
+      sweep's summary lists the job as failed and the sweep ends with status 2);
+    - Ctrl-C prints ``interrupted`` (what was left half-written: nothing) and is status 130;
+    - a reader that went away (``| head``) ends the job quietly, status 0;
+    - anything else is a bug and keeps its traceback.
+
+    Every entry point comes through here: the ``gptmini`` jobs (gptmini/cli.py), train.py, generate.py and
+    ``python -m gptmini.eval``, ``.hf.export``, ``.weights``.
+    """
+    try:
+        work()
+    except BrokenPipeError:
+        discard_stdout()
+        return 0
+    except KeyboardInterrupt:
+        say(f"\n{interrupted}")
+        return 130
+    except (GptMiniError, OSError) as error:
+        message = user_error_message(error)
+        if message is None:
+            raise  # a bug: keep its traceback
+        say(f"error: {message}")
+        return _failed(message)
+    return 0
+
+
+def run_with_arguments(
+    work: Callable[[list[str]], object], argv: list[str], interrupted: str = "interrupted"
+) -> int:
+    """A command that reads its own ``key=value`` arguments: ``-h``/``--help`` prints ``work``'s docstring
+    (its usage), anything else runs ``work(argv)`` under ``run_job``."""
+    if "-h" in argv or "--help" in argv:
+        return run_job(lambda: print(inspect.getdoc(work)))  # a closed pipe (| head) is quiet here too
+    return run_job(lambda: work(argv), interrupted)
+
+
+def _failed(message: str) -> int:
+    """Status 2, except in a job of a ``-m`` sweep: there the failure is recorded and the sweep goes on."""
+    # Imported here: only a failure needs it, and gptmini.training.sweep imports no gptmini module.
+    from gptmini.training.sweep import in_multirun, record_failed_job
+
+    if in_multirun():
+        record_failed_job(message)
+        return 0
+    return 2
+
+
+def discard_stdout() -> None:
+    """The reader went away (``| head``): point stdout at /dev/null, so the flush at exit is quiet too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured in a test): nothing is left to flush
+        pass
 
 
 def describe_os_error(error: OSError, what: str) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from gptmini.common import GptMiniError, atomic_file, say
+from gptmini.common import GptMiniError, atomic_file, run_with_arguments, say
 
 FORMAT_VERSION = 1
 GPTMINI_KEY = "gptmini"
@@ -647,11 +647,10 @@ def rebase_lora(ckpt: str | os.PathLike, base: str | os.PathLike) -> tuple[Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gptmini.weights rebase ...``: the same as ``gptmini rebase ...`` (gptmini/cli.py)."""
-    from gptmini.cli import run_command
-
+    """``gptmini rebase ...`` and ``python -m gptmini.weights rebase ...`` (there the word ``rebase`` comes
+    first): returns the exit status."""
     args = sys.argv[1:] if argv is None else list(argv)
-    return run_command("rebase", args[1:] if args[:1] == ["rebase"] else args)
+    return run_with_arguments(rebase_command, args[1:] if args[:1] == ["rebase"] else args)
 
 
 REBASE_USAGE = "usage: gptmini rebase ckpt=<LoRA checkpoint> base=<weights>"

@@ -13,8 +13,8 @@ import pytest
 import tomllib
 
 from gptmini import __version__
-from gptmini.cli import JOBS, main, run_job
-from gptmini.common import CONFIG_DIR, GptMiniError
+from gptmini.cli import JOBS, main
+from gptmini.common import CONFIG_DIR, GptMiniError, run_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

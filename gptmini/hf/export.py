@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptmini.common import GptMiniError, _umask, describe_os_error, say
+from gptmini.common import GptMiniError, _umask, describe_os_error, run_with_arguments, say
 
 if TYPE_CHECKING:
     from gptmini.weights import SourceWeights
@@ -295,10 +295,11 @@ def sigterm_as_interrupt():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gptmini.hf.export ...``: the same as ``gptmini export ...`` (gptmini/cli.py)."""
-    from gptmini.cli import run_command
-
-    return run_command("export", sys.argv[1:] if argv is None else argv)
+    """``gptmini export ...`` and ``python -m gptmini.hf.export ...``: returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    return run_with_arguments(
+        export_command, args, interrupted="interrupted: no export was left half-written."
+    )
 
 
 def export_command(argv: list[str]) -> None:
