@@ -28,6 +28,8 @@ from gptmini.common import GptMiniError, config_dir, discard_stdout, run_job, ru
 
 @dataclass(frozen=True)
 class Job:
+    """One job of the gptmini command."""
+
     summary: str
     """One line for ``gptmini --help``."""
     run: str
