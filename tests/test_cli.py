@@ -2,6 +2,7 @@
 shares, and a wheel that works from any directory."""
 
 import errno
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,27 @@ from gptmini.cli import JOBS, main
 from gptmini.common import CONFIG_DIR, GptMiniError, run_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def logging_put_back():
+    """Hydra configures logging for the whole process (even for --help, and generate's switches loggers
+    off): put levels, switches and root handlers back, so the tests after these see Python's defaults."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    loggers = {
+        name: (logger.level, logger.disabled)
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+    for name, logger in logging.Logger.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            saved_level, logger.disabled = loggers.get(name, (logging.NOTSET, False))
+            logger.setLevel(saved_level)  # (setLevel also clears the loggers' cached levels)
 
 
 def gptmini_subprocess(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -85,7 +107,6 @@ def test_train_help_shows_the_config_and_its_groups(capsys):
 
 # One user mistake per job that reads arguments or composes without writing anything.
 IN_PROCESS_ERRORS = {
-    "generate": (["ckpt=/nonexistent/x.ckpt"], "checkpoint not found: /nonexistent/x.ckpt"),
     "eval": (["ckpt=latest", "task=mmlu"], "task='mmlu' is unknown; use one of: hellaswag, val."),
     "export": (["output=x"], "unknown argument 'output=x'; use ckpt=<checkpoint> out=<folder>."),
     "rebase": (["ckpt=a.ckpt"], "usage: gptmini rebase ckpt=<LoRA checkpoint> base=<weights>"),
@@ -102,15 +123,17 @@ def test_a_user_error_is_one_line_and_status_2(name, capsys, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-# train and prepare configure logging for the whole process, so they run in their own.
+# train, generate and prepare configure logging for the whole process (Hydra's job_logging), so each runs in
+# a process of its own.
 SUBPROCESS_ERRORS = {
+    "generate": (["ckpt=/nonexistent/x.ckpt"], "checkpoint not found: /nonexistent/x.ckpt"),
     "train": (["seed=-1"], "seed=-1 must be an integer in 0..4294967295; try seed=1337."),
     "prepare": (["data=text", "data.path=/nonexistent/c.txt"], "data.path='/nonexistent/c.txt' does not"),
 }
 
 
 @pytest.mark.parametrize("name", list(SUBPROCESS_ERRORS))
-def test_a_user_error_of_train_and_prepare_is_one_line_and_status_2(name, tmp_path):
+def test_a_user_error_of_train_generate_and_prepare_is_one_line_and_status_2(name, tmp_path):
     args, message = SUBPROCESS_ERRORS[name]
     done = gptmini_subprocess(name, *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert_one_error_line(done.returncode, done.stderr, message)
