@@ -2,7 +2,7 @@
 
 Anything a user can get wrong (a config value, a path, a checkpoint, a prompt) raises ``GptMiniError`` with a
 short message that names the value and the fix. Every command prints it without a traceback and exits with
-status 2 (``gptmini.cli.run_job``); every other exception is a bug and keeps its traceback.
+status 2 (``run_job``); every other exception is a bug and keeps its traceback.
 
 Imports nothing from gptmini when it loads, so every module may import it (``run_job`` asks
 ``gptmini.training.sweep``, which imports no gptmini module, whether a failed job is part of a sweep).
@@ -181,7 +181,7 @@ def is_environment_fault(error: BaseException) -> bool:
 def user_error_message(error: BaseException) -> str | None:
     """The one line a command prints for ``error``, or None when it is a bug (which keeps its traceback).
 
-    The boundary rule of every command (``gptmini.cli.run_job``): a ``GptMiniError`` says what was wrong and
+    The boundary rule of every command (``run_job``): a ``GptMiniError`` says what was wrong and
     the fix; a full disk or a permission problem is a fault of the machine, named as such.
     """
     if isinstance(error, GptMiniError):

@@ -93,7 +93,7 @@ def _latest_checkpoint(root: Path) -> Path:
     if not found:
         raise GptMiniError(
             f"ckpt=latest found no run under {root / 'outputs'} or {root / 'multirun'}. "
-            "Train first (python train.py) or pass ckpt=PATH."
+            "Train first (gptmini train) or pass ckpt=PATH."
         )
     return max(found, key=lambda p: p.stat().st_mtime)
 
