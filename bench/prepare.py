@@ -32,9 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
 SYLLABLES = "ka ri to me na su lo vi de ran tel mor quin sha bel fo gu lix ter am or en is ul".split()
 FUNCTION_WORDS = "the of and to a in is that for it as was with be by on not he this are or at from".split()
 

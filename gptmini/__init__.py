@@ -6,9 +6,13 @@ The package follows the one-way flow of a run, one sub-package per stage:
     model/       GPTConfig and named sizes, the attention, the KV cache, the GPT (pure PyTorch)
     book/        chapter 3's attention ladder and worked example, beside the model (not used by it)
     training/    train(cfg): the LightningModule, optimizer and schedule, callbacks, configs, sweeps
-    checkpoint   self-contained checkpoints between training and generation
-    generation/  the sampling loop and the text generation behind generate.py
-    common       the user-facing error, atomic writes, the device picker
+    weights      where weights come from: self-contained checkpoints, Hugging Face folders, LoRA merges
+    generation/  the sampling loop and the text generation behind gptmini generate
+    serve/       gptmini serve: the OpenAI API over continuous batching, and the chat page
+    hf/          GPT-2 to and from the Hugging Face format (gptmini export)
+    eval/        gptmini eval: val loss and HellaSwag of any checkpoint
+    cli          the gptmini command: one table of jobs
+    common       the one error policy, the user-facing error, atomic writes, the device picker
 
 The short imports below load lazily, so ``import gptmini.common`` stays cheap.
 """

@@ -1,16 +1,18 @@
 """Helpers every stage shares: the user-facing error, config coercion, atomic writes and the device picker.
 
 Anything a user can get wrong (a config value, a path, a checkpoint, a prompt) raises ``GptMiniError`` with a
-short message that names the value and the fix. ``train.py`` and ``generate.py`` print it without a traceback
-and exit with status 2; every other exception is a bug and keeps its traceback.
+short message that names the value and the fix. Every command prints it without a traceback and exits with
+status 2 (``run_job``); every other exception is a bug and keeps its traceback.
 
-Imports nothing from gptmini, so every module may import it.
+Imports nothing from gptmini when it loads, so every module may import it (``run_job`` asks
+``gptmini.training.sweep``, which imports no gptmini module, whether a failed job is part of a sweep).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import math
 import os
 import sys
@@ -23,9 +25,24 @@ from typing import IO, Any
 
 # Every temporary file an atomic write makes is named ``.<target>.<random>.tmp`` beside its target.
 TEMP_SUFFIX = ".tmp"
-# The Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups), for code that composes them
-# outside the command-line scripts: tests, benchmarks, python -m gptmini.eval.
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_dir() -> Path:
+    """The folder of the Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups).
+
+    In a checkout it is the repository's ``configs/``, so an edited YAML takes effect at once (an editable
+    install imports gptmini from the checkout too). A wheel has no checkout: the build copies ``configs/``
+    into the package as ``gptmini/configs`` (pyproject.toml), and that copy is used.
+    """
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "train.yaml").is_file():
+        return checkout / "configs"
+    return package / "configs"
+
+
+# Where every command and every composing helper (tests, benchmarks, notebooks) finds the configs.
+CONFIG_DIR = config_dir()
 
 
 def say(message: str) -> None:
@@ -164,8 +181,8 @@ def is_environment_fault(error: BaseException) -> bool:
 def user_error_message(error: BaseException) -> str | None:
     """The one line a command prints for ``error``, or None when it is a bug (which keeps its traceback).
 
-    The boundary rule of train.py and generate.py: a ``GptMiniError`` says what was wrong and the fix; a full
-    disk or a permission problem is a fault of the machine, named as such.
+    The boundary rule of every command (``run_job``): a ``GptMiniError`` says what was wrong and
+    the fix; a full disk or a permission problem is a fault of the machine, named as such.
     """
     if isinstance(error, GptMiniError):
         return str(error)
@@ -174,24 +191,65 @@ def user_error_message(error: BaseException) -> str | None:
     return None
 
 
-def command_exit_code(job: Callable[[], object], interrupted: str = "interrupted") -> int:
-    """Run one command's work under the policy every gptmini command shares, and return its exit status.
+def run_job(work: Callable[[], object], interrupted: str = "interrupted") -> int:
+    """Run ``work()`` under the policy every gptmini command shares, and return its exit status.
 
-    A user's mistake or a fault of the machine (``user_error_message``) is one ``error:`` line and status 2;
-    Ctrl-C is ``interrupted`` and 130; success is 0. Anything else is a bug and keeps its traceback.
+    - a user's mistake or a fault of the machine (``user_error_message``) is one ``error:`` line and status
+      2; in a ``-m`` sweep the job's failure is recorded instead and the sweep goes on (status 0 here; the
+      sweep's summary lists the job as failed and the sweep ends with status 2);
+    - Ctrl-C prints ``interrupted`` (what was left half-written: nothing) and is status 130;
+    - a reader that went away (``| head``) ends the job quietly, status 0;
+    - anything else is a bug and keeps its traceback.
+
+    Every entry point comes through here: the ``gptmini`` jobs (gptmini/cli.py), train.py, generate.py and
+    ``python -m gptmini.eval``, ``.hf.export``, ``.weights``.
     """
     try:
-        job()
+        work()
+    except BrokenPipeError:
+        discard_stdout()
+        return 0
     except KeyboardInterrupt:
         say(f"\n{interrupted}")
         return 130
     except (GptMiniError, OSError) as error:
         message = user_error_message(error)
         if message is None:
-            raise
+            raise  # a bug: keep its traceback
         say(f"error: {message}")
-        return 2
+        return _failed(message)
     return 0
+
+
+def run_with_arguments(
+    work: Callable[[list[str]], object], argv: list[str], interrupted: str = "interrupted"
+) -> int:
+    """A command that reads its own ``key=value`` arguments: ``-h``/``--help`` prints ``work``'s docstring
+    (its usage), anything else runs ``work(argv)`` under ``run_job``."""
+    if "-h" in argv or "--help" in argv:
+        return run_job(lambda: print(inspect.getdoc(work)))  # a closed pipe (| head) is quiet here too
+    return run_job(lambda: work(argv), interrupted)
+
+
+def _failed(message: str) -> int:
+    """Status 2, except in a job of a ``-m`` sweep: there the failure is recorded and the sweep goes on."""
+    # Imported here: only a failure needs it, and gptmini.training.sweep imports no gptmini module.
+    from gptmini.training.sweep import in_multirun, record_failed_job
+
+    if in_multirun():
+        record_failed_job(message)
+        return 0
+    return 2
+
+
+def discard_stdout() -> None:
+    """The reader went away (``| head``): point stdout at /dev/null, so the flush at exit is quiet too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured in a test): nothing is left to flush
+        pass
 
 
 def describe_os_error(error: OSError, what: str) -> str:

@@ -16,7 +16,7 @@ shapes and values, a LoRA entry), so every reader gets the same one-line answer 
 
 A LoRA checkpoint records a fingerprint of its base's weights (``weights_fingerprint``): a base replaced by
 other weights, even of the same shape, is refused instead of silently getting the adapters.
-``python -m gptmini.weights rebase ckpt=<LoRA checkpoint> base=<weights>`` points a checkpoint at another
+``gptmini rebase ckpt=<LoRA checkpoint> base=<weights>`` points a checkpoint at another
 base on purpose (and records that base's fingerprint).
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from gptmini.common import GptMiniError, atomic_file, command_exit_code, say
+from gptmini.common import GptMiniError, atomic_file, run_with_arguments, say
 
 FORMAT_VERSION = 1
 GPTMINI_KEY = "gptmini"
@@ -93,7 +93,7 @@ def _latest_checkpoint(root: Path) -> Path:
     if not found:
         raise GptMiniError(
             f"ckpt=latest found no run under {root / 'outputs'} or {root / 'multirun'}. "
-            "Train first (python train.py) or pass ckpt=PATH."
+            "Train first (gptmini train) or pass ckpt=PATH."
         )
     return max(found, key=lambda p: p.stat().st_mtime)
 
@@ -344,7 +344,7 @@ def _lora_entry(lora: Any, path: Path) -> LoraEntry | None:
     if Path(base).expanduser().resolve() == path.resolve():
         raise GptMiniError(
             f"{path} is a LoRA checkpoint that names itself as its base; {DAMAGED} (or point it at its "
-            f"real base: python -m gptmini.weights rebase ckpt={path} base=<the base>)."
+            f"real base: gptmini rebase ckpt={path} base=<the base>)."
         )
     return LoraEntry(rank, float(alpha), float(dropout), list(targets), base, fingerprint)
 
@@ -421,7 +421,7 @@ def check_base_fingerprint(lora: LoraEntry, base_state: Mapping[str, torch.Tenso
     A checkpoint written before fingerprints were recorded is read with a warning: its base cannot be
     checked, and ``rebase`` records one.
     """
-    rebase = f"python -m gptmini.weights rebase ckpt={path} base=<its base>"
+    rebase = f"gptmini rebase ckpt={path} base=<its base>"
     if lora.base_fingerprint is None:
         warnings.warn(
             f"{path} records no fingerprint of its LoRA base {lora.base} (an older gptmini wrote it), so "
@@ -489,7 +489,7 @@ def read_weights(spec: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> Sour
         names = " -> ".join(str(p) for p in (*_chain, path.resolve()))
         raise BaseCycleError(
             f"the LoRA checkpoints' bases form a cycle ({names}): each must end at plain weights; point "
-            "one at its real base with python -m gptmini.weights rebase ckpt=<it> base=<the base>."
+            "one at its real base with gptmini rebase ckpt=<it> base=<the base>."
         )
     contents = checked_contents(read_checkpoint(path, map_location="cpu"), path)
     state, depends_on = contents.state, (path.resolve(),)
@@ -617,7 +617,7 @@ def _first_few(names: list[str], limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Re-basing a LoRA checkpoint on purpose: python -m gptmini.weights rebase ckpt=... base=...
+# Re-basing a LoRA checkpoint on purpose: gptmini rebase ckpt=... base=...
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -647,22 +647,31 @@ def rebase_lora(ckpt: str | os.PathLike, base: str | os.PathLike) -> tuple[Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gptmini.weights rebase ckpt=<LoRA checkpoint> base=<weights>``."""
-    args = sys.argv[1:] if argv is None else argv
-    values = dict(arg.partition("=")[::2] for arg in args[1:])
-    if args[:1] != ["rebase"] or set(values) != {"ckpt", "base"} or not all(values.values()):
-        print(
-            "error: usage: python -m gptmini.weights rebase ckpt=<LoRA checkpoint> base=<weights>",
-            file=sys.stderr,
-        )
-        return 2
+    """``gptmini rebase ...`` and ``python -m gptmini.weights rebase ...`` (there the word ``rebase`` comes
+    first): returns the exit status."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return run_with_arguments(rebase_command, args[1:] if args[:1] == ["rebase"] else args)
 
-    def rebase() -> None:
-        path, same = rebase_lora(values["ckpt"], values["base"])
-        what = "the weights it was trained on" if same else "other weights than it was trained on: re-based"
-        say(f"{path} now names the base {values['base']} ({what}).")
 
-    return command_exit_code(rebase)
+REBASE_USAGE = "usage: gptmini rebase ckpt=<LoRA checkpoint> base=<weights>"
+
+
+def rebase_command(argv: list[str]) -> None:
+    """usage: gptmini rebase ckpt=<LoRA checkpoint> base=<weights>
+
+    Point a LoRA checkpoint at another base on purpose, and record that base's fingerprint. A LoRA
+    checkpoint holds only adapters and names its base; a base replaced by other weights is refused when the
+    checkpoint loads, until it is re-based here.
+
+      ckpt=  the LoRA checkpoint (.ckpt file or run directory), rewritten in place
+      base=  the weights the adapters now apply to: a checkpoint, a Hugging Face folder, or gpt2...
+    """
+    values = dict(arg.partition("=")[::2] for arg in argv)
+    if set(values) != {"ckpt", "base"} or not all(values.values()) or len(argv) != 2:
+        raise GptMiniError(REBASE_USAGE)
+    path, same = rebase_lora(values["ckpt"], values["base"])
+    what = "the weights it was trained on" if same else "other weights than it was trained on: re-based"
+    say(f"{path} now names the base {values['base']} ({what}).")
 
 
 if __name__ == "__main__":

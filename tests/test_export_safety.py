@@ -412,7 +412,7 @@ def test_a_replaced_base_is_refused_until_rebased_on_purpose(tmp_path, bpe, base
         GptMiniError, match=r"whose base .*/base now holds other weights than the adapters"
     ) as info:
         load_checkpoint(lora)
-    assert f"python -m gptmini.weights rebase ckpt={lora} base=<its base>" in str(info.value)
+    assert f"gptmini rebase ckpt={lora} base=<its base>" in str(info.value)
     assert "\n" not in str(info.value)
 
     assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={base}"]) == 0
@@ -429,7 +429,7 @@ def test_rebase_refuses_what_it_cannot_apply_the_adapters_to(tmp_path, base_and_
 
     base, lora = base_and_lora
     assert checkpoint_main(["rebase", f"ckpt={base / 'config.json'}"]) == 2
-    assert "usage: python -m gptmini.weights rebase ckpt=" in one_line_error(capsys)
+    assert "usage: gptmini rebase ckpt=" in one_line_error(capsys)
     other = train_bpe([CORPUS[:5000]], vocab_size=320)
     small = bpe_checkpoint(tmp_path / "small.ckpt", other)
     assert checkpoint_main(["rebase", f"ckpt={lora}", f"base={small}"]) == 2

@@ -1,4 +1,4 @@
-"""Export to the Hugging Face format: ``python -m gptmini.hf.export ckpt=<file | run dir | latest> out=DIR``.
+"""Export to the Hugging Face format: ``gptmini export ckpt=<file | run dir | latest> out=DIR``.
 
 Writes a GPT-2 folder that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load: config.json, generation_config.json, model.safetensors, and the
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptmini.common import GptMiniError, _umask, command_exit_code, describe_os_error, say
+from gptmini.common import GptMiniError, _umask, describe_os_error, run_with_arguments, say
 
 if TYPE_CHECKING:
     from gptmini.weights import SourceWeights
@@ -64,7 +64,7 @@ SHARD_FILE = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
 
 @dataclass
 class ExportConfig:
-    """Options of ``python -m gptmini.hf.export``."""
+    """Options of ``gptmini export``."""
 
     ckpt: str = "latest"
     """A .ckpt file, a run directory, ``latest``, or anything generate.py's ckpt= takes."""
@@ -295,18 +295,32 @@ def sigterm_as_interrupt():
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run() -> None:
-        try:
-            with sigterm_as_interrupt():
-                cfg = parse_args(sys.argv[1:] if argv is None else argv)
-                folder = export(cfg.ckpt, cfg.out)
-        except ImportError as error:
-            raise GptMiniError(
-                f'exporting needs the hf extra ({error.name}): pip install -e ".[hf]"'
-            ) from None
-        say(f"wrote a Hugging Face GPT-2 folder to {folder} (GPT2LMHeadModel.from_pretrained loads it)")
+    """``gptmini export ...`` and ``python -m gptmini.hf.export ...``: returns the exit status."""
+    args = sys.argv[1:] if argv is None else argv
+    return run_with_arguments(
+        export_command, args, interrupted="interrupted: no export was left half-written."
+    )
 
-    return command_exit_code(run, interrupted="interrupted: no export was left half-written.")
+
+def export_command(argv: list[str]) -> None:
+    """usage: gptmini export ckpt=<checkpoint> out=<folder>
+
+    Write a gptmini checkpoint as a Hugging Face GPT-2 folder that GPT2LMHeadModel.from_pretrained(out) and
+    AutoTokenizer.from_pretrained(out) load (needs the hf extra: pip install "gptmini[hf]").
+
+      ckpt=  a .ckpt file, a run directory, latest (default), or anything generate's ckpt= takes
+      out=   the folder to write: new, empty, or an earlier export (replaced whole, atomically)
+
+    A LoRA checkpoint is exported merged into its base. A model that GPT-2's format cannot express exactly
+    is refused, naming the option. Ctrl-C or SIGTERM leaves no half-written export.
+    """
+    try:
+        with sigterm_as_interrupt():
+            cfg = parse_args(argv)
+            folder = export(cfg.ckpt, cfg.out)
+    except ImportError as error:
+        raise GptMiniError(f'exporting needs the hf extra ({error.name}): pip install -e ".[hf]"') from None
+    say(f"wrote a Hugging Face GPT-2 folder to {folder} (GPT2LMHeadModel.from_pretrained loads it)")
 
 
 if __name__ == "__main__":

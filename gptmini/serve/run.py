@@ -1,5 +1,5 @@
-"""``serve(cfg)``, what ``python serve.py`` runs: load the checkpoint, start the engine and uvicorn, and shut
-down cleanly.
+"""``serve(cfg)``, what ``gptmini serve`` and ``python serve.py`` run: load the checkpoint, start the engine
+and uvicorn, and shut down cleanly.
 
 uvicorn runs in a thread (``BackgroundServer``, which the tests and bench/serve.py use too) while the main
 thread waits for Ctrl-C or SIGTERM. Either one stops new requests, ends every running stream with a final
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gptmini.common import GptMiniError, command_exit_code, pick_device, say
+from gptmini.common import GptMiniError, pick_device, say
 from gptmini.serve.app import Site, create_app
 from gptmini.serve.chat import template_of
 from gptmini.serve.config import ServeConfig, validated
@@ -25,11 +25,6 @@ from gptmini.serve.protocol import Limits
 from gptmini.threads import AUTO, apply_threads
 
 SHUTDOWN_GRACE_S = 5  # how long uvicorn waits for replies to finish once told to stop
-
-
-def run(cfg) -> int:
-    """``serve(cfg)`` under the exit policy every gptmini command shares: the exit status."""
-    return command_exit_code(lambda: serve(cfg))
 
 
 def serve(cfg: ServeConfig) -> None:
