@@ -129,7 +129,7 @@ def test_ctrl_c_on_a_real_training_process_saves_and_prints_the_resume_command(
     assert saved_step > 0
 
     # Resume with the printed command, asking for two more steps.
-    resume = resume_line.removeprefix("resume with: python train.py ").split()
+    resume = resume_line.removeprefix("resume with: gptmini train ").split()
     resume = [o for o in resume if not o.startswith(("trainer.max_steps", "hydra.run.dir"))]
     result = run_cli(
         "train.py", *resume, f"trainer.max_steps={saved_step + 2}", f"hydra.run.dir={tmp_path / 'resumed'}"

@@ -22,7 +22,7 @@ CHOICES = {
 OLD_ATTENTIONS = ("heads", "mha", "sdpa")
 ATTENTION_GONE = (
     "the GPT has one attention now, so there is nothing to choose; chapter 3's rungs (stacked heads, compact "
-    "MHA) live in gptmini/book (python -m gptmini.book.walkthrough). Drop model.attention."
+    "MHA) live in gptmini/book (gptmini walkthrough prints them). Drop model.attention."
 )
 
 

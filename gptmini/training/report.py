@@ -67,13 +67,13 @@ def print_closing_lines(summary: dict, sample: str | None) -> None:
         f"validation: loss {_fmt(summary['val_loss'])} nats/token, {_fmt(summary['val_bpb'])} bits/byte "
         f"(best {_fmt(summary['best_val_loss'])} / {_fmt(summary['best_val_bpb'])})"
     )
-    say(f'generate: python generate.py ckpt={shlex.quote(summary["checkpoint"])} prompt="..."')
+    say(f'generate: gptmini generate ckpt={shlex.quote(summary["checkpoint"])} prompt="..."')
 
 
 def print_resume_hint(run_dir: Path, step: int, signal_name: str) -> None:
     overrides = _task_overrides()
     command = " ".join(
-        ["python train.py", *map(shlex.quote, overrides), f"ckpt_path={shlex.quote(str(run_dir))}"]
+        ["gptmini train", *map(shlex.quote, overrides), f"ckpt_path={shlex.quote(str(run_dir))}"]
     )
     say(f"\n{signal_name}: saved a resumable checkpoint at step {step} in {run_dir / 'checkpoints'}.")
     say(f"resume with: {command}")
