@@ -112,18 +112,12 @@ def _check_validation_split(meta: dict) -> None:
     fraction, tokens = meta.get("val_fraction") or 0, meta["val_tokens"]
     if fraction <= 0 or tokens >= 2:  # a window needs an input token and its target
         return
-    if meta["val_split"] == "documents":
-        documents = meta["train_documents"] + meta["val_documents"]
-        drawn = f"drew {meta['val_documents']} of its {documents} documents"
-        more = "more documents" + (" (a larger data.max_tokens)" if meta.get("max_tokens") else "")
-    else:
-        drawn = f"of its {meta['train_bytes'] + meta['val_bytes']} bytes"
-        more = "more text"
+    more = "more text" + (" (a larger data.max_tokens)" if meta.get("max_tokens") else "")
     raise GptMiniError(
         f"the validation split of {meta.get('source', 'the corpus')} has {tokens} token(s), too few for one "
-        f"validation window (data.val_fraction={fraction} {drawn}), so the run would train without a "
-        f"validation loss; use {more}, a larger data.val_fraction, or data.val_fraction=0 to train without "
-        "validation."
+        f"validation window (data.val_fraction={fraction} of its {meta['train_bytes'] + meta['val_bytes']} "
+        f"bytes), so the run would train without a validation loss; use {more}, a larger "
+        "data.val_fraction, or data.val_fraction=0 to train without validation."
     )
 
 

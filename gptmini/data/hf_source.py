@@ -1,18 +1,15 @@
 """Hugging Face ``datasets`` sources (``data=hf``): load one, and read it as batches of documents.
 
-One concern: turning ``data.hf`` into a stream of document texts, and deciding which documents are
-validation text. Imports ``gptmini.common``, ``gptmini.data.corpus`` and ``.hf_records`` only; ``datasets``
-is imported when a source is opened, so the other corpora never need it. Knows nothing of tokenizers or
-caches.
+One concern: turning ``data.hf`` into a stream of document texts (the cache writer,
+``gptmini.data.shards``, splits it like any other source). Imports ``gptmini.common``,
+``gptmini.data.corpus`` and ``.hf_records`` only; ``datasets`` is imported when a source is opened, so the
+other corpora never need it. Knows nothing of tokenizers or caches.
 
 Decisions worth knowing:
 
 - **Same loader as datasets.** ``data.hf.path/name/split/data_files/revision`` go to
   ``datasets.load_dataset`` as they are: a Hub name, or a builder (``json``, ``parquet``, ``arrow``) with
   local files. Streaming is the default, so a 10B-token corpus is never held in memory or copied to Arrow.
-- **Validation by documents.** Document ``i`` (its position in the split) is validation text when a uniform
-  draw from ``(split_seed, i // VAL_BLOCK)`` at ``i % VAL_BLOCK`` falls below ``val_fraction``: a fixed
-  function of the seed and the index, so it needs neither the document count nor a second pass.
 - **Local files are fingerprinted by path, size and mtime**, not content (hashing 30 GB of parquet would
   take minutes per run): touching a file makes a new cache. That covers ``data.hf.data_files`` and, for
   ``data.hf.path=<a local folder>``, the files ``datasets`` reads from it. A Hub dataset is identified by its
@@ -39,14 +36,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gptmini.common import GptMiniError
 from gptmini.data import hf_records
 from gptmini.data.corpus import HFConfig
 
-# Documents per validation draw (see the module docstring); changing it changes every split.
-VAL_BLOCK = 4096
 # Local builders whose data_files are read from this machine.
 LOCAL_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
 OFFLINE_HINT = (
@@ -345,28 +338,17 @@ def _where(hf: HFConfig, index: int) -> str:
     return found or f"document {index + 1} (counting from 1 in reading order) of {describe(hf)}"
 
 
-def val_mask(first: int, count: int, fraction: float, seed: int) -> np.ndarray:
-    """Which of documents ``first .. first + count - 1`` are validation text (see the module docstring)."""
-    if fraction <= 0 or count == 0:
-        return np.zeros(count, dtype=bool)
-    blocks = range(first // VAL_BLOCK, (first + count - 1) // VAL_BLOCK + 1)
-    draws = np.concatenate([np.random.default_rng([seed, block]).random(VAL_BLOCK) for block in blocks])
-    offset = first - blocks[0] * VAL_BLOCK
-    return draws[offset : offset + count] < fraction
-
-
 class HFSource:
-    """``data=hf`` as a source of the cache writer (``gptmini.data.shards``): documents in reading order, each
-    validation text by ``val_mask``; the dataset is loaded by ``open``, under the build's lock."""
+    """``data=hf`` as a source of the cache writer (``gptmini.data.shards``): each record a document, in
+    reading order; the dataset is loaded by ``open``, under the build's lock."""
 
-    val_split = "documents"
     empty_hint = "check data.hf.text_field and data.hf.split."
 
     def __init__(self, data) -> None:
-        self.hf, self.val_fraction = data.hf, data.val_fraction
+        self.hf = data.hf
         self.folder = f"hf/{folder_name(self.hf)}"
         self.description = describe(self.hf)
-        self.fingerprint = {**source_fingerprint(self.hf), "split_seed": self.hf.split_seed}
+        self.fingerprint = source_fingerprint(self.hf)
         self.file_bytes = sum(p.stat().st_size for p in local_files(self.hf))
         self.dataset = None
 
@@ -379,11 +361,7 @@ class HFSource:
     def invalid_utf8_bytes(self) -> int:
         return 0  # datasets refuses text that is not UTF-8 (see hf_records)
 
-    def batches(self, start: int, batch_docs: int) -> Iterator[list[tuple[str, bool, str]]]:
-        """Batches of ``(split, True, text)``, one per document, from document ``start`` on."""
-        for texts in iter_text_batches(self.dataset, self.hf, start, batch_docs):
-            mask = val_mask(start, len(texts), self.val_fraction, self.hf.split_seed)
-            start += len(texts)
-            yield [
-                ("val" if is_val else "train", True, text) for text, is_val in zip(texts, mask, strict=True)
-            ]
+    def items(self, start: int) -> Iterator[tuple[bool, str]]:
+        """``(True, text)`` for each document from document ``start`` on."""
+        for texts in iter_text_batches(self.dataset, self.hf, start, 512):
+            yield from ((True, text) for text in texts)

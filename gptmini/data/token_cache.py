@@ -91,7 +91,7 @@ def _source(data: DataConfig):
         raise GptMiniError(
             f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
-    return TextSource(corpus, data.val_fraction)
+    return TextSource(corpus)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -22,14 +22,13 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 
-from gptmini.common import GptMiniError, atomic_write_text
+from gptmini.common import GptMiniError, atomic_write_text, say
 
 EOT = "<|endoftext|>"
 
@@ -153,10 +152,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
         raise cause from None
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     if len(ranks) + 1 < vocab_size:
-        warnings.warn(
+        say(
             f"the BPE training text only supported {len(ranks) + 1} tokens of the requested {vocab_size}; "
-            "use more text or a smaller tokenizer.vocab_size",
-            stacklevel=2,
+            "use more text or a smaller tokenizer.vocab_size"
         )
     return _make_bpe(_bpe_name(vocab_size, pattern), trainer.get_pattern(), ranks)
 
