@@ -913,7 +913,7 @@ def test_token_stream_reads_any_range_like_a_slice(tmp_path):
     parts = [np.arange(0, 5, dtype=np.uint16), np.arange(5, 12, dtype=np.uint16)]
     for i, part in enumerate(parts):
         part.tofile(tmp_path / f"p{i}.bin")
-    stream = TokenStream.from_files([tmp_path / "p0.bin", tmp_path / "p1.bin"], "uint16")
+    stream = TokenStream([tmp_path / "p0.bin", tmp_path / "p1.bin"], "uint16")
     whole = np.arange(12)
     for start, stop in [(3, 3), (5, 5), (12, 12), (7, 2), (3, 9), (0, 12), (10, 40)]:
         got = stream.read(start, stop)

@@ -326,32 +326,35 @@ def _text_files(spec: str) -> list[Path]:
             raise GptMiniError(f"data.path={spec!r} matches no files; check the pattern.")
     else:
         raise GptMiniError(f"data.path={spec!r} does not exist; give a text file, a directory or a glob.")
-    files, binary, again, seen = [], [], [], set()
-    for candidate in sorted(set(candidates), key=lambda p: p.as_posix()):
-        try:
-            stat = candidate.stat()  # follows a link to the file it names
-        except OSError:
-            continue  # a broken link
-        if not candidate.is_file():
-            continue
-        if (stat.st_dev, stat.st_ino) in seen:
-            again.append(candidate)
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        (binary if _is_binary(candidate) else files).append(candidate)
+    # is_file() follows a link to the file it names, and is False for a broken link.
+    files, again = each_once([p for p in sorted(set(candidates), key=lambda p: p.as_posix()) if p.is_file()])
+    text, binary = [], []
+    for path in files:
+        (binary if _is_binary(path) else text).append(path)
     if binary:
-        say(f"skipped {len(binary)} binary file(s) (NUL bytes) under {spec}: {_some(binary)}")
+        say(f"skipped {len(binary)} binary file(s) (NUL bytes) under {spec}: {some_paths(binary)}")
     if again:
         say(
             f"skipped {len(again)} file(s) under {spec} that are links to a file already in the corpus: "
-            f"{_some(again)}"
+            f"{some_paths(again)}"
         )
-    if not files:
+    if not text:
         raise GptMiniError(f"data.path={spec!r} holds no text files; point it at your text.")
-    return files
+    return text
 
 
-def _some(paths: list[Path]) -> str:
+def each_once(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """``paths`` with each file once (the first path to it), and the others: a file named again (by a link, a
+    second pattern, the same path) would be read twice."""
+    seen, once, again = set(), [], []
+    for path in paths:
+        stat = path.stat()
+        (again if (stat.st_dev, stat.st_ino) in seen else once).append(path)
+        seen.add((stat.st_dev, stat.st_ino))
+    return once, again
+
+
+def some_paths(paths: list[Path]) -> str:
     return ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
 
 

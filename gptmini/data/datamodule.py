@@ -39,19 +39,9 @@ from gptmini.data.token_cache import TokenCache, TokenStream
 class TrainBatches(IterableDataset):
     """An endless stream of training batches of random windows; batch k depends only on (seed, rank, k)."""
 
-    def __init__(
-        self,
-        path: Path | list[Path],
-        dtype: str,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        start: int,
-    ):
+    def __init__(self, path, dtype: str, block_size: int, batch_size: int, seed: int, rank: int, start: int):
         super().__init__()
-        # The stream pickles as paths: workers open their own memmaps instead of copying the token files.
-        self.stream = TokenStream.from_files(path, dtype)
+        self.stream = TokenStream(path, dtype)  # pickled as paths: each worker opens its own memmaps
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.rank = seed, rank
         self.start = start  # the first batch index; the DataModule moves it forward as batches are consumed
@@ -80,14 +70,10 @@ class ValWindows(Dataset):
 
     def __init__(self, path: Path | list[Path], dtype: str, n_tokens: int, block_size: int):
         super().__init__()
-        self.path, self.dtype = path, dtype
+        self.tokens = TokenStream(path, dtype)
         # A split shorter than one window gives one shorter window.
         self.window = min(block_size, n_tokens - 1) if n_tokens >= 2 else 0
         self.count = (n_tokens - 1) // self.window if self.window else 0
-        self._tokens: TokenStream | None = None  # opened on first use, in the process that reads
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None}
 
     def __len__(self) -> int:
         return self.count
@@ -95,10 +81,8 @@ class ValWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.count:
             raise IndexError(i)
-        if self._tokens is None:
-            self._tokens = TokenStream.from_files(self.path, self.dtype)
         start = i * self.window
-        window = torch.from_numpy(self._tokens.read(start, start + self.window + 1).astype(np.int64))
+        window = torch.from_numpy(self.tokens.read(start, start + self.window + 1).astype(np.int64))
         return window[:-1].clone(), window[1:].clone()
 
 

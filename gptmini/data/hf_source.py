@@ -1,27 +1,18 @@
-"""Hugging Face ``datasets`` sources (``data=hf``): load one, and read it as batches of documents.
+"""Hugging Face ``datasets`` sources (``data=hf``): load one, and read it as a stream of documents.
 
-One concern: turning ``data.hf`` into a stream of document texts (the cache writer,
-``gptmini.data.shards``, splits it like any other source). Imports ``gptmini.common``,
-``gptmini.data.corpus`` and ``.hf_records`` only; ``datasets`` is imported when a source is opened, so the
-other corpora never need it. Knows nothing of tokenizers or caches.
+One concern: turning ``data.hf`` into document texts (the cache writer, ``gptmini.data.shards``, splits them
+like any other source's). Imports ``gptmini.common``, ``gptmini.data.corpus`` and ``.hf_records`` only;
+``datasets`` is imported when a source is opened, so the other corpora never need it. docs/data.md says
+more of each decision:
 
-Decisions worth knowing:
-
-- **Same loader as datasets.** ``data.hf.path/name/split/data_files/revision`` go to
-  ``datasets.load_dataset`` as they are: a Hub name, or a builder (``json``, ``parquet``, ``arrow``) with
-  local files. Streaming is the default, so a 10B-token corpus is never held in memory or copied to Arrow.
-- **Local files are fingerprinted by path, size and mtime**, not content (hashing 30 GB of parquet would
-  take minutes per run): touching a file makes a new cache. That covers ``data.hf.data_files`` and, for
-  ``data.hf.path=<a local folder>``, the files ``datasets`` reads from it. A Hub dataset is identified by its
-  name, configuration, split and ``revision``; pin ``data.hf.revision`` for data that must not change under
-  you.
-- **Each file once.** ``data.hf.data_files`` is resolved here and ``datasets`` is handed the resulting list:
-  a file named twice (a repeated path, overlapping globs, a link) is read once, and empty files, which
-  hold no documents (and which the json reader fails on), are left out.
-- **Documents are strings.** A record whose text field holds a number, a list, an object, a boolean or null
-  is refused, naming its file and line (JSON lines) or row (parquet), never turned into text; so is a line
-  that is not JSON, named by its real line number (pyarrow's "row N" counts within a block of the file).
-  ``gptmini.data.hf_records`` checks the local files before reading and locates a bad record.
+- ``data.hf.path/name/split/data_files/revision`` go to ``datasets.load_dataset`` as they are, streaming by
+  default, so a 10B-token corpus is never held in memory or copied to Arrow.
+- Local files are fingerprinted by path, size and mtime, not content (hashing 30 GB of parquet would take
+  minutes per run); a Hub dataset by name, configuration, split and ``revision``.
+- ``data.hf.data_files`` is resolved here and ``datasets`` is handed the list, so what is read is what is
+  keyed: a file named twice is read once, and empty files (which the json reader fails on) are left out.
+- Every document must be a string: ``hf_records`` checks the local files before ``datasets`` can turn a
+  number or an object into text, and names a bad record by its file and line or row.
 """
 
 from __future__ import annotations
@@ -38,7 +29,7 @@ from typing import Any
 
 from gptmini.common import GptMiniError
 from gptmini.data import hf_records
-from gptmini.data.corpus import HFConfig
+from gptmini.data.corpus import HFConfig, each_once, some_paths
 
 # Local builders whose data_files are read from this machine.
 LOCAL_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
@@ -83,7 +74,7 @@ def local_files(hf: HFConfig) -> list[Path]:
         return []
     patterns = _patterns(hf.data_files)
     if not patterns and hf.path not in LOCAL_BUILDERS:
-        return _each_once(_inferred_files(hf, base))
+        return each_once(_inferred_files(hf, base))[0]
     files = []
     for pattern in patterns:
         if "://" in pattern:
@@ -94,19 +85,7 @@ def local_files(hf: HFConfig) -> list[Path]:
         if not matches:
             raise GptMiniError(f"data.hf.data_files={pattern!r} matches no files; check the path or pattern.")
         files += matches
-    return _each_once(files)
-
-
-def _each_once(files: list[Path]) -> list[Path]:
-    """``files`` without repeats: a file named again (by the same path, another pattern or a link) is dropped,
-    so its documents are not read twice."""
-    seen, kept = set(), []
-    for path in files:
-        stat = path.stat()
-        if (stat.st_dev, stat.st_ino) not in seen:
-            seen.add((stat.st_dev, stat.st_ino))
-            kept.append(path)
-    return kept
+    return each_once(files)[0]
 
 
 def _inferred_files(hf: HFConfig, folder: Path) -> list[Path]:
@@ -137,11 +116,10 @@ def _check_not_empty(hf: HFConfig) -> None:
     files = local_files(hf)
     remote = [p for p in _patterns(hf.data_files) if "://" in p]
     if files and not remote and all(p.stat().st_size == 0 for p in files):
-        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
         setting = "data.hf.data_files" if hf.data_files is not None else "data.hf.path"
         raise GptMiniError(
-            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({names}); point {setting} at "
-            "files with documents."
+            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({some_paths(files)}); point "
+            f"{setting} at files with documents."
         )
 
 
@@ -196,7 +174,7 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
     """
     datasets = _import_datasets()
     _check_not_empty(hf)  # also names a pattern matching nothing
-    problem = hf_records.check_files(_reading_order(hf) or [], hf.text_field)
+    problem = hf_records.check_files(_reading_order(hf), hf.text_field)
     if problem:  # before datasets turns it into text (see hf_records)
         raise GptMiniError(problem)
     data_files = _loader_data_files(hf)
@@ -216,7 +194,7 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
                 f"cannot load the dataset {setting}={hf.path!r}: offline and not cached "
                 f"({_first_line(error)}); {offline_hint}."
             ) from None
-        problem = hf_records.find_bad_record(_reading_order(hf) or [], hf.text_field)
+        problem = hf_records.find_bad_record(_reading_order(hf), hf.text_field)
         if problem:  # a bad record in the first block fails already here
             raise GptMiniError(problem) from None
         raise GptMiniError(
@@ -318,23 +296,23 @@ def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -
 
 def _read_failed(hf: HFConfig, error: BaseException) -> str:
     """The message for ``datasets`` failing mid-read: the bad record when one is found, else its own words."""
-    problem = hf_records.find_bad_record(_reading_order(hf) or [], hf.text_field)
+    problem = hf_records.find_bad_record(_reading_order(hf), hf.text_field)
     if problem:
         return problem
     hint = OFFLINE_HINT if _is_offline(error) else "check the files, or run again to resume"
     return f"reading {describe(hf)} failed: {_first_line(error)}; {hint}."
 
 
-def _reading_order(hf: HFConfig) -> list[Path] | None:
-    """The local files in the order ``datasets`` reads them; None when that is not known (remote files)."""
+def _reading_order(hf: HFConfig) -> list[Path]:
+    """The local files in the order ``datasets`` reads them; [] when that is not known (remote files)."""
     if _local_base(hf) is None or any("://" in p for p in _patterns(hf.data_files)):
-        return None
+        return []
     return [p for p in local_files(hf) if p.stat().st_size > 0]
 
 
 def _where(hf: HFConfig, index: int) -> str:
     """Where document ``index`` (from 0, in reading order) is: its file and line or row, else its number."""
-    found = hf_records.locate(_reading_order(hf) or [], index)
+    found = hf_records.locate(_reading_order(hf), index)
     return found or f"document {index + 1} (counting from 1 in reading order) of {describe(hf)}"
 
 
