@@ -410,10 +410,12 @@ def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -
         batch_resume, futures = in_flight.popleft()
         for split, future, nbytes, documents in futures:
             tokens = future.result()
+            if full(split):  # submitted before its share of data.max_tokens was complete
+                continue
             room = len(tokens) if caps[split] is None else caps[split] - writers[split].tokens
             if room < len(tokens):  # data.max_tokens: keep exactly the split's share
-                nbytes = round(nbytes * max(room, 0) / len(tokens))  # bytes of the part kept, for bits/byte
-                tokens = tokens[: max(room, 0)]
+                nbytes = round(nbytes * room / len(tokens))  # bytes of the part kept, for bits/byte
+                tokens = tokens[:room]
             writers[split].append(tokens, nbytes, documents)
             progress.update(len(tokens))
         finished = any(w.finished_since_commit for w in writers.values())
