@@ -199,11 +199,11 @@ def test_an_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, 
     }
     assert finished
     starts = []
-    original_iter = hf_source.iter_text_batches
+    original_iter = hf_source.iter_documents
     monkeypatch.setattr(
         hf_source,
-        "iter_text_batches",
-        lambda ds, hf, start, n: starts.append(start) or original_iter(ds, hf, start, n),
+        "iter_documents",
+        lambda ds, hf, start: starts.append(start) or original_iter(ds, hf, start),
     )
     cache = open_cache(prepare_cache(data, GPT2))
     assert starts == [state["next_doc"]]  # reading resumed where the state says, not at document 0
@@ -484,12 +484,12 @@ from gptmini.data.corpus import DataConfig
 from gptmini.data.token_cache import prepare_cache
 from gptmini.data.tokenizer import TokenizerConfig
 shards.BATCH_DOCS, shards.COMMIT_EVERY_S = 8, 0.0
-original = hf_source.iter_text_batches
+original = hf_source.iter_documents
 def slow(*args):
-    for batch in original(*args):
-        time.sleep(0.05)
-        yield batch
-hf_source.iter_text_batches = slow
+    for document in original(*args):
+        time.sleep(0.006)
+        yield document
+hf_source.iter_documents = slow
 data = DataConfig(name="hf", hf={{"path": "json", "data_files": {str(files)!r}}}, shard_tokens=200,
                   val_fraction=0.2, cache_dir={str(tmp_path / "cache")!r})
 prepare_cache(data, TokenizerConfig(name="gpt2"))

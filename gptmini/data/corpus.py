@@ -1,15 +1,12 @@
-"""Corpora: find, download and verify the text a run trains on, and read it as train/val pieces.
+"""Corpora: find, download and verify the text a run trains on, and read it in pieces; the data settings.
 
 One concern: which files are the corpus, and their text as a source of the cache writer
-(``gptmini.data.shards``, which also decides the validation split, one rule for every corpus). Imports only
-``gptmini.common``; it knows nothing about tokenizers, caches, models or training (and must not import
-``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``).
+(``gptmini.data.shards``, which decides the validation split for every source). Imports only
+``gptmini.common``; knows nothing of tokenizers, caches, models or training. Decisions worth knowing:
 
-Decisions worth knowing:
-
-- **Documents.** A corpus is a sorted list of files, one document per file. A directory or glob never
-  follows links to directories (a link to a parent folder would pull the same text in again and again) and
-  lists a file reached by two paths (a file link, a hard link) once, so no text is counted twice.
+- **Documents.** A corpus is a sorted list of files, one document each. A directory or glob never follows
+  links to directories (a link to a parent folder would pull the same text in again and again) and lists a
+  file reached by two paths (a file link, a hard link) once, so no text is counted twice.
 - **Decoding.** Text is read in blocks and handed out in pieces cut where every tiktoken split pattern cuts
   anyway, so memory stays flat and the tokens equal those of the whole text. Bytes that are not UTF-8 become
   U+FFFD and are counted (``InvalidUtf8Counter``), never silently dropped.
@@ -91,7 +88,8 @@ class HFConfig:
             raise GptMiniError(f"data.hf.text_field={self.text_field!r} must name a column; try text.")
 
 
-# Tokens per shard file of a sharded cache (data=hf): 2**25 ids = 64 MiB as uint16, ~300 files for 10B tokens.
+# Tokens per shard file of a cache: 2**25 ids = 64 MiB as uint16, ~300 files for 10B tokens (a smaller
+# corpus is one shard).
 DEFAULT_SHARD_TOKENS = 2**25
 
 
@@ -124,7 +122,7 @@ class DataConfig:
     """hf only: keep this many tokens, train and validation shared by val_fraction; null = all."""
 
     shard_tokens: int = DEFAULT_SHARD_TOKENS
-    """hf only: tokens per shard file of the cache."""
+    """Tokens per shard file of the cache (a smaller corpus is a one-shard cache)."""
 
     def __post_init__(self) -> None:
         if self.name not in CORPORA:

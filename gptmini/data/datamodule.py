@@ -152,31 +152,24 @@ class TextDataModule(L.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _loader_kwargs(self) -> dict:
-        workers = self.data_config.num_workers
-        return {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
+        workers, pin = self.data_config.num_workers, torch.cuda.is_available()
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         """Whole batches from an endless stream that starts after the batches already consumed."""
-        batches = TrainBatches(
-            self.cache.token_files("train"),
-            self.cache.meta["dtype"],
-            self.block_size,
-            self.data_config.batch_size,
-            self.seed,
-            self._rank(),
-            self.batches_consumed,
-        )
-        return DataLoader(batches, batch_size=None, **self._loader_kwargs())
+        files, dtype = self.cache.token_files("train"), self.cache.meta["dtype"]
+        size, start = self.data_config.batch_size, self.batches_consumed
+        batches = TrainBatches(files, dtype, self.block_size, size, self.seed, self._rank(), start)
+        return self._loader(batches, None)
 
     def val_dataloader(self) -> DataLoader:
         """The validation windows in order (the same every time)."""
         meta = self.cache.meta
-        files = self.cache.token_files("val")
-        windows = ValWindows(files, meta["dtype"], meta["val_tokens"], self.block_size)
-        return DataLoader(
-            windows, batch_size=self.data_config.batch_size, shuffle=False, **self._loader_kwargs()
+        windows = ValWindows(
+            self.cache.token_files("val"), meta["dtype"], meta["val_tokens"], self.block_size
         )
+        return self._loader(windows, self.data_config.batch_size)
 
     @property
     def batches_consumed(self) -> int:

@@ -31,6 +31,8 @@ from gptmini.common import GptMiniError
 from gptmini.data import hf_records
 from gptmini.data.corpus import HFConfig, each_once, some_paths
 
+# Records per read from datasets (converted to Python together).
+BATCH_DOCS = 512
 # Local builders whose data_files are read from this machine.
 LOCAL_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
 OFFLINE_HINT = (
@@ -232,10 +234,8 @@ def _offline_unless_reachable(hf: HFConfig) -> Iterator[None]:
     import datasets
     from huggingface_hub import constants
 
-    if hf.path in LOCAL_BUILDERS or Path(hf.path).exists() or datasets.config.HF_HUB_OFFLINE:
-        yield
-        return
-    if _hub_reachable():
+    local = hf.path in LOCAL_BUILDERS or Path(hf.path).exists()
+    if local or datasets.config.HF_HUB_OFFLINE or _hub_reachable():
         yield
         return
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
@@ -261,8 +261,8 @@ def known_documents(dataset: Any, hf: HFConfig) -> int | None:
     return None
 
 
-def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -> Iterator[list[str]]:
-    """Lists of up to ``batch_docs`` document texts, in order, from document ``start`` on.
+def iter_documents(dataset: Any, hf: HFConfig, start: int) -> Iterator[str]:
+    """The document texts, in order, from document ``start`` on (read in batches of BATCH_DOCS).
 
     Raises GptMiniError when ``data.hf.text_field`` is not a column (naming the columns there are), or when
     the source fails while being read (a bad file, a lost connection).
@@ -271,7 +271,7 @@ def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -
         dataset = dataset.select_columns([hf.text_field])  # other columns are never converted to Python
     if start:
         dataset = dataset.skip(start)
-    batches = dataset.iter(batch_size=batch_docs)
+    batches = dataset.iter(batch_size=BATCH_DOCS)
     index = start  # of the batch's first document, in reading order
     while True:
         try:
@@ -291,7 +291,7 @@ def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -
                 problem = hf_records.not_text(hf.text_field, text)
                 raise GptMiniError(f"{_where(hf, index + offset)}: {problem}")
         index += len(texts)
-        yield texts
+        yield from texts
 
 
 def _read_failed(hf: HFConfig, error: BaseException) -> str:
@@ -341,5 +341,4 @@ class HFSource:
 
     def items(self, start: int) -> Iterator[tuple[bool, str]]:
         """``(True, text)`` for each document from document ``start`` on."""
-        for texts in iter_text_batches(self.dataset, self.hf, start, 512):
-            yield from ((True, text) for text in texts)
+        return ((True, text) for text in iter_documents(self.dataset, self.hf, start))

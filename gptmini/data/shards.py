@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -332,38 +331,15 @@ def _encode(enc: tiktoken.Encoding, items: list[tuple[bool, str]]) -> np.ndarray
     return np.concatenate(parts) if parts else np.empty(0, np.uint32)
 
 
-class Progress:
-    """A tqdm bar in tokens with tokens/s and an ETA. The total is ``data.max_tokens``, or extrapolated from
-    the documents the source says it has, or from its local files' size (text bytes read against file bytes:
-    jsonl's quoting makes that a slight overestimate)."""
-
-    def __init__(self, source, data, writers: dict[str, ShardWriter]):
-        self.writers, self.max_tokens = writers, data.max_tokens
-        self.documents, self.file_bytes = source.documents(), source.file_bytes
-        done = sum(w.tokens for w in writers.values())
-        desc = f"tokenizing {source.folder}"
-        self.bar = tqdm(
-            total=self.max_tokens,
-            initial=done,
-            desc=desc,
-            unit="tok",
-            unit_scale=True,
-            file=sys.stderr,
-            delay=2,
-        )
-
-    def update(self, tokens: int) -> None:
-        done, documents, nbytes = (
-            sum(getattr(w, a) for w in self.writers.values()) for a in ("tokens", "documents", "bytes")
-        )
-        total = self.max_tokens
-        if total is None and self.documents and documents:
-            total = int(done / documents * self.documents)
-        elif total is None and self.file_bytes and nbytes:
-            total = int(done / nbytes * self.file_bytes)
-        if total and total != self.bar.total:
-            self.bar.total = max(total, done)
-        self.bar.update(tokens)
+def _estimate(known_documents: int | None, file_bytes: int, writers: dict[str, ShardWriter]) -> int | None:
+    """The build's total tokens, extrapolated from the documents the source says it has, or else from its
+    local files' size (text bytes read against file bytes: jsonl's quoting makes it a slight overestimate)."""
+    done, documents, nbytes = (
+        sum(getattr(w, k) for w in writers.values()) for k in ("tokens", "documents", "bytes")
+    )
+    if known_documents and documents:
+        return int(done / documents * known_documents)
+    return int(done / nbytes * file_bytes) if file_bytes and nbytes else None
 
 
 def _write_progress(folder: Path, resume: tuple[int, int], writers: dict[str, ShardWriter], key: str) -> None:
@@ -396,9 +372,9 @@ def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -
     resume = (state["next_doc"], state.get("block_bytes", 0))
     if resume[0]:
         say(f"resuming the interrupted build in {folder} at document {resume[0]}")
-    threads, caps = encode_threads(), _caps(data)
+    threads, caps, known_documents = encode_threads(), _caps(data), source.documents()
     writers: dict[str, ShardWriter] = {}
-    progress: Progress | None = None
+    progress = None  # a tqdm bar in tokens with tokens/s and an ETA
     last_commit = time.monotonic()
     in_flight: deque = deque()  # (resume point, [(split, future, nbytes, documents)]) in reading order
 
@@ -417,6 +393,9 @@ def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -
                 nbytes = round(nbytes * room / len(tokens))  # bytes of the part kept, for bits/byte
                 tokens = tokens[:room]
             writers[split].append(tokens, nbytes, documents)
+            total = data.max_tokens or _estimate(known_documents, source.file_bytes, writers)
+            if total and total != progress.total:
+                progress.total = max(total, sum(w.tokens for w in writers.values()))
             progress.update(len(tokens))
         finished = any(w.finished_since_commit for w in writers.values())
         if finished or time.monotonic() - last_commit > COMMIT_EVERY_S:
@@ -429,7 +408,9 @@ def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -
             writers[split] = ShardWriter(
                 folder, split, data.shard_tokens, token_dtype(enc.n_vocab), state["splits"].get(split)
             )
-        progress = Progress(source, data, writers)
+        done = sum(w.tokens for w in writers.values())
+        desc = f"tokenizing {source.folder}"
+        progress = tqdm(total=data.max_tokens, initial=done, desc=desc, unit="tok", unit_scale=True, delay=2)
         with ThreadPoolExecutor(threads) as pool:
             for batch in _batches(split_items(source.items(resume[0]), data.val_fraction, *resume)):
                 futures = []
@@ -453,7 +434,7 @@ def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -
         raise
     finally:
         if progress is not None:
-            progress.bar.close()
+            progress.close()
     counts: dict = {"shards": {}, "dtype": np.dtype(token_dtype(enc.n_vocab)).name}
     for split, writer in writers.items():
         writer.close(finish=True)

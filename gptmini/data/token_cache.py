@@ -54,16 +54,13 @@ def _check_encoding(encoding: tiktoken.Encoding) -> None:
 def prepare_cache(
     data: DataConfig, tokenizer: TokenizerConfig, encoding: tiktoken.Encoding | None = None
 ) -> Path:
-    """Tokenize the corpus unless a cache for the same contents and settings exists; return its folder.
+    """Tokenize the corpus ``data`` unless a cache of the same contents and settings exists; return its
+    folder.
 
-    Args:
-        data: the corpus (and where caches go).
-        tokenizer: the tokenizer settings: a BPE is trained on the training split, a named one loaded.
-        encoding: tokenize with exactly this tokenizer instead (e.g. the one a checkpoint carries, to
-            fine-tune on new text); ``tokenizer`` is then ignored and no BPE is trained.
-
-    Raises GptMiniError for a bad corpus or an unwritable or full cache directory; KeyboardInterrupt
-    propagates. Either way no partial cache is left behind.
+    ``tokenizer``: a BPE is trained on the training split, a named one loaded; or ``encoding`` is used exactly
+    instead (e.g. a checkpoint's, to fine-tune on new text), and no BPE is trained. Raises GptMiniError for a
+    bad corpus or an unwritable or full cache directory; KeyboardInterrupt propagates. Either way no partial
+    cache is left behind (an interrupted build resumes next time).
     """
     data = as_config(data, DataConfig, "data")
     tokenizer = as_config(tokenizer, TokenizerConfig, "tokenizer")

@@ -1,13 +1,9 @@
 """Tokenizers: every one is a ``tiktoken.Encoding`` with ``<|endoftext|>`` as its only special token.
 
-Two kinds:
-
-- a named tiktoken encoding (``gpt2``, ``cl100k_base``, ...), loaded with tiktoken's own download and cache;
-- ``bpe``: a byte-level BPE trained with rustbpe on the training text, saved in tiktoken's text format
-  (``<base64 token> <rank>`` per line) and run by tiktoken.
-
-A tokenizer travels inside checkpoints as a *spec*: a dict of plain str/int values that
-``torch.load(weights_only=True)`` accepts, turned back into an encoding by ``tokenizer_from_spec``.
+Two kinds: a named tiktoken encoding (``gpt2``, ``cl100k_base``, ...), loaded with tiktoken's own download
+and cache; or ``bpe``, a byte-level BPE trained with rustbpe on the training text, saved in tiktoken's text
+format (``<base64 token> <rank>`` per line) and run by tiktoken. A tokenizer travels inside checkpoints as a
+*spec*: plain str/int values that ``torch.load(weights_only=True)`` accepts (``tokenizer_from_spec``).
 
 One concern: making, saving and loading tokenizers. Imports only ``gptmini.common`` (never
 ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``), so checkpoints and generation can use it.
@@ -159,11 +155,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
     return _make_bpe(_bpe_name(vocab_size, pattern), trainer.get_pattern(), ranks)
 
 
-class _WarningsOnly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
-
-
 @contextlib.contextmanager
 def _quiet_rustbpe() -> Iterator[None]:
     """Drop rustbpe's INFO lines (one per 1% of the merges) while it trains; its warnings still show.
@@ -172,7 +163,8 @@ def _quiet_rustbpe() -> Iterator[None]:
     logging every training printed ~100 progress lines. A filter on that logger drops the records whatever
     levels the user configured; the caller reports the training in one line instead.
     """
-    logger, quiet = logging.getLogger("rustbpe"), _WarningsOnly()
+    logger = logging.getLogger("rustbpe")
+    quiet = lambda record: record.levelno >= logging.WARNING  # a logging filter may be any callable
     logger.addFilter(quiet)
     try:
         yield
@@ -182,15 +174,8 @@ def _quiet_rustbpe() -> Iterator[None]:
 
 def _ranks_to_text(ranks: dict[bytes, int]) -> str:
     """tiktoken's text format: one ``<base64 token> <rank>`` line per token, by rank."""
-    lines = [
-        f"{base64.b64encode(token).decode('ascii')} {rank}"
-        for token, rank in sorted(ranks.items(), key=_by_rank)
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _by_rank(item: tuple[bytes, int]) -> int:
-    return item[1]
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank)
 
 
 def _ranks_from_text(text: str) -> dict[bytes, int]:
