@@ -9,7 +9,7 @@ One concern: which files are the corpus, and their text as a source of the cache
   file reached by two paths (a file link, a hard link) once, so no text is counted twice.
 - **Decoding.** Text is read in blocks and handed out in pieces cut where every tiktoken split pattern cuts
   anyway, so memory stays flat and the tokens equal those of the whole text. Bytes that are not UTF-8 become
-  U+FFFD and are counted (``InvalidUtf8Counter``), never silently dropped.
+  U+FFFD and are counted (``TextSource.invalid_utf8_bytes``), never silently dropped.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 import sysconfig
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,14 +142,13 @@ class DataConfig:
                 "data=hf needs data.hf.path: a Hub dataset (data.hf.path=HuggingFaceFW/fineweb-edu) or a "
                 "builder with local files (data.hf.path=json data.hf.data_files=corpus/*.jsonl)."
             )
-        if self.max_tokens is not None:
-            if self.name != "hf":
-                raise GptMiniError(
-                    f"data.max_tokens={self.max_tokens} only applies to data=hf; leave it null for "
-                    f"data={self.name} (cut the text itself instead)."
-                )
-            if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-                raise GptMiniError(f"data.max_tokens={self.max_tokens!r} must be an integer >= 1, or null.")
+        if self.max_tokens is not None and self.name != "hf":
+            raise GptMiniError(
+                f"data.max_tokens={self.max_tokens} only applies to data=hf; leave it null for "
+                f"data={self.name} (cut the text itself instead)."
+            )
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise GptMiniError(f"data.max_tokens={self.max_tokens!r} must be an integer >= 1, or null.")
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             raise GptMiniError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer.")
 
@@ -378,29 +377,14 @@ def fingerprint(files: list[Path]) -> str:
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
-class InvalidUtf8Counter:
-    """Counts the bytes that were not valid UTF-8 in one pass over a corpus (one counter per pass)."""
-
-    def __init__(self) -> None:
-        self.bytes_replaced = 0
-
-    def clean(self, text: str) -> str:
-        """``text`` with each undecodable byte (a lone surrogate) replaced by U+FFFD, counted."""
-        if not _ESCAPED_BYTE.search(text):
-            return text
-        text, replaced = _ESCAPED_BYTE.subn("\ufffd", text)
-        self.bytes_replaced += replaced
-        return text
-
-
-def read_pieces(path: Path, invalid: InvalidUtf8Counter) -> Iterator[str]:
+def read_pieces(path: Path, clean: Callable[[str], str]) -> Iterator[str]:
     """The text of a file in pieces of about PIECE_CHARS, cut at safe points (so memory stays flat and the
-    tokens equal those of the whole text)."""
+    tokens equal those of the whole text); ``clean`` gets the decoded text first (``TextSource._clean``)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     buffer = ""
     with open(path, "rb") as f:
         while block := f.read(READ_BLOCK_BYTES):
-            buffer += invalid.clean(decoder.decode(block))
+            buffer += clean(decoder.decode(block))
             while len(buffer) > PIECE_CHARS:
                 match = _SAFE_CUT.search(buffer, PIECE_CHARS)
                 if match:
@@ -412,7 +396,7 @@ def read_pieces(path: Path, invalid: InvalidUtf8Counter) -> Iterator[str]:
                     break  # wait for more text to find a safe cut
                 yield buffer[:cut]
                 buffer = buffer[cut:]
-    buffer += invalid.clean(decoder.decode(b"", final=True))
+    buffer += clean(decoder.decode(b"", final=True))
     if buffer:
         yield buffer
 
@@ -427,7 +411,7 @@ class TextSource:
         self.files, self.folder, self.description = corpus.files, corpus.name, corpus.description
         self.fingerprint = {"corpus": corpus.name, "contents": fingerprint(corpus.files)}
         self.file_bytes = sum(path.stat().st_size for path in corpus.files)
-        self.invalid = InvalidUtf8Counter()
+        self.invalid = 0  # bytes that were not UTF-8, in the last pass over the files
 
     def open(self) -> None:
         """Nothing to load: the files are read as the items go."""
@@ -436,13 +420,20 @@ class TextSource:
         return None  # files differ too much in size for a count to estimate the total; file_bytes does
 
     def invalid_utf8_bytes(self) -> int:
-        return self.invalid.bytes_replaced
+        return self.invalid
+
+    def _clean(self, text: str) -> str:
+        """``text`` with each undecodable byte (a lone surrogate) replaced by U+FFFD, counted."""
+        if _ESCAPED_BYTE.search(text):
+            text, replaced = _ESCAPED_BYTE.subn("\ufffd", text)
+            self.invalid += replaced
+        return text
 
     def items(self, start: int) -> Iterator[tuple[bool, str]]:
         """``(starts_document, text)`` pieces from piece ``start`` on; the pieces skipped are read again
         (decoding is far cheaper than encoding) so the invalid UTF-8 count covers them too."""
-        self.invalid = InvalidUtf8Counter()  # each pass counts afresh
+        self.invalid = 0  # each pass counts afresh
         pieces = (
-            (n == 0, text) for path in self.files for n, text in enumerate(read_pieces(path, self.invalid))
+            (n == 0, text) for path in self.files for n, text in enumerate(read_pieces(path, self._clean))
         )
         return itertools.islice(pieces, start, None)

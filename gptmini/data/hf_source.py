@@ -125,35 +125,12 @@ def _check_not_empty(hf: HFConfig) -> None:
         )
 
 
-def source_fingerprint(hf: HFConfig) -> dict:
-    """What identifies the documents of a source, for the cache key (see the module docstring)."""
-    digest = hashlib.sha256()
-    for path in local_files(hf):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return {
-        "path": hf.path,
-        "name": hf.name,
-        "split": hf.split,
-        "data_files": _patterns(hf.data_files),
-        "revision": hf.revision,
-        "text_field": hf.text_field,
-        "local_files": digest.hexdigest(),
-    }
-
-
 def describe(hf: HFConfig) -> str:
     """A short human description of the source, for logs and meta.json."""
     what = hf.path + (f" ({hf.name})" if hf.name else "")
     if hf.data_files is not None:
         what += f" files {hf.data_files}"
     return f"Hugging Face dataset {what}, split {hf.split}"
-
-
-def folder_name(hf: HFConfig) -> str:
-    """A readable folder name for the source's caches: ``HuggingFaceFW_fineweb-edu_sample-10BT``, ``json``."""
-    name = hf.path + (f"_{hf.name}" if hf.name else "")
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "hf"
 
 
 def _first_line(error: BaseException) -> str:
@@ -323,12 +300,17 @@ class HFSource:
     empty_hint = "check data.hf.text_field and data.hf.split."
 
     def __init__(self, data) -> None:
-        self.hf = data.hf
-        self.folder = f"hf/{folder_name(self.hf)}"
-        self.description = describe(self.hf)
-        self.fingerprint = source_fingerprint(self.hf)
-        self.file_bytes = sum(p.stat().st_size for p in local_files(self.hf))
-        self.dataset = None
+        self.hf, hf, self.dataset = data.hf, data.hf, None
+        # A readable folder for the source's caches: hf/HuggingFaceFW_fineweb-edu_sample-10BT, hf/json.
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{hf.path}_{hf.name or ''}")
+        self.folder = f"hf/{name.strip('._') or 'hf'}"
+        self.description = describe(hf)
+        # What identifies the documents (see the module docstring): the settings, and the local files' stamps.
+        stamps = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n" for p in local_files(hf)]
+        settings = {key: getattr(hf, key) for key in ("path", "name", "split", "revision", "text_field")}
+        local = hashlib.sha256("".join(stamps).encode()).hexdigest()
+        self.fingerprint = {**settings, "data_files": _patterns(hf.data_files), "local_files": local}
+        self.file_bytes = sum(p.stat().st_size for p in local_files(hf))
 
     def open(self) -> None:
         self.dataset = load_hf_dataset(self.hf)

@@ -154,13 +154,6 @@ def load_cached_tokenizer(folder: Path, meta: dict | None = None) -> tiktoken.En
     return load_encoding(info["name"])  # its own errors (e.g. offline) are not damage
 
 
-def open_tokens(path: Path, dtype: str) -> np.ndarray:
-    """Memory-map a token file (an empty split gives an empty array: mmap rejects empty files)."""
-    if Path(path).stat().st_size == 0:
-        return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
 class TokenStream:
     """Token files (one path or several, e.g. a split's shards) read as one sequence: ``len``, slices and
     ``gather`` of windows.
@@ -184,9 +177,12 @@ class TokenStream:
         return int(self.offsets[-1])
 
     def part(self, i: int) -> np.ndarray:
-        """File ``i``'s tokens, memory-mapped."""
+        """File ``i``'s tokens, memory-mapped (an empty file is an empty array: mmap rejects empty files)."""
         if i not in self._maps:
-            self._maps[i] = open_tokens(self.paths[i], self.dtype)
+            empty = self.offsets[i] == self.offsets[i + 1]
+            self._maps[i] = (
+                np.empty(0, self.dtype) if empty else np.memmap(self.paths[i], self.dtype, mode="r")
+            )
         return self._maps[i]
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -282,8 +278,9 @@ def open_cache(folder: Path) -> TokenCache:
     cache = TokenCache(folder, meta, tokenizer)
     for split in SPLITS:
         head = None if meta[f"{split}_tokens"] <= ID_CHECK_ALL else SHARD_ID_CHECK  # see the module docstring
-        for path in cache.token_files(split):
-            largest = _largest_id(open_tokens(path, meta["dtype"])[:head])
+        stream = cache.stream(split)
+        for i, path in enumerate(stream.paths):
+            largest = _largest_id(stream.part(i)[:head])
             if largest >= tokenizer.n_vocab:
                 raise _damaged(
                     folder, f"{path.name} holds token id {largest}, the tokenizer has {tokenizer.n_vocab}"
