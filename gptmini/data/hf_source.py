@@ -103,14 +103,13 @@ def _inferred_files(hf: HFConfig, folder: Path) -> list[Path]:
 
 def _loader_data_files(hf: HFConfig) -> dict | None:
     """What ``datasets.load_dataset`` gets as data_files: the resolved local files (each once, empty ones
-    left out) plus any remote patterns, for the split; None when data_files is not set."""
+    left out) plus any remote patterns, for the split (a Hub dataset's: paths in its repository, as they are);
+    None when data_files is not set."""
     patterns = _patterns(hf.data_files)
-    if not patterns:
-        return None
-    if _local_base(hf) is None:
-        return {hf.split: patterns}  # a Hub dataset's own files: paths in its repository
-    remote = [p for p in patterns if "://" in p]
-    return {hf.split: [str(p) for p in local_files(hf) if p.stat().st_size > 0] + remote}
+    if not patterns or _local_base(hf) is None:
+        return {hf.split: patterns} if patterns else None
+    local = [str(p) for p in local_files(hf) if p.stat().st_size > 0]
+    return {hf.split: local + [p for p in patterns if "://" in p]}
 
 
 def _check_not_empty(hf: HFConfig) -> None:

@@ -49,19 +49,6 @@ def valid_names() -> list[str]:
     return ["bpe", *tiktoken.list_encoding_names()]
 
 
-def _check_vocab_size(vocab_size: int) -> None:
-    if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise GptMiniError(
-            f"tokenizer.vocab_size={vocab_size!r} is out of range: a byte-level BPE needs "
-            f"{MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,} (256 bytes + {EOT}); try 4096."
-        )
-
-
-def _check_pattern(pattern: str) -> None:
-    if pattern not in PATTERNS:
-        raise GptMiniError(f"tokenizer.pattern={pattern!r} is unknown; use one of: {', '.join(PATTERNS)}.")
-
-
 @dataclass
 class TokenizerConfig:
     """Which tokenizer to use (the ``tokenizer`` config group)."""
@@ -80,16 +67,22 @@ class TokenizerConfig:
             raise GptMiniError(
                 f"tokenizer.name={self.name!r} is unknown; use one of: {', '.join(valid_names())}."
             )
-        if self.name == "bpe":
-            _check_vocab_size(self.vocab_size)
-            _check_pattern(self.pattern)
+        if self.name != "bpe":
+            return
+        if not isinstance(self.vocab_size, int) or not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise GptMiniError(
+                f"tokenizer.vocab_size={self.vocab_size!r} is out of range: a byte-level BPE needs "
+                f"{MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,} (256 bytes + {EOT}); try 4096."
+            )
+        if self.pattern not in PATTERNS:
+            raise GptMiniError(
+                f"tokenizer.pattern={self.pattern!r} is unknown; use one of: {', '.join(PATTERNS)}."
+            )
 
 
 def tokenizer_id(cfg: TokenizerConfig) -> str:
-    """A short folder name for caches that changes whenever the tokenizer settings do."""
-    if cfg.name == "bpe":
-        return _bpe_name(cfg.vocab_size, cfg.pattern)
-    return cfg.name
+    """A short folder name for caches (and a trained BPE's name) that changes whenever the settings do."""
+    return f"bpe-{cfg.vocab_size}-{cfg.pattern}" if cfg.name == "bpe" else cfg.name
 
 
 def load_encoding(name: str) -> tiktoken.Encoding:
@@ -112,10 +105,6 @@ def load_encoding(name: str) -> tiktoken.Encoding:
     return enc
 
 
-def _bpe_name(vocab_size: int, pattern: str) -> str:
-    return f"bpe-{vocab_size}-{pattern}"
-
-
 def _make_bpe(name: str, pat_str: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
     # The end-of-text token takes the first id after the merges, so ids stay contiguous.
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
@@ -130,8 +119,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
             merges gives a smaller vocabulary (with a warning).
         pattern: "gpt4" or "gpt2", the split pattern.
     """
-    _check_vocab_size(vocab_size)
-    _check_pattern(pattern)
+    name = tokenizer_id(TokenizerConfig("bpe", vocab_size, pattern))  # checks the settings
     import rustbpe  # imported here: only BPE training needs it
 
     trainer = rustbpe.Tokenizer()
@@ -152,7 +140,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
             f"the BPE training text only supported {len(ranks) + 1} tokens of the requested {vocab_size}; "
             "use more text or a smaller tokenizer.vocab_size"
         )
-    return _make_bpe(_bpe_name(vocab_size, pattern), trainer.get_pattern(), ranks)
+    return _make_bpe(name, trainer.get_pattern(), ranks)
 
 
 @contextlib.contextmanager
