@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -162,25 +163,15 @@ def cache_root(data: DataConfig) -> Path:
 # Corpora: each resolves to a sorted list of files, one document per file.
 
 
-@dataclass
-class Corpus:
-    """The files of a corpus, in document order."""
-
-    name: str
-    files: list[Path]
-    description: str
-
-
-def resolve_corpus(data: DataConfig) -> Corpus:
-    """List the files of the configured corpus (downloading Tiny Shakespeare if needed)."""
+def resolve_corpus(data: DataConfig) -> TextSource:
+    """The files of the configured text corpus (downloading Tiny Shakespeare if needed), as a source."""
     if data.name == "pystdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return Corpus("pystdlib", _pystdlib_files(root), f"Python standard library at {root}")
+        return TextSource("pystdlib", _pystdlib_files(root), f"Python standard library at {root}")
     if data.name == "shakespeare":
         path = _shakespeare_file(data)
-        return Corpus("shakespeare", [path], f"Tiny Shakespeare at {path}")
-    files = _text_files(data.path)
-    return Corpus("text", files, f"text files from {data.path}")
+        return TextSource("shakespeare", [path], f"Tiny Shakespeare at {path}")
+    return TextSource("text", _text_files(data.path), f"text files from {data.path}")
 
 
 def _pystdlib_files(root: Path) -> list[Path]:
@@ -402,16 +393,21 @@ def read_pieces(path: Path, clean: Callable[[str], str]) -> Iterator[str]:
 
 
 class TextSource:
-    """A corpus of files as a source of the cache writer (``gptmini.data.shards``): each file a document, read
-    as pieces."""
+    """A text corpus: its ``files`` in document order, each a document read in pieces; a source of the cache
+    writer (``gptmini.data.shards``)."""
 
     empty_hint = None  # an empty corpus is refused before any build (see ``gptmini.data.token_cache``)
 
-    def __init__(self, corpus: Corpus) -> None:
-        self.files, self.folder, self.description = corpus.files, corpus.name, corpus.description
-        self.fingerprint = {"corpus": corpus.name, "contents": fingerprint(corpus.files)}
-        self.file_bytes = sum(path.stat().st_size for path in corpus.files)
+    def __init__(self, name: str, files: list[Path], description: str) -> None:
+        self.name = self.folder = name
+        self.files, self.description = files, description
+        self.file_bytes = sum(path.stat().st_size for path in files)
         self.invalid = 0  # bytes that were not UTF-8, in the last pass over the files
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """What identifies the documents, for the cache key: their contents (hashed when first asked)."""
+        return {"corpus": self.name, "contents": fingerprint(self.files)}
 
     def open(self) -> None:
         """Nothing to load: the files are read as the items go."""

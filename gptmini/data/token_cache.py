@@ -27,7 +27,7 @@ import tiktoken
 
 from gptmini.common import GptMiniError, as_config
 from gptmini.data import shards
-from gptmini.data.corpus import DataConfig, TextSource, cache_root, resolve_corpus
+from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.shards import SPLITS, shard_name, write_cache
 from gptmini.data.tokenizer import EOT, TokenizerConfig, load_bpe, load_encoding, tokenizer_to_spec
 
@@ -76,11 +76,11 @@ def _source(data: DataConfig):
 
         return HFSource(data)
     corpus = resolve_corpus(data)
-    if sum(path.stat().st_size for path in corpus.files) == 0:
+    if corpus.file_bytes == 0:
         raise GptMiniError(
             f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
-    return TextSource(corpus)
+    return corpus
 
 
 # ------------------------------------------------------------------------------------------------------------
