@@ -222,21 +222,6 @@ def _offline_unless_reachable(hf: HFConfig) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
-def known_documents(dataset: Any, hf: HFConfig) -> int | None:
-    """How many documents the split holds, when the dataset or its files say so cheaply; else None."""
-    try:
-        return len(dataset)  # a map-style (not streaming) dataset
-    except TypeError:
-        pass
-    splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
-    if hf.split in splits and splits[hf.split].num_examples:
-        return int(splits[hf.split].num_examples)
-    if hf.path == "parquet":
-        rows = [hf_records.parquet_rows(path) for path in local_files(hf)]
-        return None if None in rows else sum(rows)
-    return None
-
-
 def iter_documents(dataset: Any, hf: HFConfig, start: int) -> Iterator[str]:
     """The document texts, in order, from document ``start`` on (read in batches of BATCH_DOCS).
 
@@ -315,7 +300,18 @@ class HFSource:
         self.dataset = load_hf_dataset(self.hf)
 
     def documents(self) -> int | None:
-        return known_documents(self.dataset, self.hf)
+        """How many documents the split holds, when the dataset or its files say so cheaply; else None."""
+        try:
+            return len(self.dataset)  # a map-style (not streaming) dataset
+        except TypeError:
+            pass
+        splits = getattr(getattr(self.dataset, "info", None), "splits", None) or {}
+        if self.hf.split in splits and splits[self.hf.split].num_examples:
+            return int(splits[self.hf.split].num_examples)
+        if self.hf.path == "parquet":
+            rows = [hf_records.parquet_rows(path) for path in local_files(self.hf)]
+            return None if None in rows else sum(rows)
+        return None
 
     def invalid_utf8_bytes(self) -> int:
         return 0  # datasets refuses text that is not UTF-8 (see hf_records)

@@ -174,16 +174,19 @@ def tokenizer_identity(tok: TokenizerConfig, encoding: tiktoken.Encoding | None)
     return folder, {"spec_sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()}
 
 
-def cache_key(source, data, tokenizer_key: dict) -> str:
-    """The key of a cache: the source, split, cap, shard size, tokenizer and cache version."""
-    settings = {
+def _settings(source, data) -> dict:
+    """What decides a cache's contents besides its tokenizer (its key holds them, and so does meta.json)."""
+    keys = ("val_fraction", "max_tokens", "shard_tokens")
+    return {
         "version": CACHE_VERSION,
-        "source": source.fingerprint,
-        "val_fraction": data.val_fraction,
-        "max_tokens": data.max_tokens,
-        "shard_tokens": data.shard_tokens,
-        "tokenizer": tokenizer_key,
+        "fingerprint": source.fingerprint,
+        **{k: getattr(data, k) for k in keys},
     }
+
+
+def cache_key(source, data, tokenizer_key: dict) -> str:
+    """The key of a cache: the source's contents, split, cap, shard size, cache version and tokenizer."""
+    settings = {**_settings(source, data), "tokenizer": tokenizer_key}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -359,20 +362,15 @@ def _read_progress(folder: Path, key: str) -> dict | None:
     return state if isinstance(state, dict) and state.get("key") == key else None
 
 
-def _caps(data) -> dict[str, int | None]:
-    """The tokens each split may keep: ``data.max_tokens`` shared in the proportion ``data.val_fraction``."""
-    if data.max_tokens is None:
-        return dict.fromkeys(SPLITS)
-    val = round(data.max_tokens * data.val_fraction)
-    return {"train": data.max_tokens - val, "val": val}
-
-
 def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -> dict:
     """Stream the source's items, split, into shard files; return the per-split counts and shard lengths."""
     resume = (state["next_doc"], state.get("block_bytes", 0))
     if resume[0]:
         say(f"resuming the interrupted build in {folder} at document {resume[0]}")
-    threads, caps, known_documents = encode_threads(), _caps(data), source.documents()
+    threads, known_documents = encode_threads(), source.documents()
+    # The tokens each split may keep: data.max_tokens shared in the proportion data.val_fraction.
+    share = None if data.max_tokens is None else round(data.max_tokens * data.val_fraction)
+    caps = dict.fromkeys(SPLITS) if share is None else {"train": data.max_tokens - share, "val": share}
     writers: dict[str, ShardWriter] = {}
     progress = None  # a tqdm bar in tokens with tokens/s and an ETA
     last_commit = time.monotonic()
@@ -486,13 +484,9 @@ def _build(parent: Path, key: str, source, data, tok: TokenizerConfig, encoding)
             )
         invalid = source.invalid_utf8_bytes()
         meta = {
-            "version": CACHE_VERSION,
+            **_settings(source, data),
             "corpus": source.folder,
             "source": source.description,
-            "fingerprint": source.fingerprint,
-            "val_fraction": data.val_fraction,
-            "max_tokens": data.max_tokens,
-            "shard_tokens": data.shard_tokens,
             "tokenizer_id": parent.name,
             "tokenizer": tokenizer,
             "vocab_size": enc.n_vocab,
