@@ -100,28 +100,20 @@ class DataConfig:
 
     name: str = "pystdlib"
     """The corpus: "pystdlib" (the running Python's standard library), "shakespeare", "text" or "hf"."""
-
     path: str | None = None
     """shakespeare: a local copy of input.txt (skips the download); text: a file, directory or glob."""
-
     batch_size: int = 32
     """Sequences per batch."""
-
     val_fraction: float = 0.1
     """Held out for validation: the end of every 32 MiB of text (of all of a smaller corpus; docs/data.md)."""
-
     num_workers: int = 0
     """DataLoader worker processes; 0 loads in the main process (fast enough for memmapped tokens)."""
-
     cache_dir: str | None = None
     """Where token caches and downloads go; default: the repository's data/ folder (not the cwd)."""
-
     hf: HFConfig | None = None
     """data.name=hf: the Hugging Face source (``HFConfig``); unused by the other corpora."""
-
     max_tokens: int | None = None
     """hf only: keep this many tokens, train and validation shared by val_fraction; null = all."""
-
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     """Tokens per shard file of the cache (a smaller corpus is a one-shard cache)."""
 

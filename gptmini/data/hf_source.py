@@ -112,18 +112,6 @@ def _loader_data_files(hf: HFConfig) -> dict | None:
     return {hf.split: local + [p for p in patterns if "://" in p]}
 
 
-def _check_not_empty(hf: HFConfig) -> None:
-    """Refuse a local source whose files hold nothing (``datasets`` would fail with a bare StopIteration)."""
-    files = local_files(hf)
-    remote = [p for p in _patterns(hf.data_files) if "://" in p]
-    if files and not remote and all(p.stat().st_size == 0 for p in files):
-        setting = "data.hf.data_files" if hf.data_files is not None else "data.hf.path"
-        raise GptMiniError(
-            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({some_paths(files)}); point "
-            f"{setting} at files with documents."
-        )
-
-
 def describe(hf: HFConfig) -> str:
     """A short human description of the source, for logs and meta.json."""
     what = hf.path + (f" ({hf.name})" if hf.name else "")
@@ -151,21 +139,22 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
     ``setting`` and ``offline_hint`` word the message for another caller (the HellaSwag reader).
     """
     datasets = _import_datasets()
-    _check_not_empty(hf)  # also names a pattern matching nothing
+    files = local_files(hf)  # also names a pattern matching nothing
+    remote = any("://" in p for p in _patterns(hf.data_files))
+    if files and not remote and all(p.stat().st_size == 0 for p in files):  # datasets: a bare StopIteration
+        setting = "data.hf.data_files" if hf.data_files is not None else "data.hf.path"
+        raise GptMiniError(
+            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({some_paths(files)}); point "
+            f"{setting} at files with documents."
+        )
     problem = hf_records.check_files(_reading_order(hf), hf.text_field)
     if problem:  # before datasets turns it into text (see hf_records)
         raise GptMiniError(problem)
     data_files = _loader_data_files(hf)
     try:
         with _offline_unless_reachable(hf):
-            return datasets.load_dataset(
-                hf.path,
-                name=hf.name,
-                data_files=data_files,
-                split=hf.split,
-                revision=hf.revision,
-                streaming=hf.streaming,
-            )
+            arguments = {key: getattr(hf, key) for key in ("name", "split", "revision", "streaming")}
+            return datasets.load_dataset(hf.path, data_files=data_files, **arguments)
     except Exception as error:  # datasets raises many types (offline, not found, bad split, ...)
         if _is_offline(error):
             raise GptMiniError(

@@ -55,10 +55,8 @@ class TokenizerConfig:
 
     name: str = "bpe"
     """"bpe" (trained on the corpus) or a tiktoken encoding name such as "gpt2" or "cl100k_base"."""
-
     vocab_size: int = 4096
     """bpe only: total vocabulary size, including the <|endoftext|> token."""
-
     pattern: str = "gpt4"
     """bpe only: the pre-tokenization split pattern, "gpt4" or "gpt2"."""
 
