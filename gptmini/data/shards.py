@@ -104,14 +104,14 @@ def split_items(
     held: deque = deque()  # (index, starts_document, text, nbytes) of the block, not yet known to be train
     base = seen = block  # the block's bytes given out, and read
 
-    def flush(cut: float, closing: bool) -> Iterator:
-        """The held items that end by byte ``cut`` of the block, as training text; when the block is closing,
-        all of them, the one across the cut divided at a character boundary."""
+    def close(cut: int) -> Iterator:
+        """The block is complete: every held item, as training text up to byte ``cut`` of the block and
+        validation text after it, the item across the cut divided at a character boundary."""
         nonlocal base, seen
-        while held and (closing or base + held[0][3] <= cut):
+        while held:
             index, starts, text, nbytes = held.popleft()
             if base < cut < base + nbytes:  # across the cut
-                data, at = text.encode(), int(cut) - base
+                data, at = text.encode(), cut - base
                 while at < nbytes and 0x80 <= data[at] < 0xC0:  # never inside a character
                     at += 1
                 parts = [
@@ -122,11 +122,10 @@ def split_items(
             else:
                 parts = [("train" if base + nbytes <= cut else "val", starts, text, nbytes)]
             base += nbytes
-            resume = (index + 1, 0 if closing and not held else base)
+            resume = (index + 1, base if held else 0)
             for n, (split, first, piece, size) in enumerate(parts, start=1):
                 yield split, first, piece, size, resume if n == len(parts) else None
-        if closing:
-            base = seen = 0
+        base = seen = 0
 
     index = start
     for starts, text in items:
@@ -134,10 +133,14 @@ def split_items(
         held.append((index, starts, text, nbytes))
         index, seen = index + 1, seen + nbytes
         if seen >= VAL_BLOCK_BYTES:
-            yield from flush(int(seen * (1 - fraction)), closing=True)
-        else:  # the block ends here or later, so its cut is here or later: this much is training text already
-            yield from flush(seen * (1 - fraction), closing=False)
-    yield from flush(int(seen * (1 - fraction)), closing=True)
+            yield from close(int(seen * (1 - fraction)))
+            continue
+        cut = seen * (1 - fraction)  # the block ends here or later, so its cut is here or later:
+        while held and base + held[0][3] <= cut:  # what ends before it is training text already
+            done, first, piece, size = held.popleft()
+            base += size
+            yield "train", first, piece, size, (done + 1, base)
+    yield from close(int(seen * (1 - fraction)))
 
 
 def _batches(items: Iterator) -> Iterator[list]:
