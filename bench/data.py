@@ -85,7 +85,6 @@ def measure(
 ) -> dict:
     """Everything for one corpus, in this (child) process; throughputs are the best of ``repeats`` runs."""
     import gptmini.data as data
-    from gptmini.data.corpus import TextSource
     from gptmini.data.shards import _train_tokenizer, encode_threads, write_cache
     from gptmini.data.tokenizer import TokenizerConfig, load_encoding
 
@@ -112,8 +111,9 @@ def measure(
 
     # The parts on their own: the same calls prepare_cache makes.
     start = time.perf_counter()
-    source = TextSource(resolved, cfg.val_fraction)
-    enc = _train_tokenizer(source, TokenizerConfig(vocab_size=vocab_size))
+    source = resolved
+    assert source.fingerprint  # the contents hash, outside the writer's timing below (as prepare_cache does)
+    enc = _train_tokenizer(source, cfg, TokenizerConfig(vocab_size=vocab_size))
     out["bpe_train_s"] = time.perf_counter() - start
     encodings = {"bpe": enc}
     if with_gpt2:

@@ -1,5 +1,6 @@
-"""data=hf: local jsonl/parquet through datasets, the validation split by documents, sharded caches (resume
-after an interruption included), the DataModule across shards, and bad input. Hub tests skip offline."""
+"""data=hf: local jsonl/parquet through datasets, the validation split (the one rule, over a stream),
+sharded caches (resume after an interruption included), the DataModule across shards, and bad input. Hub
+tests skip offline."""
 
 import json
 import os
@@ -43,12 +44,24 @@ def hf_data(tmp_path, files, **kwargs) -> DataConfig:
     return DataConfig(name="hf", hf=hf, cache_dir=str(tmp_path / "cache"), **kwargs)
 
 
-def expected_split(enc, texts, val_fraction=0.2, seed=1337):
-    """What the cache must hold: <|endoftext|> + tokens per document, each split's by the seeded mask."""
-    mask = hf_source.val_mask(0, len(texts), val_fraction, seed)
-    out = {"train": [], "val": []}
-    for text, is_val in zip(texts, mask, strict=True):
-        out["val" if is_val else "train"] += [enc.eot_token, *enc.encode_ordinary(text)]
+def expected_split(enc, texts, val_fraction=0.2):
+    """What the cache must hold for a source smaller than one block: the last val_fraction of its text bytes
+    is validation, and every document is preceded by <|endoftext|> (none where the cut falls)."""
+    cut = int(sum(len(t.encode()) for t in texts) * (1 - val_fraction))
+    out, offset = {"train": [], "val": []}, 0
+    for text in texts:
+        data = text.encode()
+        if offset + len(data) <= cut:
+            out["train"] += [enc.eot_token, *enc.encode_ordinary(text)]
+        elif offset >= cut:
+            out["val"] += [enc.eot_token, *enc.encode_ordinary(text)]
+        else:
+            at = cut - offset
+            while 0x80 <= data[at] < 0xC0:  # at the next character
+                at += 1
+            out["train"] += [enc.eot_token, *enc.encode_ordinary(data[:at].decode())]
+            out["val"] += enc.encode_ordinary(data[at:].decode())
+        offset += len(data)
     return out
 
 
@@ -60,28 +73,27 @@ def _gpt2(gpt2_available):
 # --- reading local files ---
 
 
-def test_local_jsonl_tokenized_into_shards_by_documents(tmp_path):
+def test_local_jsonl_tokenized_into_shards_with_the_one_split_rule(tmp_path):
     texts = documents()
     data = hf_data(tmp_path, write_jsonl(tmp_path / "c" / "a.jsonl", texts))
     cache = open_cache(prepare_cache(data, GPT2))
     expected = expected_split(cache.tokenizer, texts)
     meta = cache.meta
-    assert meta["val_split"] == "documents" and meta["train_documents"] + meta["val_documents"] == len(texts)
+    assert meta["train_documents"] + meta["val_documents"] == len(texts)
     for split in ("train", "val"):
         assert cache.stream(split)[:].tolist() == expected[split]
         lengths = meta["shards"][split]
         assert all(n == 200 for n in lengths[:-1]) and 0 < lengths[-1] <= 200 and len(lengths) >= 2
         assert [p.stat().st_size for p in cache.token_files(split)] == [2 * n for n in lengths]
-    assert meta["train_bytes"] == sum(
-        len(t.encode()) for t, v in zip(texts, hf_source.val_mask(0, 120, 0.2, 1337), strict=True) if not v
-    )
+    assert meta["train_bytes"] + meta["val_bytes"] == sum(len(t.encode()) for t in texts)
+    assert 0 <= meta["train_bytes"] - int(sum(len(t.encode()) for t in texts) * 0.8) <= 3  # a character
     # Prepared again: the same folder, nothing rebuilt.
     assert prepare_cache(data, GPT2) == cache.folder
 
 
 def test_an_imported_gpt2s_tokenizer_finds_the_tokenizer_gpt2_cache(tmp_path):
-    from gptmini.weights import GPT2_TOKENIZER
     from gptmini.data.tokenizer import tokenizer_from_spec
+    from gptmini.weights import GPT2_TOKENIZER
 
     data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)))
     folder = prepare_cache(data, GPT2)
@@ -103,20 +115,29 @@ def test_parquet_gives_the_same_tokens_as_jsonl(tmp_path):
         assert a.stream(split)[:].tolist() == b.stream(split)[:].tolist()
 
 
-def test_validation_documents_are_fixed_by_the_seed(tmp_path):
-    mask = hf_source.val_mask(0, 10_000, 0.1, 7)
-    assert np.array_equal(mask, hf_source.val_mask(0, 10_000, 0.1, 7))
-    assert not np.array_equal(mask, hf_source.val_mask(0, 10_000, 0.1, 8))
-    assert 0.08 < mask.mean() < 0.12
-    # Any window of the index range gives the same answer as the whole: it depends on the index alone.
-    assert np.array_equal(hf_source.val_mask(4000, 300, 0.1, 7), mask[4000:4300])
-    assert not hf_source.val_mask(0, 100, 0.0, 7).any()
+def test_a_stream_longer_than_a_block_holds_out_the_tail_of_every_block(tmp_path, monkeypatch):
+    # The rule needs no length in advance: each block (closed by the document that reaches its size) is split
+    # on its own, so validation text comes from all over the stream.
+    monkeypatch.setattr(shards_mod, "VAL_BLOCK_BYTES", 1500)
+    texts = documents(300)
+    cache = open_cache(prepare_cache(hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", texts)), GPT2))
+    expected, block, size = {"train": [], "val": []}, [], 0
+    for i, text in enumerate(texts):
+        block.append(text)
+        size += len(text.encode())
+        if size >= 1500 or i == len(texts) - 1:
+            for split, tokens in expected_split(cache.tokenizer, block).items():
+                expected[split] += tokens
+            block, size = [], 0
+    for split in ("train", "val"):
+        assert cache.stream(split)[:].tolist() == expected[split]
+    assert cache.meta["val_documents"] > 10  # from many blocks, not only the stream's end
 
 
 def test_max_tokens_caps_the_cache_exactly(tmp_path):
     data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents()), max_tokens=555)
     meta = open_cache(prepare_cache(data, GPT2)).meta
-    assert meta["train_tokens"] + meta["val_tokens"] == 555
+    assert (meta["train_tokens"], meta["val_tokens"]) == (444, 111)  # shared by data.val_fraction=0.2
 
 
 # --- resume after an interruption ---
@@ -178,11 +199,11 @@ def test_an_interrupted_build_resumes_without_redoing_finished_shards(tmp_path, 
     }
     assert finished
     starts = []
-    original_iter = hf_source.iter_text_batches
+    original_iter = hf_source.iter_documents
     monkeypatch.setattr(
         hf_source,
-        "iter_text_batches",
-        lambda ds, hf, start, n: starts.append(start) or original_iter(ds, hf, start, n),
+        "iter_documents",
+        lambda ds, hf, start: starts.append(start) or original_iter(ds, hf, start),
     )
     cache = open_cache(prepare_cache(data, GPT2))
     assert starts == [state["next_doc"]]  # reading resumed where the state says, not at document 0
@@ -390,17 +411,18 @@ def test_a_malformed_or_non_utf8_line_is_named_by_its_real_line(tmp_path):
     )
 
 
-def test_a_split_without_validation_documents_is_refused(tmp_path):
-    assert not hf_source.val_mask(0, 20, 0.001, 1337).any()  # no document drawn for validation
-    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)), val_fraction=0.001)
+def test_a_validation_split_too_small_for_one_window_is_refused(tmp_path):
+    data = hf_data(tmp_path, write_jsonl(tmp_path / "a.jsonl", documents(20)), val_fraction=0.0001)
     cache = open_cache(prepare_cache(data, GPT2))
+    assert cache.meta["val_tokens"] < 2
     with pytest.raises(GptMiniError) as info:
         TextDataModule(cache, data, block_size=16)
+    size = cache.meta["train_bytes"] + cache.meta["val_bytes"]
     assert str(info.value) == (
-        f"the validation split of {cache.meta['source']} has 0 token(s), too few for one validation window "
-        "(data.val_fraction=0.001 drew 0 of its 20 documents), so the run would train without a validation "
-        "loss; use more documents, a larger data.val_fraction, or data.val_fraction=0 to train without "
-        "validation."
+        f"the validation split of {cache.meta['source']} has {cache.meta['val_tokens']} token(s), too few "
+        f"for one validation window (data.val_fraction=0.0001 of its {size} bytes), so the run would train "
+        "without a validation loss; use more text, a larger data.val_fraction, or data.val_fraction=0 to "
+        "train without validation."
     )
 
 
@@ -462,12 +484,12 @@ from gptmini.data.corpus import DataConfig
 from gptmini.data.token_cache import prepare_cache
 from gptmini.data.tokenizer import TokenizerConfig
 shards.BATCH_DOCS, shards.COMMIT_EVERY_S = 8, 0.0
-original = hf_source.iter_text_batches
+original = hf_source.iter_documents
 def slow(*args):
-    for batch in original(*args):
-        time.sleep(0.05)
-        yield batch
-hf_source.iter_text_batches = slow
+    for document in original(*args):
+        time.sleep(0.006)
+        yield document
+hf_source.iter_documents = slow
 data = DataConfig(name="hf", hf={{"path": "json", "data_files": {str(files)!r}}}, shard_tokens=200,
                   val_fraction=0.2, cache_dir={str(tmp_path / "cache")!r})
 prepare_cache(data, TokenizerConfig(name="gpt2"))

@@ -78,9 +78,9 @@ def test_patterns_differ():
     assert all(len(gpt4.decode([t])) <= 3 for t in gpt4.encode_ordinary("12345678"))
 
 
-def test_small_text_gives_smaller_vocab_with_warning():
-    with pytest.warns(UserWarning, match="only supported"):
-        enc = train_bpe(["ab ab ab"], vocab_size=1000)
+def test_small_text_gives_smaller_vocab_with_warning(capsys):
+    enc = train_bpe(["ab ab ab"], vocab_size=1000)
+    assert "only supported" in capsys.readouterr().err
     assert enc.n_vocab < 1000
     assert enc.eot_token == enc.n_vocab - 1
 

@@ -2,11 +2,11 @@
 
 One module per concern, each importing only the ones before it:
 
-    corpus       which files are the corpus, the train/val split, reading text in pieces; DataConfig
+    corpus       which files are the corpus, reading their text in pieces (TextSource); DataConfig
     tokenizer    tiktoken encodings and trained BPEs, saved and carried in checkpoints as specs
     hf_records   data=hf: checking that a source's local records are text, and naming a bad one
-    hf_source    data=hf: a Hugging Face datasets source as batches of documents, the seeded val split
-    shards       the one cache writer: any source's documents into shards; key, lock, resume, meta.json
+    hf_source    data=hf: a Hugging Face datasets source as a stream of documents (HFSource)
+    shards       the one cache writer: any source into shards; validation split, key, lock, resume, meta
     token_cache  which cache a run uses (``prepare_cache``), ``open_cache`` (checked), TokenStream
     datamodule   the LightningDataModule over an opened cache: training and validation windows
 

@@ -1,20 +1,15 @@
-"""Corpora: find, download and verify the text a run trains on, and read it as train/val pieces.
+"""Corpora: find, download and verify the text a run trains on, and read it in pieces; the data settings.
 
-One concern: which bytes are the corpus and which of them are validation text. Imports only
-``gptmini.common``; it knows nothing about tokenizers, caches, models or training (and must not import
-``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``).
+One concern: which files are the corpus, and their text as a source of the cache writer
+(``gptmini.data.shards``, which decides the validation split for every source). Imports only
+``gptmini.common``; knows nothing of tokenizers, caches, models or training. Decisions worth knowing:
 
-Decisions worth knowing:
-
-- **Documents.** A corpus is a sorted list of files, one document per file. A directory or glob never
-  follows links to directories (a link to a parent folder would pull the same text in again and again) and
-  lists a file reached by two paths (a file link, a hard link) once, so no text is counted twice.
-- **Split.** The validation split is the last ``val_fraction`` of the corpus by raw bytes, the files
-  concatenated in order; the file that straddles the cut is split at the next character boundary. For a
-  single file this is nanoGPT's ``data[int(n * 0.9):]``, so Tiny Shakespeare validation losses compare.
+- **Documents.** A corpus is a sorted list of files, one document each. A directory or glob never follows
+  links to directories (a link to a parent folder would pull the same text in again and again) and lists a
+  file reached by two paths (a file link, a hard link) once, so no text is counted twice.
 - **Decoding.** Text is read in blocks and handed out in pieces cut where every tiktoken split pattern cuts
   anyway, so memory stays flat and the tokens equal those of the whole text. Bytes that are not UTF-8 become
-  U+FFFD and are counted (``InvalidUtf8Counter``), never silently dropped.
+  U+FFFD and are counted (``TextSource.invalid_utf8_bytes``), never silently dropped.
 """
 
 from __future__ import annotations
@@ -23,15 +18,15 @@ import codecs
 import fnmatch
 import glob
 import hashlib
-import logging
+import itertools
 import os
 import re
 import sysconfig
 import urllib.error
 import urllib.request
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +36,8 @@ from gptmini.common import (
     atomic_write_bytes,
     describe_os_error,
     remove_stale_temp_files,
+    say,
 )
-
-log = logging.getLogger(__name__)
 
 CORPORA = ("pystdlib", "shakespeare", "text", "hf")
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -80,7 +74,7 @@ class HFConfig:
     name: str | None = None
     """The Hub dataset's configuration ("sample-10BT"); null for none."""
     split: str = "train"
-    """The split to read; validation is carved out of it by documents (``data.val_fraction``)."""
+    """The split to read; validation is carved out of it (``data.val_fraction``, docs/data.md)."""
     data_files: Any = None
     """Local files for a builder: a path, a glob ("corpus/*.jsonl") or a list of them."""
     revision: str | None = None
@@ -89,17 +83,14 @@ class HFConfig:
     """The column that holds each document's text."""
     streaming: bool = True
     """Read as a stream (constant memory, no Arrow copy of the corpus); false downloads and converts first."""
-    split_seed: int = 1337
-    """Which documents go to validation: a fixed function of this seed and the document's index."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.text_field, str) or not self.text_field:
             raise GptMiniError(f"data.hf.text_field={self.text_field!r} must name a column; try text.")
-        if not isinstance(self.split_seed, int) or self.split_seed < 0:
-            raise GptMiniError(f"data.hf.split_seed={self.split_seed!r} must be a non-negative integer.")
 
 
-# Tokens per shard file of a sharded cache (data=hf): 2**25 ids = 64 MiB as uint16, ~300 files for 10B tokens.
+# Tokens per shard file of a cache: 2**25 ids = 64 MiB as uint16, ~300 files for 10B tokens (a smaller
+# corpus is one shard).
 DEFAULT_SHARD_TOKENS = 2**25
 
 
@@ -109,30 +100,22 @@ class DataConfig:
 
     name: str = "pystdlib"
     """The corpus: "pystdlib" (the running Python's standard library), "shakespeare", "text" or "hf"."""
-
     path: str | None = None
     """shakespeare: a local copy of input.txt (skips the download); text: a file, directory or glob."""
-
     batch_size: int = 32
     """Sequences per batch."""
-
     val_fraction: float = 0.1
-    """Held out for validation: the last part by bytes (text corpora) or these documents, by seed (hf)."""
-
+    """Held out for validation: the end of every 32 MiB of text (of all of a smaller corpus; docs/data.md)."""
     num_workers: int = 0
     """DataLoader worker processes; 0 loads in the main process (fast enough for memmapped tokens)."""
-
     cache_dir: str | None = None
     """Where token caches and downloads go; default: the repository's data/ folder (not the cwd)."""
-
     hf: HFConfig | None = None
     """data.name=hf: the Hugging Face source (``HFConfig``); unused by the other corpora."""
-
     max_tokens: int | None = None
-    """hf only: stop tokenizing after this many tokens (train and validation together); null = all."""
-
+    """hf only: keep this many tokens, train and validation shared by val_fraction; null = all."""
     shard_tokens: int = DEFAULT_SHARD_TOKENS
-    """hf only: tokens per shard file of the cache."""
+    """Tokens per shard file of the cache (a smaller corpus is a one-shard cache)."""
 
     def __post_init__(self) -> None:
         if self.name not in CORPORA:
@@ -152,14 +135,13 @@ class DataConfig:
                 "data=hf needs data.hf.path: a Hub dataset (data.hf.path=HuggingFaceFW/fineweb-edu) or a "
                 "builder with local files (data.hf.path=json data.hf.data_files=corpus/*.jsonl)."
             )
-        if self.max_tokens is not None:
-            if self.name != "hf":
-                raise GptMiniError(
-                    f"data.max_tokens={self.max_tokens} only applies to data=hf; leave it null for "
-                    f"data={self.name} (cut the text itself instead)."
-                )
-            if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-                raise GptMiniError(f"data.max_tokens={self.max_tokens!r} must be an integer >= 1, or null.")
+        if self.max_tokens is not None and self.name != "hf":
+            raise GptMiniError(
+                f"data.max_tokens={self.max_tokens} only applies to data=hf; leave it null for "
+                f"data={self.name} (cut the text itself instead)."
+            )
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise GptMiniError(f"data.max_tokens={self.max_tokens!r} must be an integer >= 1, or null.")
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             raise GptMiniError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer.")
 
@@ -173,25 +155,15 @@ def cache_root(data: DataConfig) -> Path:
 # Corpora: each resolves to a sorted list of files, one document per file.
 
 
-@dataclass
-class Corpus:
-    """The files of a corpus, in document order."""
-
-    name: str
-    files: list[Path]
-    description: str
-
-
-def resolve_corpus(data: DataConfig) -> Corpus:
-    """List the files of the configured corpus (downloading Tiny Shakespeare if needed)."""
+def resolve_corpus(data: DataConfig) -> TextSource:
+    """The files of the configured text corpus (downloading Tiny Shakespeare if needed), as a source."""
     if data.name == "pystdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        return Corpus("pystdlib", _pystdlib_files(root), f"Python standard library at {root}")
+        return TextSource("pystdlib", _pystdlib_files(root), f"Python standard library at {root}")
     if data.name == "shakespeare":
         path = _shakespeare_file(data)
-        return Corpus("shakespeare", [path], f"Tiny Shakespeare at {path}")
-    files = _text_files(data.path)
-    return Corpus("text", files, f"text files from {data.path}")
+        return TextSource("shakespeare", [path], f"Tiny Shakespeare at {path}")
+    return TextSource("text", _text_files(data.path), f"text files from {data.path}")
 
 
 def _pystdlib_files(root: Path) -> list[Path]:
@@ -221,10 +193,9 @@ def _shakespeare_file(data: DataConfig) -> Path:
             )
         # A modified copy is the user's choice, so it is used; the warning says losses won't compare.
         if _sha256_file(path) != SHAKESPEARE_SHA256:
-            warnings.warn(
+            say(
                 f"{path} is not the reference Tiny Shakespeare (sha256 differs); using it anyway, but its "
-                "validation losses will not compare with published ones",
-                stacklevel=3,
+                "validation losses will not compare with published ones"
             )
         return path
     path = cache_root(data) / "shakespeare" / "input.txt"
@@ -235,7 +206,7 @@ def _shakespeare_file(data: DataConfig) -> Path:
 
 
 def _download_shakespeare(path: Path) -> None:
-    log.info("downloading Tiny Shakespeare from %s", SHAKESPEARE_URL)
+    say(f"downloading Tiny Shakespeare from {SHAKESPEARE_URL}")
     try:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
             content = response.read()
@@ -335,35 +306,35 @@ def _text_files(spec: str) -> list[Path]:
             raise GptMiniError(f"data.path={spec!r} matches no files; check the pattern.")
     else:
         raise GptMiniError(f"data.path={spec!r} does not exist; give a text file, a directory or a glob.")
-    files, binary, again, seen = [], [], [], set()
-    for candidate in sorted(set(candidates), key=lambda p: p.as_posix()):
-        try:
-            stat = candidate.stat()  # follows a link to the file it names
-        except OSError:
-            continue  # a broken link
-        if not candidate.is_file():
-            continue
-        if (stat.st_dev, stat.st_ino) in seen:
-            again.append(candidate)
-            continue
-        seen.add((stat.st_dev, stat.st_ino))
-        (binary if _is_binary(candidate) else files).append(candidate)
+    # is_file() follows a link to the file it names, and is False for a broken link.
+    files, again = each_once([p for p in sorted(set(candidates), key=lambda p: p.as_posix()) if p.is_file()])
+    text, binary = [], []
+    for path in files:
+        (binary if _is_binary(path) else text).append(path)
     if binary:
-        warnings.warn(
-            f"skipped {len(binary)} binary file(s) (NUL bytes) under {spec}: {_some(binary)}", stacklevel=4
-        )
+        say(f"skipped {len(binary)} binary file(s) (NUL bytes) under {spec}: {some_paths(binary)}")
     if again:
-        warnings.warn(
+        say(
             f"skipped {len(again)} file(s) under {spec} that are links to a file already in the corpus: "
-            f"{_some(again)}",
-            stacklevel=4,
+            f"{some_paths(again)}"
         )
-    if not files:
+    if not text:
         raise GptMiniError(f"data.path={spec!r} holds no text files; point it at your text.")
-    return files
+    return text
 
 
-def _some(paths: list[Path]) -> str:
+def each_once(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """``paths`` with each file once (the first path to it), and the others: a file named again (by a link, a
+    second pattern, the same path) would be read twice."""
+    seen, once, again = set(), [], []
+    for path in paths:
+        stat = path.stat()
+        (again if (stat.st_dev, stat.st_ino) in seen else once).append(path)
+        seen.add((stat.st_dev, stat.st_ino))
+    return once, again
+
+
+def some_paths(paths: list[Path]) -> str:
     return ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else "")
 
 
@@ -382,62 +353,21 @@ def fingerprint(files: list[Path]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Reading: decoded text pieces, per split, with invalid UTF-8 replaced and counted.
+# Reading: decoded text pieces, with invalid UTF-8 replaced and counted.
 
 # Undecodable bytes arrive as lone surrogates U+DC80..U+DCFF (Python's "surrogateescape"), one per byte, so a
 # reader can count them before turning each into U+FFFD. Text read from a file never holds such surrogates.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 
 
-class InvalidUtf8Counter:
-    """Counts the bytes that were not valid UTF-8 in one pass over a corpus (see ``iter_pieces``).
-
-    The owner of the pass (the tokenizing run) creates one, hands it to ``iter_pieces`` and reads
-    ``bytes_replaced`` at the end; a second pass with its own counter never adds to the first.
-    """
-
-    def __init__(self) -> None:
-        self.bytes_replaced = 0
-
-    def clean(self, text: str) -> str:
-        """``text`` with each undecodable byte (a lone surrogate) replaced by U+FFFD, counted."""
-        if not _ESCAPED_BYTE.search(text):
-            return text
-        text, replaced = _ESCAPED_BYTE.subn("\ufffd", text)
-        self.bytes_replaced += replaced
-        return text
-
-
-def split_offset(files: list[Path], val_fraction: float) -> int:
-    """The raw byte offset (in the concatenated files) where the validation split starts."""
-    total = sum(path.stat().st_size for path in files)
-    return int(total * (1.0 - val_fraction))
-
-
-def _char_boundary(path: Path, offset: int) -> int:
-    """Move ``offset`` forward past UTF-8 continuation bytes so the cut doesn't split a character."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        head = f.read(4)
-    skip = 0
-    while skip < min(3, len(head)) and 0x80 <= head[skip] < 0xC0:
-        skip += 1
-    return offset + skip
-
-
-def _read_region(path: Path, start: int, end: int, invalid: InvalidUtf8Counter) -> Iterator[str]:
-    """Yield the text of bytes [start, end) of a file in pieces of about PIECE_CHARS, cut at safe points."""
+def read_pieces(path: Path, clean: Callable[[str], str]) -> Iterator[str]:
+    """The text of a file in pieces of about PIECE_CHARS, cut at safe points (so memory stays flat and the
+    tokens equal those of the whole text); ``clean`` gets the decoded text first (``TextSource._clean``)."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     buffer = ""
     with open(path, "rb") as f:
-        f.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            block = f.read(min(READ_BLOCK_BYTES, remaining))
-            if not block:
-                break
-            remaining -= len(block)
-            buffer += invalid.clean(decoder.decode(block))
+        while block := f.read(READ_BLOCK_BYTES):
+            buffer += clean(decoder.decode(block))
             while len(buffer) > PIECE_CHARS:
                 match = _SAFE_CUT.search(buffer, PIECE_CHARS)
                 if match:
@@ -449,71 +379,49 @@ def _read_region(path: Path, start: int, end: int, invalid: InvalidUtf8Counter) 
                     break  # wait for more text to find a safe cut
                 yield buffer[:cut]
                 buffer = buffer[cut:]
-    buffer += invalid.clean(decoder.decode(b"", final=True))
+    buffer += clean(decoder.decode(b"", final=True))
     if buffer:
         yield buffer
 
 
-def iter_pieces(
-    files: list[Path], val_fraction: float, invalid_utf8: InvalidUtf8Counter | None = None
-) -> Iterator[tuple[str, bool, str]]:
-    """Yield ``(split, starts_document, text)`` for the whole corpus, train split first.
-
-    ``starts_document`` is True on the first piece of each file: a separator goes there (not where the
-    validation split cuts a file). Bytes that are not UTF-8 become U+FFFD, counted in ``invalid_utf8`` when
-    one is given.
-    """
-    invalid = InvalidUtf8Counter() if invalid_utf8 is None else invalid_utf8
-    split_at = split_offset(files, val_fraction)
-    offset = 0
-    for path in files:
-        size = path.stat().st_size
-        cut = min(max(split_at - offset, 0), size)
-        if 0 < cut < size:
-            cut = _char_boundary(path, cut)
-        for split, start, end in (("train", 0, cut), ("val", cut, size)):
-            first = start == 0
-            for text in _read_region(path, start, end, invalid) if end > start else ():
-                yield split, first, text
-                first = False
-        offset += size
-
-
 class TextSource:
-    """A corpus of files as a source of the cache writer (``gptmini.data.shards``): its pieces, in batches of
-    about PIECE_CHARS characters, validation text being the last ``val_fraction`` of the bytes."""
+    """A text corpus: its ``files`` in document order, each a document read in pieces; a source of the cache
+    writer (``gptmini.data.shards``)."""
 
-    val_split = "bytes"
     empty_hint = None  # an empty corpus is refused before any build (see ``gptmini.data.token_cache``)
 
-    def __init__(self, corpus: Corpus, val_fraction: float) -> None:
-        self.files, self.val_fraction = corpus.files, val_fraction
-        self.folder, self.description = corpus.name, corpus.description
-        self.fingerprint = {"corpus": corpus.name, "contents": fingerprint(corpus.files)}
-        self.file_bytes = sum(path.stat().st_size for path in corpus.files)
-        self.invalid = InvalidUtf8Counter()
+    def __init__(self, name: str, files: list[Path], description: str) -> None:
+        self.name = self.folder = name
+        self.files, self.description = files, description
+        self.file_bytes = sum(path.stat().st_size for path in files)
+        self.invalid = 0  # bytes that were not UTF-8, in the last pass over the files
+
+    @cached_property
+    def fingerprint(self) -> dict:
+        """What identifies the documents, for the cache key: their contents (hashed when first asked)."""
+        return {"corpus": self.name, "contents": fingerprint(self.files)}
 
     def open(self) -> None:
-        """Nothing to load: the files are read as the batches go."""
+        """Nothing to load: the files are read as the items go."""
 
     def documents(self) -> None:
         return None  # files differ too much in size for a count to estimate the total; file_bytes does
 
     def invalid_utf8_bytes(self) -> int:
-        return self.invalid.bytes_replaced
+        return self.invalid
 
-    def batches(self, start: int, batch_docs: int) -> Iterator[list[tuple[str, bool, str]]]:
-        """Batches of ``(split, starts_document, text)`` pieces from piece ``start`` on; the pieces skipped
-        are read again (decoding is far cheaper than encoding) so the invalid UTF-8 count covers them too."""
-        self.invalid = InvalidUtf8Counter()  # each pass counts afresh
-        batch, chars = [], 0
-        for index, item in enumerate(iter_pieces(self.files, self.val_fraction, self.invalid)):
-            if index < start:
-                continue
-            batch.append(item)
-            chars += len(item[2])
-            if chars >= PIECE_CHARS:
-                yield batch
-                batch, chars = [], 0
-        if batch:
-            yield batch
+    def _clean(self, text: str) -> str:
+        """``text`` with each undecodable byte (a lone surrogate) replaced by U+FFFD, counted."""
+        if _ESCAPED_BYTE.search(text):
+            text, replaced = _ESCAPED_BYTE.subn("\ufffd", text)
+            self.invalid += replaced
+        return text
+
+    def items(self, start: int) -> Iterator[tuple[bool, str]]:
+        """``(starts_document, text)`` pieces from piece ``start`` on; the pieces skipped are read again
+        (decoding is far cheaper than encoding) so the invalid UTF-8 count covers them too."""
+        self.invalid = 0  # each pass counts afresh
+        pieces = (
+            (n == 0, text) for path in self.files for n, text in enumerate(read_pieces(path, self._clean))
+        )
+        return itertools.islice(pieces, start, None)

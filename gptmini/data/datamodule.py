@@ -39,19 +39,9 @@ from gptmini.data.token_cache import TokenCache, TokenStream
 class TrainBatches(IterableDataset):
     """An endless stream of training batches of random windows; batch k depends only on (seed, rank, k)."""
 
-    def __init__(
-        self,
-        path: Path | list[Path],
-        dtype: str,
-        block_size: int,
-        batch_size: int,
-        seed: int,
-        rank: int,
-        start: int,
-    ):
+    def __init__(self, path, dtype: str, block_size: int, batch_size: int, seed: int, rank: int, start: int):
         super().__init__()
-        # The stream pickles as paths: workers open their own memmaps instead of copying the token files.
-        self.stream = TokenStream.from_files(path, dtype)
+        self.stream = TokenStream(path, dtype)  # pickled as paths: each worker opens its own memmaps
         self.block_size, self.batch_size = block_size, batch_size
         self.seed, self.rank = seed, rank
         self.start = start  # the first batch index; the DataModule moves it forward as batches are consumed
@@ -80,14 +70,10 @@ class ValWindows(Dataset):
 
     def __init__(self, path: Path | list[Path], dtype: str, n_tokens: int, block_size: int):
         super().__init__()
-        self.path, self.dtype = path, dtype
+        self.tokens = TokenStream(path, dtype)
         # A split shorter than one window gives one shorter window.
         self.window = min(block_size, n_tokens - 1) if n_tokens >= 2 else 0
         self.count = (n_tokens - 1) // self.window if self.window else 0
-        self._tokens: TokenStream | None = None  # opened on first use, in the process that reads
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_tokens": None}
 
     def __len__(self) -> int:
         return self.count
@@ -95,10 +81,8 @@ class ValWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= i < self.count:
             raise IndexError(i)
-        if self._tokens is None:
-            self._tokens = TokenStream.from_files(self.path, self.dtype)
         start = i * self.window
-        window = torch.from_numpy(self._tokens.read(start, start + self.window + 1).astype(np.int64))
+        window = torch.from_numpy(self.tokens.read(start, start + self.window + 1).astype(np.int64))
         return window[:-1].clone(), window[1:].clone()
 
 
@@ -112,18 +96,12 @@ def _check_validation_split(meta: dict) -> None:
     fraction, tokens = meta.get("val_fraction") or 0, meta["val_tokens"]
     if fraction <= 0 or tokens >= 2:  # a window needs an input token and its target
         return
-    if meta["val_split"] == "documents":
-        documents = meta["train_documents"] + meta["val_documents"]
-        drawn = f"drew {meta['val_documents']} of its {documents} documents"
-        more = "more documents" + (" (a larger data.max_tokens)" if meta.get("max_tokens") else "")
-    else:
-        drawn = f"of its {meta['train_bytes'] + meta['val_bytes']} bytes"
-        more = "more text"
+    more = "more text" + (" (a larger data.max_tokens)" if meta.get("max_tokens") else "")
     raise GptMiniError(
         f"the validation split of {meta.get('source', 'the corpus')} has {tokens} token(s), too few for one "
-        f"validation window (data.val_fraction={fraction} {drawn}), so the run would train without a "
-        f"validation loss; use {more}, a larger data.val_fraction, or data.val_fraction=0 to train without "
-        "validation."
+        f"validation window (data.val_fraction={fraction} of its {meta['train_bytes'] + meta['val_bytes']} "
+        f"bytes), so the run would train without a validation loss; use {more}, a larger "
+        "data.val_fraction, or data.val_fraction=0 to train without validation."
     )
 
 
@@ -174,31 +152,24 @@ class TextDataModule(L.LightningDataModule):
     def _rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
-    def _loader_kwargs(self) -> dict:
-        workers = self.data_config.num_workers
-        return {"num_workers": workers, "pin_memory": torch.cuda.is_available()}
+    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
+        workers, pin = self.data_config.num_workers, torch.cuda.is_available()
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         """Whole batches from an endless stream that starts after the batches already consumed."""
-        batches = TrainBatches(
-            self.cache.token_files("train"),
-            self.cache.meta["dtype"],
-            self.block_size,
-            self.data_config.batch_size,
-            self.seed,
-            self._rank(),
-            self.batches_consumed,
-        )
-        return DataLoader(batches, batch_size=None, **self._loader_kwargs())
+        files, dtype = self.cache.token_files("train"), self.cache.meta["dtype"]
+        size, start = self.data_config.batch_size, self.batches_consumed
+        batches = TrainBatches(files, dtype, self.block_size, size, self.seed, self._rank(), start)
+        return self._loader(batches, None)
 
     def val_dataloader(self) -> DataLoader:
         """The validation windows in order (the same every time)."""
         meta = self.cache.meta
-        files = self.cache.token_files("val")
-        windows = ValWindows(files, meta["dtype"], meta["val_tokens"], self.block_size)
-        return DataLoader(
-            windows, batch_size=self.data_config.batch_size, shuffle=False, **self._loader_kwargs()
+        windows = ValWindows(
+            self.cache.token_files("val"), meta["dtype"], meta["val_tokens"], self.block_size
         )
+        return self._loader(windows, self.data_config.batch_size)
 
     @property
     def batches_consumed(self) -> int:

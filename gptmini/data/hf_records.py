@@ -1,18 +1,15 @@
 """The records of a ``data=hf`` source's local files: check that every document is text, and name a bad one.
 
-One concern: a record that is not a document (a number, a list, an object, a boolean or null where the text
-should be; a line that is not JSON or not UTF-8) is refused with its file and line (JSON lines), record (a
-JSON array) or row (parquet), never turned into text. Imports nothing from gptmini; ``hf_source`` hands it
-the files in the order ``datasets`` reads them.
-
-Why a check of our own: ``datasets`` infers the text column's type from the first block it reads and casts
-every later block to it, so a later file of numbers or objects becomes "5" or '{"a": 1}', and a JSON lines
-file that mixes types is re-read through pandas with every string JSON-quoted ('"doc 1"'): silently wrong
-text. So before reading, each file's text column is checked: a parquet file by its schema (its footer), a
-JSON lines file by pyarrow parsing the text column as strings (a C++ pass, some 200 MB/s per core, a
-fraction of tokenizing's cost), a JSON array by reading it (as ``datasets`` does anyway). Whatever still
-arrives as a non-string (a null, a Hub dataset's value) is refused where the documents are read
-(``hf_source.iter_text_batches``) and located here.
+One concern: a record that is not a document (not text; a line that is not JSON or not UTF-8) is refused with
+its file and line, record or row, never turned into text. Imports nothing from gptmini; ``hf_source`` hands it
+the files in the order ``datasets`` reads them. Why a check of our own: ``datasets`` infers the text column's
+type from the first block it reads and casts every later block to it, so a later file of numbers or objects
+becomes "5" or '{"a": 1}', and a JSON lines file that mixes types is re-read through pandas with every string
+JSON-quoted ('"doc 1"'): silently wrong text. So before reading, each file's text column is checked: a parquet
+file by its schema (its footer), a JSON lines file by pyarrow parsing the text column as strings (a C++ pass,
+some 200 MB/s per core, a fraction of tokenizing's cost), a JSON array by reading it (as ``datasets`` does
+anyway). Whatever still arrives as a non-string (a null, a Hub dataset's value) is refused where the documents
+are read (``hf_source.iter_documents``) and located here.
 """
 
 from __future__ import annotations

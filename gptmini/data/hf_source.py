@@ -1,30 +1,18 @@
-"""Hugging Face ``datasets`` sources (``data=hf``): load one, and read it as batches of documents.
+"""Hugging Face ``datasets`` sources (``data=hf``): load one, and read it as a stream of documents.
 
-One concern: turning ``data.hf`` into a stream of document texts, and deciding which documents are
-validation text. Imports ``gptmini.common``, ``gptmini.data.corpus`` and ``.hf_records`` only; ``datasets``
-is imported when a source is opened, so the other corpora never need it. Knows nothing of tokenizers or
-caches.
+One concern: turning ``data.hf`` into document texts (the cache writer, ``gptmini.data.shards``, splits them
+like any other source's). Imports ``gptmini.common``, ``gptmini.data.corpus`` and ``.hf_records`` only;
+``datasets`` is imported when a source is opened, so the other corpora never need it. docs/data.md says
+more of each decision:
 
-Decisions worth knowing:
-
-- **Same loader as datasets.** ``data.hf.path/name/split/data_files/revision`` go to
-  ``datasets.load_dataset`` as they are: a Hub name, or a builder (``json``, ``parquet``, ``arrow``) with
-  local files. Streaming is the default, so a 10B-token corpus is never held in memory or copied to Arrow.
-- **Validation by documents.** Document ``i`` (its position in the split) is validation text when a uniform
-  draw from ``(split_seed, i // VAL_BLOCK)`` at ``i % VAL_BLOCK`` falls below ``val_fraction``: a fixed
-  function of the seed and the index, so it needs neither the document count nor a second pass.
-- **Local files are fingerprinted by path, size and mtime**, not content (hashing 30 GB of parquet would
-  take minutes per run): touching a file makes a new cache. That covers ``data.hf.data_files`` and, for
-  ``data.hf.path=<a local folder>``, the files ``datasets`` reads from it. A Hub dataset is identified by its
-  name, configuration, split and ``revision``; pin ``data.hf.revision`` for data that must not change under
-  you.
-- **Each file once.** ``data.hf.data_files`` is resolved here and ``datasets`` is handed the resulting list:
-  a file named twice (a repeated path, overlapping globs, a link) is read once, and empty files, which
-  hold no documents (and which the json reader fails on), are left out.
-- **Documents are strings.** A record whose text field holds a number, a list, an object, a boolean or null
-  is refused, naming its file and line (JSON lines) or row (parquet), never turned into text; so is a line
-  that is not JSON, named by its real line number (pyarrow's "row N" counts within a block of the file).
-  ``gptmini.data.hf_records`` checks the local files before reading and locates a bad record.
+- ``data.hf.path/name/split/data_files/revision`` go to ``datasets.load_dataset`` as they are, streaming by
+  default, so a 10B-token corpus is never held in memory or copied to Arrow.
+- Local files are fingerprinted by path, size and mtime, not content (hashing 30 GB of parquet would take
+  minutes per run); a Hub dataset by name, configuration, split and ``revision``.
+- ``data.hf.data_files`` is resolved here and ``datasets`` is handed the list, so what is read is what is
+  keyed: a file named twice is read once, and empty files (which the json reader fails on) are left out.
+- Every document must be a string: ``hf_records`` checks the local files before ``datasets`` can turn a
+  number or an object into text, and names a bad record by its file and line or row.
 """
 
 from __future__ import annotations
@@ -39,14 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gptmini.common import GptMiniError
 from gptmini.data import hf_records
-from gptmini.data.corpus import HFConfig
+from gptmini.data.corpus import HFConfig, each_once, some_paths
 
-# Documents per validation draw (see the module docstring); changing it changes every split.
-VAL_BLOCK = 4096
+# Records per read from datasets (converted to Python together).
+BATCH_DOCS = 512
 # Local builders whose data_files are read from this machine.
 LOCAL_BUILDERS = ("json", "parquet", "arrow", "csv", "text")
 OFFLINE_HINT = (
@@ -90,7 +76,7 @@ def local_files(hf: HFConfig) -> list[Path]:
         return []
     patterns = _patterns(hf.data_files)
     if not patterns and hf.path not in LOCAL_BUILDERS:
-        return _each_once(_inferred_files(hf, base))
+        return each_once(_inferred_files(hf, base))[0]
     files = []
     for pattern in patterns:
         if "://" in pattern:
@@ -101,19 +87,7 @@ def local_files(hf: HFConfig) -> list[Path]:
         if not matches:
             raise GptMiniError(f"data.hf.data_files={pattern!r} matches no files; check the path or pattern.")
         files += matches
-    return _each_once(files)
-
-
-def _each_once(files: list[Path]) -> list[Path]:
-    """``files`` without repeats: a file named again (by the same path, another pattern or a link) is dropped,
-    so its documents are not read twice."""
-    seen, kept = set(), []
-    for path in files:
-        stat = path.stat()
-        if (stat.st_dev, stat.st_ino) not in seen:
-            seen.add((stat.st_dev, stat.st_ino))
-            kept.append(path)
-    return kept
+    return each_once(files)[0]
 
 
 def _inferred_files(hf: HFConfig, folder: Path) -> list[Path]:
@@ -129,44 +103,13 @@ def _inferred_files(hf: HFConfig, folder: Path) -> list[Path]:
 
 def _loader_data_files(hf: HFConfig) -> dict | None:
     """What ``datasets.load_dataset`` gets as data_files: the resolved local files (each once, empty ones
-    left out) plus any remote patterns, for the split; None when data_files is not set."""
+    left out) plus any remote patterns, for the split (a Hub dataset's: paths in its repository, as they are);
+    None when data_files is not set."""
     patterns = _patterns(hf.data_files)
-    if not patterns:
-        return None
-    if _local_base(hf) is None:
-        return {hf.split: patterns}  # a Hub dataset's own files: paths in its repository
-    remote = [p for p in patterns if "://" in p]
-    return {hf.split: [str(p) for p in local_files(hf) if p.stat().st_size > 0] + remote}
-
-
-def _check_not_empty(hf: HFConfig) -> None:
-    """Refuse a local source whose files hold nothing (``datasets`` would fail with a bare StopIteration)."""
-    files = local_files(hf)
-    remote = [p for p in _patterns(hf.data_files) if "://" in p]
-    if files and not remote and all(p.stat().st_size == 0 for p in files):
-        names = ", ".join(str(p) for p in files[:3]) + (" ..." if len(files) > 3 else "")
-        setting = "data.hf.data_files" if hf.data_files is not None else "data.hf.path"
-        raise GptMiniError(
-            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({names}); point {setting} at "
-            "files with documents."
-        )
-
-
-def source_fingerprint(hf: HFConfig) -> dict:
-    """What identifies the documents of a source, for the cache key (see the module docstring)."""
-    digest = hashlib.sha256()
-    for path in local_files(hf):
-        stat = path.stat()
-        digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return {
-        "path": hf.path,
-        "name": hf.name,
-        "split": hf.split,
-        "data_files": _patterns(hf.data_files),
-        "revision": hf.revision,
-        "text_field": hf.text_field,
-        "local_files": digest.hexdigest(),
-    }
+    if not patterns or _local_base(hf) is None:
+        return {hf.split: patterns} if patterns else None
+    local = [str(p) for p in local_files(hf) if p.stat().st_size > 0]
+    return {hf.split: local + [p for p in patterns if "://" in p]}
 
 
 def describe(hf: HFConfig) -> str:
@@ -175,12 +118,6 @@ def describe(hf: HFConfig) -> str:
     if hf.data_files is not None:
         what += f" files {hf.data_files}"
     return f"Hugging Face dataset {what}, split {hf.split}"
-
-
-def folder_name(hf: HFConfig) -> str:
-    """A readable folder name for the source's caches: ``HuggingFaceFW_fineweb-edu_sample-10BT``, ``json``."""
-    name = hf.path + (f"_{hf.name}" if hf.name else "")
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name).strip("._") or "hf"
 
 
 def _first_line(error: BaseException) -> str:
@@ -202,28 +139,29 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
     ``setting`` and ``offline_hint`` word the message for another caller (the HellaSwag reader).
     """
     datasets = _import_datasets()
-    _check_not_empty(hf)  # also names a pattern matching nothing
-    problem = hf_records.check_files(_reading_order(hf) or [], hf.text_field)
+    files = local_files(hf)  # also names a pattern matching nothing
+    remote = any("://" in p for p in _patterns(hf.data_files))
+    if files and not remote and all(p.stat().st_size == 0 for p in files):  # datasets: a bare StopIteration
+        setting = "data.hf.data_files" if hf.data_files is not None else "data.hf.path"
+        raise GptMiniError(
+            f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({some_paths(files)}); point "
+            f"{setting} at files with documents."
+        )
+    problem = hf_records.check_files(_reading_order(hf), hf.text_field)
     if problem:  # before datasets turns it into text (see hf_records)
         raise GptMiniError(problem)
     data_files = _loader_data_files(hf)
     try:
         with _offline_unless_reachable(hf):
-            return datasets.load_dataset(
-                hf.path,
-                name=hf.name,
-                data_files=data_files,
-                split=hf.split,
-                revision=hf.revision,
-                streaming=hf.streaming,
-            )
+            arguments = {key: getattr(hf, key) for key in ("name", "split", "revision", "streaming")}
+            return datasets.load_dataset(hf.path, data_files=data_files, **arguments)
     except Exception as error:  # datasets raises many types (offline, not found, bad split, ...)
         if _is_offline(error):
             raise GptMiniError(
                 f"cannot load the dataset {setting}={hf.path!r}: offline and not cached "
                 f"({_first_line(error)}); {offline_hint}."
             ) from None
-        problem = hf_records.find_bad_record(_reading_order(hf) or [], hf.text_field)
+        problem = hf_records.find_bad_record(_reading_order(hf), hf.text_field)
         if problem:  # a bad record in the first block fails already here
             raise GptMiniError(problem) from None
         raise GptMiniError(
@@ -261,10 +199,8 @@ def _offline_unless_reachable(hf: HFConfig) -> Iterator[None]:
     import datasets
     from huggingface_hub import constants
 
-    if hf.path in LOCAL_BUILDERS or Path(hf.path).exists() or datasets.config.HF_HUB_OFFLINE:
-        yield
-        return
-    if _hub_reachable():
+    local = hf.path in LOCAL_BUILDERS or Path(hf.path).exists()
+    if local or datasets.config.HF_HUB_OFFLINE or _hub_reachable():
         yield
         return
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
@@ -275,23 +211,8 @@ def _offline_unless_reachable(hf: HFConfig) -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
-def known_documents(dataset: Any, hf: HFConfig) -> int | None:
-    """How many documents the split holds, when the dataset or its files say so cheaply; else None."""
-    try:
-        return len(dataset)  # a map-style (not streaming) dataset
-    except TypeError:
-        pass
-    splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
-    if hf.split in splits and splits[hf.split].num_examples:
-        return int(splits[hf.split].num_examples)
-    if hf.path == "parquet":
-        rows = [hf_records.parquet_rows(path) for path in local_files(hf)]
-        return None if None in rows else sum(rows)
-    return None
-
-
-def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -> Iterator[list[str]]:
-    """Lists of up to ``batch_docs`` document texts, in order, from document ``start`` on.
+def iter_documents(dataset: Any, hf: HFConfig, start: int) -> Iterator[str]:
+    """The document texts, in order, from document ``start`` on (read in batches of BATCH_DOCS).
 
     Raises GptMiniError when ``data.hf.text_field`` is not a column (naming the columns there are), or when
     the source fails while being read (a bad file, a lost connection).
@@ -300,7 +221,7 @@ def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -
         dataset = dataset.select_columns([hf.text_field])  # other columns are never converted to Python
     if start:
         dataset = dataset.skip(start)
-    batches = dataset.iter(batch_size=batch_docs)
+    batches = dataset.iter(batch_size=BATCH_DOCS)
     index = start  # of the batch's first document, in reading order
     while True:
         try:
@@ -320,70 +241,70 @@ def iter_text_batches(dataset: Any, hf: HFConfig, start: int, batch_docs: int) -
                 problem = hf_records.not_text(hf.text_field, text)
                 raise GptMiniError(f"{_where(hf, index + offset)}: {problem}")
         index += len(texts)
-        yield texts
+        yield from texts
 
 
 def _read_failed(hf: HFConfig, error: BaseException) -> str:
     """The message for ``datasets`` failing mid-read: the bad record when one is found, else its own words."""
-    problem = hf_records.find_bad_record(_reading_order(hf) or [], hf.text_field)
+    problem = hf_records.find_bad_record(_reading_order(hf), hf.text_field)
     if problem:
         return problem
     hint = OFFLINE_HINT if _is_offline(error) else "check the files, or run again to resume"
     return f"reading {describe(hf)} failed: {_first_line(error)}; {hint}."
 
 
-def _reading_order(hf: HFConfig) -> list[Path] | None:
-    """The local files in the order ``datasets`` reads them; None when that is not known (remote files)."""
+def _reading_order(hf: HFConfig) -> list[Path]:
+    """The local files in the order ``datasets`` reads them; [] when that is not known (remote files)."""
     if _local_base(hf) is None or any("://" in p for p in _patterns(hf.data_files)):
-        return None
+        return []
     return [p for p in local_files(hf) if p.stat().st_size > 0]
 
 
 def _where(hf: HFConfig, index: int) -> str:
     """Where document ``index`` (from 0, in reading order) is: its file and line or row, else its number."""
-    found = hf_records.locate(_reading_order(hf) or [], index)
+    found = hf_records.locate(_reading_order(hf), index)
     return found or f"document {index + 1} (counting from 1 in reading order) of {describe(hf)}"
 
 
-def val_mask(first: int, count: int, fraction: float, seed: int) -> np.ndarray:
-    """Which of documents ``first .. first + count - 1`` are validation text (see the module docstring)."""
-    if fraction <= 0 or count == 0:
-        return np.zeros(count, dtype=bool)
-    blocks = range(first // VAL_BLOCK, (first + count - 1) // VAL_BLOCK + 1)
-    draws = np.concatenate([np.random.default_rng([seed, block]).random(VAL_BLOCK) for block in blocks])
-    offset = first - blocks[0] * VAL_BLOCK
-    return draws[offset : offset + count] < fraction
-
-
 class HFSource:
-    """``data=hf`` as a source of the cache writer (``gptmini.data.shards``): documents in reading order, each
-    validation text by ``val_mask``; the dataset is loaded by ``open``, under the build's lock."""
+    """``data=hf`` as a source of the cache writer (``gptmini.data.shards``): each record a document, in
+    reading order; the dataset is loaded by ``open``, under the build's lock."""
 
-    val_split = "documents"
     empty_hint = "check data.hf.text_field and data.hf.split."
 
     def __init__(self, data) -> None:
-        self.hf, self.val_fraction = data.hf, data.val_fraction
-        self.folder = f"hf/{folder_name(self.hf)}"
-        self.description = describe(self.hf)
-        self.fingerprint = {**source_fingerprint(self.hf), "split_seed": self.hf.split_seed}
-        self.file_bytes = sum(p.stat().st_size for p in local_files(self.hf))
-        self.dataset = None
+        self.hf, hf, self.dataset = data.hf, data.hf, None
+        # A readable folder for the source's caches: hf/HuggingFaceFW_fineweb-edu_sample-10BT, hf/json.
+        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{hf.path}_{hf.name or ''}")
+        self.folder = f"hf/{name.strip('._') or 'hf'}"
+        self.description = describe(hf)
+        # What identifies the documents (see the module docstring): the settings, and the local files' stamps.
+        stamps = [f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}\n" for p in local_files(hf)]
+        settings = {key: getattr(hf, key) for key in ("path", "name", "split", "revision", "text_field")}
+        local = hashlib.sha256("".join(stamps).encode()).hexdigest()
+        self.fingerprint = {**settings, "data_files": _patterns(hf.data_files), "local_files": local}
+        self.file_bytes = sum(p.stat().st_size for p in local_files(hf))
 
     def open(self) -> None:
         self.dataset = load_hf_dataset(self.hf)
 
     def documents(self) -> int | None:
-        return known_documents(self.dataset, self.hf)
+        """How many documents the split holds, when the dataset or its files say so cheaply; else None."""
+        try:
+            return len(self.dataset)  # a map-style (not streaming) dataset
+        except TypeError:
+            pass
+        splits = getattr(getattr(self.dataset, "info", None), "splits", None) or {}
+        if self.hf.split in splits and splits[self.hf.split].num_examples:
+            return int(splits[self.hf.split].num_examples)
+        if self.hf.path == "parquet":
+            rows = [hf_records.parquet_rows(path) for path in local_files(self.hf)]
+            return None if None in rows else sum(rows)
+        return None
 
     def invalid_utf8_bytes(self) -> int:
         return 0  # datasets refuses text that is not UTF-8 (see hf_records)
 
-    def batches(self, start: int, batch_docs: int) -> Iterator[list[tuple[str, bool, str]]]:
-        """Batches of ``(split, True, text)``, one per document, from document ``start`` on."""
-        for texts in iter_text_batches(self.dataset, self.hf, start, batch_docs):
-            mask = val_mask(start, len(texts), self.val_fraction, self.hf.split_seed)
-            start += len(texts)
-            yield [
-                ("val" if is_val else "train", True, text) for text, is_val in zip(texts, mask, strict=True)
-            ]
+    def items(self, start: int) -> Iterator[tuple[bool, str]]:
+        """``(True, text)`` for each document from document ``start`` on."""
+        return ((True, text) for text in iter_documents(self.dataset, self.hf, start))

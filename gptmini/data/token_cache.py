@@ -1,25 +1,17 @@
-"""Token caches: tokenize a corpus once into a cache folder, and open one checked.
+"""Token caches: which cache a run uses (``prepare_cache``), and opening one checked (``open_cache``).
 
-One concern: which cache a run uses and what it holds: ``prepare_cache`` turns the configured corpus into a
-source of documents and hands it to the one writer (``gptmini.data.shards``: key, lock, resumable sharded
-build, ``meta.json``); ``open_cache`` checks a folder and opens its token files. Imports
+``prepare_cache`` turns the configured corpus into a source of documents for the one writer
+(``gptmini.data.shards``: split, key, lock, resumable shards, ``meta.json``); ``open_cache`` checks a cache
+folder and opens its token files, and ``TokenStream`` reads a split's shards as one sequence. Imports
 ``gptmini.data.corpus``, ``.tokenizer``, ``.shards`` and (for ``data=hf``) ``.hf_source`` only; must not
-import the DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``.
+import the DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``. docs/data.md
+describes the folder.
 
-A cache is a folder ``<cache_dir>/<corpus>/<tokenizer id>/<key>/`` holding each split's shards
-(``train_000000.bin``, ...; one each for a small corpus), ``meta.json`` (counts, shard lengths, dtype,
-tokenizer, source fingerprint) and, for a BPE, its vocabulary in tiktoken's text format (docs/data.md).
-``TokenStream`` reads a split's shards as one sequence.
-
-Decisions worth knowing:
-
-- **Old caches.** A cache of another version is never opened, just rebuilt beside it (the key holds the
-  version; the writer logs one line saying so); delete old folders to reclaim space.
-- **Checked on open.** ``open_cache`` checks ``meta.json``, the dtype, the file sizes, the tokenizer and that
-  ids are below the vocabulary size: every id of a split up to ``ID_CHECK_ALL`` tokens (a chunked max over
-  the memmaps: a few ms for the 12 MB standard library), the head of each shard of a larger one (reading
-  every id of 20 GB on every open, and on every rank, would cost minutes; a garbage shard shows at its head).
-  A damaged cache is a one-line error naming the folder, not a crash in the middle of training.
+Checked on open: ``meta.json``, the dtype, the file sizes, the tokenizer, and that ids are below the
+vocabulary size: every id of a split up to ``ID_CHECK_ALL`` tokens (a chunked max over the memmaps: a few ms
+for the 12 MB standard library), the head of each shard of a larger one (reading every id of 20 GB on every
+open, and on every rank, would cost minutes; a garbage shard shows at its head). A damaged cache, or one of
+another version, is a one-line error naming the folder and the fix, not a crash in the middle of training.
 """
 
 from __future__ import annotations
@@ -35,7 +27,7 @@ import tiktoken
 
 from gptmini.common import GptMiniError, as_config
 from gptmini.data import shards
-from gptmini.data.corpus import DataConfig, TextSource, cache_root, resolve_corpus
+from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.shards import SPLITS, shard_name, write_cache
 from gptmini.data.tokenizer import EOT, TokenizerConfig, load_bpe, load_encoding, tokenizer_to_spec
 
@@ -62,16 +54,13 @@ def _check_encoding(encoding: tiktoken.Encoding) -> None:
 def prepare_cache(
     data: DataConfig, tokenizer: TokenizerConfig, encoding: tiktoken.Encoding | None = None
 ) -> Path:
-    """Tokenize the corpus unless a cache for the same contents and settings exists; return its folder.
+    """Tokenize the corpus ``data`` unless a cache of the same contents and settings exists; return its
+    folder.
 
-    Args:
-        data: the corpus (and where caches go).
-        tokenizer: the tokenizer settings: a BPE is trained on the training split, a named one loaded.
-        encoding: tokenize with exactly this tokenizer instead (e.g. the one a checkpoint carries, to
-            fine-tune on new text); ``tokenizer`` is then ignored and no BPE is trained.
-
-    Raises GptMiniError for a bad corpus or an unwritable or full cache directory; KeyboardInterrupt
-    propagates. Either way no partial cache is left behind.
+    ``tokenizer``: a BPE is trained on the training split, a named one loaded; or ``encoding`` is used exactly
+    instead (e.g. a checkpoint's, to fine-tune on new text), and no BPE is trained. Raises GptMiniError for a
+    bad corpus or an unwritable or full cache directory; KeyboardInterrupt propagates. Either way no partial
+    cache is left behind (an interrupted build resumes next time).
     """
     data = as_config(data, DataConfig, "data")
     tokenizer = as_config(tokenizer, TokenizerConfig, "tokenizer")
@@ -87,11 +76,11 @@ def _source(data: DataConfig):
 
         return HFSource(data)
     corpus = resolve_corpus(data)
-    if sum(path.stat().st_size for path in corpus.files) == 0:
+    if corpus.file_bytes == 0:
         raise GptMiniError(
             f"the corpus is empty (0 bytes): {corpus.description}; point data.path at files with text."
         )
-    return TextSource(corpus, data.val_fraction)
+    return corpus
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -105,7 +94,7 @@ def _damaged(folder: Path, reason: str) -> GptMiniError:
 
 
 def read_meta(folder: Path) -> dict:
-    """The meta.json of a cache folder, after checking its version, dtype and token file sizes."""
+    """The meta.json of a cache folder, after checking its version, counts, dtype and shard files' sizes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise GptMiniError(f"there is no token cache at {folder}; prepare_cache(data, tokenizer) makes one.")
@@ -132,33 +121,22 @@ def read_meta(folder: Path) -> dict:
     tokenizer = meta.get("tokenizer")
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("bpe", "tiktoken"):
         raise _damaged(folder, "meta.json does not say which tokenizer made it")
-    itemsize = np.dtype(meta["dtype"]).itemsize
     for split in SPLITS:
-        lengths = _shard_lengths(folder, meta, split)
-        for path, length in zip(token_files(folder, meta, split), lengths, strict=True):
+        lengths = (meta.get("shards") or {}).get(split) if isinstance(meta.get("shards"), dict) else None
+        if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
+            raise _damaged(folder, f"meta.json has no valid shard lengths for {split}")
+        if sum(lengths) != meta[f"{split}_tokens"]:
+            said = meta[f"{split}_tokens"]
+            raise _damaged(folder, f"the {split} shards hold {sum(lengths)} tokens, meta.json says {said}")
+        for index, length in enumerate(lengths):
+            path = folder / shard_name(split, index)
             try:
                 size = path.stat().st_size
             except OSError:
                 raise _damaged(folder, f"{path.name} is missing") from None
-            if size != length * itemsize:
+            if size != length * np.dtype(meta["dtype"]).itemsize:
                 raise _damaged(folder, f"{path.name} has {size} bytes, meta.json says {length} tokens")
     return meta
-
-
-def _shard_lengths(folder: Path, meta: dict, split: str) -> list[int]:
-    """The token count of each of a split's shards, checked against the split's total."""
-    lengths = (meta.get("shards") or {}).get(split) if isinstance(meta.get("shards"), dict) else None
-    if not isinstance(lengths, list) or not all(isinstance(n, int) and n > 0 for n in lengths):
-        raise _damaged(folder, f"meta.json has no valid shard lengths for {split}")
-    if sum(lengths) != meta[f"{split}_tokens"]:
-        said = meta[f"{split}_tokens"]
-        raise _damaged(folder, f"the {split} shards hold {sum(lengths)} tokens, meta.json says {said}")
-    return lengths
-
-
-def token_files(folder: Path, meta: dict, split: str) -> list[Path]:
-    """A split's shard files, in order."""
-    return [Path(folder) / shard_name(split, i) for i in range(len(meta["shards"][split]))]
 
 
 def load_cached_tokenizer(folder: Path, meta: dict | None = None) -> tiktoken.Encoding:
@@ -176,43 +154,35 @@ def load_cached_tokenizer(folder: Path, meta: dict | None = None) -> tiktoken.En
     return load_encoding(info["name"])  # its own errors (e.g. offline) are not damage
 
 
-def open_tokens(path: Path, dtype: str) -> np.ndarray:
-    """Memory-map a token file (an empty split gives an empty array: mmap rejects empty files)."""
-    if Path(path).stat().st_size == 0:
-        return np.empty(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
-
-
 class TokenStream:
-    """A split's token files read as one sequence: ``len``, slices and ``gather`` of windows.
+    """Token files (one path or several, e.g. a split's shards) read as one sequence: ``len``, slices and
+    ``gather`` of windows.
 
-    Each file is memory-mapped on first use (so a pickled stream carries only paths), and a slice that
-    crosses from one file into the next is joined: the files are consecutive pieces of one token stream.
+    Each file is memory-mapped on first use (so a pickled stream carries only paths: loader workers open their
+    own memmaps instead of copying the token files), and a slice that crosses from one file into the next is
+    joined: the files are consecutive pieces of one token stream.
     """
 
-    def __init__(self, paths: list[Path], lengths: list[int], dtype: str):
-        self.paths, self.lengths, self.dtype = [Path(p) for p in paths], list(lengths), dtype
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+    def __init__(self, paths: Path | list[Path], dtype: str):
+        self.paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        self.dtype = dtype
+        lengths = [p.stat().st_size // np.dtype(dtype).itemsize for p in self.paths]
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
         self._maps: dict[int, np.ndarray] = {}
 
-    @classmethod
-    def from_files(cls, paths: Path | list[Path], dtype: str) -> TokenStream:
-        """A stream over ``paths`` (one path or several), their lengths read from the file sizes."""
-        paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-        itemsize = np.dtype(dtype).itemsize
-        return cls(paths, [Path(p).stat().st_size // itemsize for p in paths], dtype)
-
     def __getstate__(self) -> dict:
-        # Workers open their own memmaps; pickling them would copy the token files.
         return {**self.__dict__, "_maps": {}}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def part(self, i: int) -> np.ndarray:
-        """File ``i``'s tokens, memory-mapped."""
+        """File ``i``'s tokens, memory-mapped (an empty file is an empty array: mmap rejects empty files)."""
         if i not in self._maps:
-            self._maps[i] = open_tokens(self.paths[i], self.dtype)
+            empty = self.offsets[i] == self.offsets[i + 1]
+            self._maps[i] = (
+                np.empty(0, self.dtype) if empty else np.memmap(self.paths[i], self.dtype, mode="r")
+            )
         return self._maps[i]
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -274,12 +244,11 @@ class TokenCache:
         """A split's shard files, in order (none for an empty split)."""
         if split not in SPLITS:
             raise GptMiniError(f"split={split!r} must be 'train' or 'val'")
-        return token_files(self.folder, self.meta, split)
+        return [self.folder / shard_name(split, i) for i in range(len(self.meta["shards"][split]))]
 
     def stream(self, split: str) -> TokenStream:
         """A split's tokens as one ``TokenStream`` (``[:]`` of a one-shard split is a memmap, not a copy)."""
-        files = self.token_files(split)
-        return TokenStream(files, _shard_lengths(self.folder, self.meta, split), self.meta["dtype"])
+        return TokenStream(self.token_files(split), self.meta["dtype"])
 
     def bytes_per_token(self, split: str) -> float:
         """UTF-8 bytes per token of a split (NaN when empty): bits/byte = loss / ln 2 / bytes_per_token."""
@@ -309,8 +278,9 @@ def open_cache(folder: Path) -> TokenCache:
     cache = TokenCache(folder, meta, tokenizer)
     for split in SPLITS:
         head = None if meta[f"{split}_tokens"] <= ID_CHECK_ALL else SHARD_ID_CHECK  # see the module docstring
-        for path in cache.token_files(split):
-            largest = _largest_id(open_tokens(path, meta["dtype"])[:head])
+        stream = cache.stream(split)
+        for i, path in enumerate(stream.paths):
+            largest = _largest_id(stream.part(i)[:head])
             if largest >= tokenizer.n_vocab:
                 raise _damaged(
                     folder, f"{path.name} holds token id {largest}, the tokenizer has {tokenizer.n_vocab}"

@@ -1,13 +1,9 @@
 """Tokenizers: every one is a ``tiktoken.Encoding`` with ``<|endoftext|>`` as its only special token.
 
-Two kinds:
-
-- a named tiktoken encoding (``gpt2``, ``cl100k_base``, ...), loaded with tiktoken's own download and cache;
-- ``bpe``: a byte-level BPE trained with rustbpe on the training text, saved in tiktoken's text format
-  (``<base64 token> <rank>`` per line) and run by tiktoken.
-
-A tokenizer travels inside checkpoints as a *spec*: a dict of plain str/int values that
-``torch.load(weights_only=True)`` accepts, turned back into an encoding by ``tokenizer_from_spec``.
+Two kinds: a named tiktoken encoding (``gpt2``, ``cl100k_base``, ...), loaded with tiktoken's own download
+and cache; or ``bpe``, a byte-level BPE trained with rustbpe on the training text, saved in tiktoken's text
+format (``<base64 token> <rank>`` per line) and run by tiktoken. A tokenizer travels inside checkpoints as a
+*spec*: plain str/int values that ``torch.load(weights_only=True)`` accepts (``tokenizer_from_spec``).
 
 One concern: making, saving and loading tokenizers. Imports only ``gptmini.common`` (never
 ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``), so checkpoints and generation can use it.
@@ -22,14 +18,13 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import tiktoken
 
-from gptmini.common import GptMiniError, atomic_write_text
+from gptmini.common import GptMiniError, atomic_write_text, say
 
 EOT = "<|endoftext|>"
 
@@ -54,29 +49,14 @@ def valid_names() -> list[str]:
     return ["bpe", *tiktoken.list_encoding_names()]
 
 
-def _check_vocab_size(vocab_size: int) -> None:
-    if not isinstance(vocab_size, int) or not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise GptMiniError(
-            f"tokenizer.vocab_size={vocab_size!r} is out of range: a byte-level BPE needs "
-            f"{MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,} (256 bytes + {EOT}); try 4096."
-        )
-
-
-def _check_pattern(pattern: str) -> None:
-    if pattern not in PATTERNS:
-        raise GptMiniError(f"tokenizer.pattern={pattern!r} is unknown; use one of: {', '.join(PATTERNS)}.")
-
-
 @dataclass
 class TokenizerConfig:
     """Which tokenizer to use (the ``tokenizer`` config group)."""
 
     name: str = "bpe"
     """"bpe" (trained on the corpus) or a tiktoken encoding name such as "gpt2" or "cl100k_base"."""
-
     vocab_size: int = 4096
     """bpe only: total vocabulary size, including the <|endoftext|> token."""
-
     pattern: str = "gpt4"
     """bpe only: the pre-tokenization split pattern, "gpt4" or "gpt2"."""
 
@@ -85,16 +65,22 @@ class TokenizerConfig:
             raise GptMiniError(
                 f"tokenizer.name={self.name!r} is unknown; use one of: {', '.join(valid_names())}."
             )
-        if self.name == "bpe":
-            _check_vocab_size(self.vocab_size)
-            _check_pattern(self.pattern)
+        if self.name != "bpe":
+            return
+        if not isinstance(self.vocab_size, int) or not MIN_VOCAB_SIZE <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise GptMiniError(
+                f"tokenizer.vocab_size={self.vocab_size!r} is out of range: a byte-level BPE needs "
+                f"{MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,} (256 bytes + {EOT}); try 4096."
+            )
+        if self.pattern not in PATTERNS:
+            raise GptMiniError(
+                f"tokenizer.pattern={self.pattern!r} is unknown; use one of: {', '.join(PATTERNS)}."
+            )
 
 
 def tokenizer_id(cfg: TokenizerConfig) -> str:
-    """A short folder name for caches that changes whenever the tokenizer settings do."""
-    if cfg.name == "bpe":
-        return _bpe_name(cfg.vocab_size, cfg.pattern)
-    return cfg.name
+    """A short folder name for caches (and a trained BPE's name) that changes whenever the settings do."""
+    return f"bpe-{cfg.vocab_size}-{cfg.pattern}" if cfg.name == "bpe" else cfg.name
 
 
 def load_encoding(name: str) -> tiktoken.Encoding:
@@ -117,10 +103,6 @@ def load_encoding(name: str) -> tiktoken.Encoding:
     return enc
 
 
-def _bpe_name(vocab_size: int, pattern: str) -> str:
-    return f"bpe-{vocab_size}-{pattern}"
-
-
 def _make_bpe(name: str, pat_str: str, ranks: dict[bytes, int]) -> tiktoken.Encoding:
     # The end-of-text token takes the first id after the merges, so ids stay contiguous.
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)})
@@ -135,8 +117,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
             merges gives a smaller vocabulary (with a warning).
         pattern: "gpt4" or "gpt2", the split pattern.
     """
-    _check_vocab_size(vocab_size)
-    _check_pattern(pattern)
+    name = tokenizer_id(TokenizerConfig("bpe", vocab_size, pattern))  # checks the settings
     import rustbpe  # imported here: only BPE training needs it
 
     trainer = rustbpe.Tokenizer()
@@ -153,17 +134,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, pattern: str = "gpt4") -> t
         raise cause from None
     ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
     if len(ranks) + 1 < vocab_size:
-        warnings.warn(
+        say(
             f"the BPE training text only supported {len(ranks) + 1} tokens of the requested {vocab_size}; "
-            "use more text or a smaller tokenizer.vocab_size",
-            stacklevel=2,
+            "use more text or a smaller tokenizer.vocab_size"
         )
-    return _make_bpe(_bpe_name(vocab_size, pattern), trainer.get_pattern(), ranks)
-
-
-class _WarningsOnly(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING
+    return _make_bpe(name, trainer.get_pattern(), ranks)
 
 
 @contextlib.contextmanager
@@ -174,7 +149,8 @@ def _quiet_rustbpe() -> Iterator[None]:
     logging every training printed ~100 progress lines. A filter on that logger drops the records whatever
     levels the user configured; the caller reports the training in one line instead.
     """
-    logger, quiet = logging.getLogger("rustbpe"), _WarningsOnly()
+    logger = logging.getLogger("rustbpe")
+    quiet = lambda record: record.levelno >= logging.WARNING  # a logging filter may be any callable
     logger.addFilter(quiet)
     try:
         yield
@@ -184,15 +160,8 @@ def _quiet_rustbpe() -> Iterator[None]:
 
 def _ranks_to_text(ranks: dict[bytes, int]) -> str:
     """tiktoken's text format: one ``<base64 token> <rank>`` line per token, by rank."""
-    lines = [
-        f"{base64.b64encode(token).decode('ascii')} {rank}"
-        for token, rank in sorted(ranks.items(), key=_by_rank)
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _by_rank(item: tuple[bytes, int]) -> int:
-    return item[1]
+    by_rank = sorted(ranks.items(), key=lambda item: item[1])
+    return "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n" for token, rank in by_rank)
 
 
 def _ranks_from_text(text: str) -> dict[bytes, int]:
