@@ -65,8 +65,8 @@ def peak_rss_mb() -> float:
 
 def fine_tune_figures(args: argparse.Namespace) -> dict:
     """One mode's figures, in this process: trainable share, s/step, peak RSS."""
-    from gptmini.weights import load_checkpoint
     from gptmini.model.lora import FinetuneConfig, add_lora, trainable_fraction
+    from gptmini.weights import load_checkpoint
 
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.folder).model.train()
@@ -111,8 +111,8 @@ def import_seconds(folder: Path) -> float:
 
 
 def decode_tokens_per_s(folder: Path, new_tokens: int) -> float:
-    from gptmini.weights import load_checkpoint
     from gptmini.generation.sampling import SamplingOptions, sample_tokens
+    from gptmini.weights import load_checkpoint
 
     model = load_checkpoint(folder).model
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -27,6 +27,15 @@ from typing import IO, Any
 TEMP_SUFFIX = ".tmp"
 
 
+def checkout_root() -> Path | None:
+    """The repository this gptmini is imported from (a checkout, or an editable install of one); None for an
+    installed wheel, which has no repository around it."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "configs" / "train.yaml").is_file():
+        return root
+    return None
+
+
 def config_dir() -> Path:
     """The folder of the Hydra configs (train.yaml, generate.yaml, eval.yaml and their groups).
 
@@ -34,11 +43,18 @@ def config_dir() -> Path:
     install imports gptmini from the checkout too). A wheel has no checkout: the build copies ``configs/``
     into the package as ``gptmini/configs`` (pyproject.toml), and that copy is used.
     """
-    package = Path(__file__).resolve().parent
-    checkout = package.parent
-    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "train.yaml").is_file():
-        return checkout / "configs"
-    return package / "configs"
+    root = checkout_root()
+    return root / "configs" if root else Path(__file__).resolve().parent / "configs"
+
+
+def default_cache_dir() -> Path:
+    """Where token caches and downloads go unless ``data.cache_dir`` says: a checkout's ``data/`` folder; for
+    an installed wheel the user's cache folder (``$XDG_CACHE_HOME/gptmini``, else ``~/.cache/gptmini``),
+    never inside site-packages."""
+    root = checkout_root()
+    if root:
+        return root / "data"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptmini"
 
 
 # Where every command and every composing helper (tests, benchmarks, notebooks) finds the configs.

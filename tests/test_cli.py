@@ -123,8 +123,8 @@ def test_a_user_error_is_one_line_and_status_2(name, capsys, tmp_path, monkeypat
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
-# train, generate, prepare and serve configure logging for the whole process (Hydra's job_logging), so each runs in
-# a process of its own.
+# train, generate, prepare and serve configure logging for the whole process (Hydra's job_logging), so each
+# runs in a process of its own.
 SUBPROCESS_ERRORS = {
     "generate": (["ckpt=/nonexistent/x.ckpt"], "checkpoint not found: /nonexistent/x.ckpt"),
     "train": (["seed=-1"], "seed=-1 must be an integer in 0..4294967295; try seed=1337."),
@@ -215,8 +215,13 @@ def test_a_wheel_installed_outside_the_checkout_runs_every_job_from_any_director
 
     work = tmp_path / "work"
     corpus = write_corpus(work / "notes")
-    data = ["data=text", f"data.path={corpus}", "data.cache_dir=cache"]
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    data = ["data=text", f"data.path={corpus}"]  # the default cache folder: the user's, set here
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "XDG_CACHE_HOME": str(work / "cache"),
+    }
 
     def gptmini(*args: str) -> str:
         done = subprocess.run(
@@ -241,6 +246,7 @@ def test_a_wheel_installed_outside_the_checkout_runs_every_job_from_any_director
     assert '"task": "val"' in gptmini("eval", "ckpt=latest", "task=val", *data).splitlines()[-1]
     prepared = gptmini("prepare", "debug=smoke", "tokenizer.vocab_size=280", *data).splitlines()[-1]
     assert (work / prepared / "meta.json").is_file()
+    assert Path(prepared).is_relative_to(work / "cache" / "gptmini")
     if _has_hf_extra():
         gptmini("export", "ckpt=latest", "out=hf_model")
         assert (work / "hf_model" / "model.safetensors").is_file()

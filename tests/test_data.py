@@ -325,6 +325,17 @@ def test_default_cache_dir_is_the_repository_data_folder(tmp_path, monkeypatch, 
     assert cache_root(DataConfig(cache_dir=str(tmp_path / "mine"))) == tmp_path / "mine"
 
 
+def test_an_installed_wheel_caches_in_the_users_cache_folder_not_site_packages(tmp_path, monkeypatch):
+    import gptmini.common as common
+
+    monkeypatch.setattr(common, "checkout_root", lambda: None)  # what a wheel in site-packages sees
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert common.default_cache_dir() == tmp_path / "xdg" / "gptmini"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert common.default_cache_dir() == tmp_path / "home" / ".cache" / "gptmini"
+
+
 def test_token_files_hold_every_id(tmp_path):
     # 300 ids fit two bytes per token; a vocabulary beyond 65535 ids needs four, and its ids must survive.
     make_corpus(tmp_path / "corpus")

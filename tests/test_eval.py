@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptmini.weights import load_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.eval.__main__ import main as eval_main
 from gptmini.eval.config import EvalConfig, HellaSwagConfig
 from gptmini.eval.hellaswag import Example, _rows, load_examples, read_jsonl, score, score_example
 from gptmini.eval.run import compose_eval, run_eval
 from gptmini.training.run import train
+from gptmini.weights import load_checkpoint
 
 # In the smoke corpus's words (conftest's _write_corpus) vs. bytes it never saw: a trained model can tell.
 GOOD = ["cat sat on the mat.", "beta gamma delta.", "alpha model data.", "the cat sat."]

@@ -16,6 +16,10 @@ import textwrap
 import pytest
 import torch
 
+from gptmini.common import GptMiniError
+from gptmini.data.tokenizer import tokenizer_to_spec, train_bpe
+from gptmini.model.config import GPTConfig
+from gptmini.model.gpt import GPT
 from gptmini.weights import (
     gptmini_entry,
     load_checkpoint,
@@ -23,10 +27,6 @@ from gptmini.weights import (
     read_weights,
     save_model_checkpoint,
 )
-from gptmini.common import GptMiniError
-from gptmini.data.tokenizer import tokenizer_to_spec, train_bpe
-from gptmini.model.config import GPTConfig
-from gptmini.model.gpt import GPT
 
 pytest.importorskip("transformers")
 pytest.importorskip("safetensors")

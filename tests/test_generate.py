@@ -16,7 +16,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gptmini import GPT, GPTConfig
-from gptmini.weights import save_model_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec
 from gptmini.generation import text as text_module
@@ -25,6 +24,7 @@ from gptmini.generation.prompt import MAX_PROMPT_BYTES, encode_prompt, quote_pro
 from gptmini.generation.sampling import SamplingOptions
 from gptmini.generation.streaming import StopFilter, StreamDecoder
 from gptmini.generation.text import GenerateTextConfig, generate_text, register_config
+from gptmini.weights import save_model_checkpoint
 
 BLOCK = 16
 N_LAYER, N_HEAD = 2, 2

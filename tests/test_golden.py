@@ -4,9 +4,9 @@ sampling); when the change is intended, say so in the commit and update the numb
 
 import torch
 
-from gptmini.weights import load_checkpoint
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.training.run import train
+from gptmini.weights import load_checkpoint
 
 # 60 steps of debug=smoke (2 x 2 x 32, block 16, a 300-token BPE) on conftest's corpus, seed 1337, 1 thread.
 # Updated once for cache version 4: <|endoftext|> now precedes every document, the first one included.

@@ -10,19 +10,19 @@ import json
 import pytest
 import torch
 
-from gptmini.weights import load_checkpoint, read_weights, save_model_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec, train_bpe
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
+from gptmini.weights import load_checkpoint, read_weights, save_model_checkpoint
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
+from gptmini.hf.convert import state_dict_from_hf  # noqa: E402
 from gptmini.hf.export import export  # noqa: E402 - needs the hf extra
 from gptmini.hf.export import main as export_main  # noqa: E402
-from gptmini.hf.convert import state_dict_from_hf  # noqa: E402
 
 GPT2_VOCAB = 50257
 # Code, prose, Unicode (accents, CJK, emoji), whitespace runs, and the end-of-text token between documents.
@@ -113,8 +113,8 @@ def test_generate_from_a_hf_folder_streams_text(hf_folder, capsys, gpt2_availabl
 def test_init_from_a_hf_folder_takes_its_shape_and_crops_the_context(
     hf_folder, tmp_path, tiny_train_overrides, compose_train, gpt2_available
 ):
-    from gptmini.weights import read_checkpoint
     from gptmini.training.run import train
+    from gptmini.weights import read_checkpoint
 
     _, folder = hf_folder
     fast = ["trainer.max_steps=2", "trainer.limit_val_batches=2", "sample.max_new_tokens=0"]

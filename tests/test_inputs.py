@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from gptmini.weights import GPTMINI_KEY
 from gptmini.common import GptMiniError
 from gptmini.generation.text import GenerateTextConfig, generate_text
 from gptmini.training.run import train
+from gptmini.weights import GPTMINI_KEY
 
 
 def test_model_attention_is_refused_naming_the_book(tmp_path, tiny_train_overrides, compose_train):

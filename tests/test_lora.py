@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from gptmini.weights import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.model.lora import FinetuneConfig, LoRALinear, add_lora, merge_adapters, trainable_fraction
+from gptmini.weights import load_checkpoint, read_checkpoint
 
 
 def test_lora_linear_starts_at_its_base_and_merges_exactly():
@@ -102,8 +102,8 @@ def test_lora_fine_tune_trains_resumes_exports_and_generates(
     signal_at_step, tmp_path, tiny_train_overrides, compose_train, capsys, gpt2_available
 ):
     transformers = pytest.importorskip("transformers")
-    from gptmini.hf.export import export
     from gptmini.generation.text import GenerateTextConfig, generate_text
+    from gptmini.hf.export import export
     from gptmini.training.run import train
 
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from gptmini.weights import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.training.run import train
+from gptmini.weights import load_checkpoint, read_checkpoint
 
 EVERY_SWITCH = [
     "model.pos_emb=rope",

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 
-from gptmini.weights import atomic_torch_save, read_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.training.callbacks import GracefulInterrupt
 from gptmini.training.run import train
+from gptmini.weights import atomic_torch_save, read_checkpoint
 
 
 class RecordLosses(L.Callback):

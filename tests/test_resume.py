@@ -10,9 +10,9 @@ import lightning as L
 import pytest
 import torch
 
-from gptmini.weights import read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError
 from gptmini.training.run import train
+from gptmini.weights import read_checkpoint, resolve_checkpoint
 
 
 def metrics_rows(run_dir) -> list[dict]:

@@ -10,7 +10,6 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from gptmini.weights import load_checkpoint, read_checkpoint
 from gptmini.common import GptMiniError, as_config
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
@@ -20,6 +19,7 @@ from gptmini.training.config import ModelSchema, TrainerSchema
 from gptmini.training.optim import OptimConfig, lr_at
 from gptmini.training.run import train
 from gptmini.training.settings import model_config_from
+from gptmini.weights import load_checkpoint, read_checkpoint
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "experiment").glob("*.yaml"))
 

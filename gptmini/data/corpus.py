@@ -34,13 +34,14 @@ from gptmini.common import (
     GptMiniError,
     as_config,
     atomic_write_bytes,
+    default_cache_dir,
     describe_os_error,
     remove_stale_temp_files,
     say,
 )
 
 CORPORA = ("pystdlib", "shakespeare", "text", "hf")
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "data"
+DEFAULT_CACHE_DIR = default_cache_dir()  # a checkout's data/; for a wheel, the user's cache folder
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

@@ -11,11 +11,11 @@ import time
 
 from omegaconf import DictConfig
 
-from gptmini.weights import load_checkpoint
 from gptmini.common import CONFIG_DIR, as_config, pick_device
 from gptmini.eval import hellaswag
 from gptmini.eval.config import EvalConfig
 from gptmini.eval.val import evaluate_val
+from gptmini.weights import load_checkpoint
 
 SCHEMA_NAME = "eval_schema"
 

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 import torch
 
-from gptmini.weights import load_checkpoint
 from gptmini.common import GptMiniError, as_config, check_seed, pick_device, say
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
@@ -28,6 +27,7 @@ from gptmini.generation.prompt import encode_prompt, read_prompt
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.generation.streaming import TextStream
 from gptmini.threads import AUTO, apply_threads, check_threads_setting, decode_probe
+from gptmini.weights import load_checkpoint
 
 SCHEMA_NAME = "generate_schema"
 

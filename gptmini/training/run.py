@@ -20,7 +20,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, OmegaConf
 
-from gptmini.weights import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
 from gptmini.common import GptMiniError, atomic_write_text, say
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache
@@ -49,6 +48,7 @@ from gptmini.training.optim import OptimConfig
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint
 from gptmini.training.settings import check_settings, model_config_from, resolve_loss
 from gptmini.training.steps import RunPlan
+from gptmini.weights import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
 
 
 def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: list | None = None) -> dict:
