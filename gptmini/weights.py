@@ -41,7 +41,6 @@ from gptmini.common import GptMiniError, atomic_file, run_with_arguments, say
 FORMAT_VERSION = 1
 GPTMINI_KEY = "gptmini"
 MODEL_PREFIX = "model."  # the LightningModule keeps the GPT as `self.model`
-HUB_NAMES = "gpt2, gpt2-medium, gpt2-large, gpt2-xl"  # gptmini.hf.hub.HUB_MODELS, for messages
 GPT2_TOKENIZER = {"kind": "tiktoken", "name": "gpt2"}  # every imported GPT-2 speaks GPT-2's tokenizer
 # Far past any model gptmini can run, and still small enough that a damaged value fails here, named,
 # instead of as an allocation of terabytes (block_size sizes the position table, RoPE's tables and masks).
@@ -53,6 +52,10 @@ MODEL_LIMITS = {
     "n_embd": 1 << 16,
 }
 DAMAGED = "the file is damaged or was not written by gptmini; use another checkpoint"
+NOT_WRITTEN_BY_GPTMINI = (
+    "it was not written by gptmini's train.py. Retrain, or save one with "
+    "gptmini.weights.save_model_checkpoint."
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,7 +72,14 @@ def resolve_checkpoint(spec: str | os.PathLike, search_root: str | os.PathLike |
         search_root: where ``latest`` looks (default: the current directory).
     """
     if str(spec) == "latest":
-        return _latest_checkpoint(Path(search_root or Path.cwd()))
+        root = Path(search_root or Path.cwd())
+        found = [p for run in ("outputs", "multirun") for p in (root / run).glob("**/checkpoints/last.ckpt")]
+        if not found:
+            raise GptMiniError(
+                f"ckpt=latest found no run under {root / 'outputs'} or {root / 'multirun'}. "
+                "Train first (gptmini train) or pass ckpt=PATH."
+            )
+        return max(found, key=lambda p: p.stat().st_mtime)
     path = Path(spec).expanduser()
     if path.is_dir():
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
@@ -80,22 +90,13 @@ def resolve_checkpoint(spec: str | os.PathLike, search_root: str | os.PathLike |
             "Pass a .ckpt file or the directory of a run that saved one."
         )
     if not path.is_file():
+        from gptmini.hf.hub import HUB_MODELS
+
         raise GptMiniError(
             f"checkpoint not found: {path}. Pass a .ckpt file, a run directory, 'latest', a Hugging Face "
-            f"folder or a GPT-2 name ({HUB_NAMES})."
+            f"folder or a GPT-2 name ({', '.join(HUB_MODELS)})."
         )
     return path
-
-
-def _latest_checkpoint(root: Path) -> Path:
-    folders = (root / "outputs", root / "multirun")
-    found = [p for folder in folders for p in folder.glob("**/checkpoints/last.ckpt")]
-    if not found:
-        raise GptMiniError(
-            f"ckpt=latest found no run under {root / 'outputs'} or {root / 'multirun'}. "
-            "Train first (gptmini train) or pass ckpt=PATH."
-        )
-    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -129,10 +130,7 @@ def gptmini_info(checkpoint: dict, path: Path | str) -> dict:
 
     info = checkpoint.get(GPTMINI_KEY)
     if info is None:
-        raise GptMiniError(
-            f"{path} has no gptmini entry: it was not written by gptmini's train.py. "
-            "Retrain, or save one with gptmini.weights.save_model_checkpoint."
-        )
+        raise GptMiniError(f"{path} has no gptmini entry: {NOT_WRITTEN_BY_GPTMINI}")
     if not isinstance(info, dict):
         raise GptMiniError(
             f"{path}: its gptmini entry is a {type(info).__name__}, not a mapping; the file is damaged or "
@@ -154,10 +152,7 @@ def model_config_of(info: dict, path: Path | str):
 
     config = info.get("model_config")
     if not isinstance(config, dict):
-        raise GptMiniError(
-            f"{path} has no gptmini model config: it was not written by gptmini's train.py. "
-            "Retrain, or save one with gptmini.weights.save_model_checkpoint."
-        )
+        raise GptMiniError(f"{path} has no gptmini model config: {NOT_WRITTEN_BY_GPTMINI}")
     known = {field.name for field in dataclasses.fields(GPTConfig)} | {"attention"}  # old: GPTConfig drops it
     unknown = sorted(set(config) - known, key=str)
     if unknown:
@@ -238,16 +233,6 @@ def read_checkpoint(
     return checkpoint
 
 
-def model_state_dict(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The GPT's own weights from a checkpoint (the ``model.`` prefix removed, ``_orig_mod.`` tolerated)."""
-    state = {}
-    for key, value in checkpoint["state_dict"].items():
-        if isinstance(key, str) and key.startswith(MODEL_PREFIX):
-            key = key[len(MODEL_PREFIX) :]
-            state[key.replace("_orig_mod.", "")] = value
-    return state
-
-
 @dataclass
 class LoraEntry:
     """A LoRA checkpoint's ``lora`` entry, checked: the adapters' settings and the base they apply to."""
@@ -283,14 +268,9 @@ def read_contents(path: str | os.PathLike, mmap: bool = False) -> CheckpointCont
 
 
 def checked_contents(checkpoint: dict, path: Path) -> CheckpointContents:
-    """The one check of what a gptmini checkpoint holds; a damaged part is one line naming the file.
-
-    The gptmini entry (format, model config within ``MODEL_LIMITS``, tokenizer), the state dict (a mapping
-    of tensors), a LoRA entry (rank, alpha, targets, a base that is a path or Hub name), and the weights:
-    exactly the names and shapes the config describes (a LoRA checkpoint: every adapter), all of them
-    finite floating-point values. The shapes are compared on the meta device, so a damaged size allocates
-    nothing.
-    """
+    """The one check of what a gptmini checkpoint holds (the parts the module docstring lists); a damaged
+    part is one line naming the file. Shapes are compared on the meta device: a damaged size allocates
+    nothing."""
     info = gptmini_info(checkpoint, path)
     config = model_config_of(info, path)
     spec = info.get("tokenizer")
@@ -302,7 +282,11 @@ def checked_contents(checkpoint: dict, path: Path) -> CheckpointContents:
     if not isinstance(checkpoint["state_dict"], Mapping):
         kind = type(checkpoint["state_dict"]).__name__
         raise GptMiniError(f"{path}: its state_dict is a {kind}, not a mapping of tensors; {DAMAGED}.")
-    state = model_state_dict(checkpoint)
+    state = {  # the GPT's own weights: the ``model.`` prefix removed, torch.compile's ``_orig_mod.`` too
+        key.removeprefix(MODEL_PREFIX).replace("_orig_mod.", ""): value
+        for key, value in checkpoint["state_dict"].items()
+        if isinstance(key, str) and key.startswith(MODEL_PREFIX)
+    }
     lora = _lora_entry(info.get("lora"), path)
     try:
         expected = expected_state(config, lora)
@@ -322,11 +306,8 @@ def _lora_entry(lora: Any, path: Path) -> LoraEntry | None:
     if not isinstance(lora, dict):
         raise GptMiniError(f"{path}: its LoRA entry is a {type(lora).__name__}, not a mapping; {DAMAGED}.")
     rank, alpha, dropout = lora.get("rank"), lora.get("alpha"), lora.get("dropout", 0.0)
-    targets, base, fingerprint = (
-        lora.get("targets", list(TARGETS)),
-        lora.get("base"),
-        lora.get("base_fingerprint"),
-    )
+    targets, base = lora.get("targets", list(TARGETS)), lora.get("base")
+    fingerprint = lora.get("base_fingerprint")
     problems = [
         (not _is_int(rank) or rank < 1, f"rank={rank!r} (an integer >= 1)"),
         (not _is_number(alpha) or not math.isfinite(alpha) or alpha <= 0, f"alpha={alpha!r} (a number > 0)"),
@@ -519,13 +500,18 @@ def _read_base(contents: CheckpointContents, chain: tuple[Path, ...]) -> SourceW
 
 
 def merge_into_base(contents: CheckpointContents, base: SourceWeights) -> dict[str, torch.Tensor]:
-    """Plain weights: a LoRA checkpoint's adapters merged into its base (checked to fit the adapters'
-    model: a base of another shape is named, not a matmul error)."""
+    """Plain weights: a LoRA checkpoint's adapters merged into its base."""
     from gptmini.model.lora import merge_adapters
 
+    return merge_adapters({**_fitted_base(contents, base), **contents.state}, contents.lora.scale)
+
+
+def _fitted_base(contents: CheckpointContents, base: SourceWeights) -> dict[str, torch.Tensor]:
+    """The base's weights cropped to the adapters' context and checked to fit their model: a base of
+    another shape is named, not a matmul error."""
     state = crop_positions(base.state, contents.config.block_size)
     check_weights(state, expected_state(contents.config), base.path)
-    return merge_adapters({**state, **contents.state}, contents.lora.scale)
+    return state
 
 
 def _read_hf(spec: str | os.PathLike) -> SourceWeights:
@@ -578,13 +564,8 @@ def load_checkpoint(spec: str | os.PathLike, device: str | torch.device = "cpu")
 
 def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
     """``load_state_dict`` with a message that lists every missing, unexpected or mis-shaped tensor."""
-    check_weights_fit(model, state, source)
-    _uncompiled(model).load_state_dict(state)
-
-
-def check_weights_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path | str) -> None:
-    """Raise a clear error unless ``state`` has exactly the model's tensor names and shapes."""
     check_state_fits(_uncompiled(model).state_dict(), state, source)
+    _uncompiled(model).load_state_dict(state)
 
 
 def check_state_fits(
@@ -636,9 +617,7 @@ def rebase_lora(ckpt: str | os.PathLike, base: str | os.PathLike) -> tuple[Path,
             f"{source.spec} has another tokenizer than the one {path}'s adapters were trained with: its "
             "token ids mean other things. Rebase onto weights with the same tokenizer."
         )
-    check_weights(
-        crop_positions(source.state, contents.config.block_size), expected_state(contents.config), source.path
-    )
+    _fitted_base(contents, source)
     same = source.fingerprint == contents.lora.base_fingerprint
     lora = {**contents.info["lora"], "base": source.spec, "base_fingerprint": source.fingerprint}
     checkpoint[GPTMINI_KEY] = {**contents.info, "lora": lora}
