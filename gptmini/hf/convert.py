@@ -37,7 +37,6 @@ BLOCK_LINEARS = {
     "mlp.c_fc": "mlp.fc",
     "mlp.c_proj": "mlp.proj",
 }
-BLOCK_NORMS = ("ln_1", "ln_2")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,8 +137,8 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
 def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
     """gptmini ``GPT`` weights from an HF GPT-2 state dict (keys with or without ``transformer.``).
 
-    Unknown or missing names are left for ``check_weights_fit`` to list; the causal-mask buffers of old files
-    are dropped.
+    Unknown or missing names are left for ``gptmini.weights.check_weights`` to list; the causal-mask buffers
+    of old files are dropped.
     """
     state = {}
     for key, tensor in hf_state.items():
@@ -228,25 +227,19 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[
         "transformer.wte.weight": state["wte.weight"][: config.vocab_size],
         "transformer.wpe.weight": state["wpe.weight"],
     }
-    for norm in ("ln_f",):
-        out.update(_norm(state, norm, f"transformer.{norm}", config.n_embd))
+    out.update(_with_bias(state, "ln_f", "transformer.ln_f"))
     for layer in range(config.n_layer):
         ours, theirs = f"blocks.{layer}", f"transformer.h.{layer}"
-        for norm in BLOCK_NORMS:
-            out.update(_norm(state, f"{ours}.{norm}", f"{theirs}.{norm}", config.n_embd))
-        for hf_name, name in BLOCK_LINEARS.items():
-            weight = state[f"{ours}.{name}.weight"]
-            out[f"{theirs}.{hf_name}.weight"] = weight.t()  # (out, in) -> Conv1D's (in, out)
-            bias = state.get(f"{ours}.{name}.bias")
-            out[f"{theirs}.{hf_name}.bias"] = bias if bias is not None else weight.new_zeros(weight.size(0))
+        for norm in ("ln_1", "ln_2"):
+            out.update(_with_bias(state, f"{ours}.{norm}", f"{theirs}.{norm}"))
+        for hf_name, name in BLOCK_LINEARS.items():  # Linear's (out, in) -> Conv1D's (in, out)
+            out.update(_with_bias(state, f"{ours}.{name}", f"{theirs}.{hf_name}", transpose=True))
     # safetensors wants contiguous tensors that share no memory with one another.
     return {key: tensor.detach().to("cpu", torch.float32).contiguous().clone() for key, tensor in out.items()}
 
 
-def _norm(state: dict, ours: str, theirs: str, n_embd: int) -> dict[str, torch.Tensor]:
-    weight = state[f"{ours}.weight"]
-    bias = state.get(f"{ours}.bias")
-    return {
-        f"{theirs}.weight": weight,
-        f"{theirs}.bias": bias if bias is not None else weight.new_zeros(n_embd),
-    }
+def _with_bias(state: dict, ours: str, theirs: str, transpose: bool = False) -> dict[str, torch.Tensor]:
+    """A layer's weight and bias under HF's names; a zero bias (one per output) where gptmini has none."""
+    weight, bias = state[f"{ours}.weight"], state.get(f"{ours}.bias")
+    bias = weight.new_zeros(weight.size(0)) if bias is None else bias
+    return {f"{theirs}.weight": weight.t() if transpose else weight, f"{theirs}.bias": bias}

@@ -151,8 +151,3 @@ def _download(hf_hub_download, repo: str, name: str, filename: str) -> Path:
             "set HF_HOME to a cache that holds it, or pass a local folder (ckpt=/path/to/folder with "
             "config.json and model.safetensors)."
         ) from None
-
-
-def known_names() -> str:
-    """The Hub names, for messages."""
-    return ", ".join(HUB_MODELS)

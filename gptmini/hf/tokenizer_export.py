@@ -19,11 +19,10 @@ that differs, naming the first difference.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import tiktoken
 
-from gptmini.common import GptMiniError, atomic_write_text
+from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT
 
 PROBE_TEXT = (
@@ -40,23 +39,18 @@ def bytes_to_unicode() -> dict[int, str]:
     Bytes that are already printable, non-space Latin-1 characters stand for themselves; the other 68 take
     the characters from U+0100 on, in byte order, so no token string holds whitespace or control codes.
     """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1))
+    printable |= set(range(ord("®"), ord("ÿ") + 1))
+    others = iter(range(256, 512))  # for each byte that is not printable, the next character from U+0100
+    return {byte: chr(byte) if byte in printable else chr(next(others)) for byte in range(256)}
 
 
-def token_string(token: bytes, table: dict[int, str]) -> str:
-    return "".join(table[b] for b in token)
+def hf_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """tiktoken's ranks as HF writes them: token strings by id (in id order), and the merges in rank order."""
+    table = bytes_to_unicode()
+    as_text = lambda token: "".join(table[b] for b in token)  # noqa: E731
+    vocab = {as_text(token): rank for token, rank in sorted(ranks.items(), key=lambda item: item[1])}
+    return vocab, [(as_text(a), as_text(b)) for a, b in recover_merges(ranks)]
 
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
@@ -100,9 +94,7 @@ def build_tokenizer(enc: tiktoken.Encoding):
             f"tokenizer {enc.name!r} has special tokens {sorted(enc.special_tokens_set)}; the export "
             f"supports byte-level BPEs whose only special token is {EOT}, right after the merges."
         )
-    table = bytes_to_unicode()
-    vocab = {token_string(token, table): rank for token, rank in ranks.items()}
-    merges = [(token_string(a, table), token_string(b, table)) for a, b in recover_merges(ranks)]
+    vocab, merges = hf_vocab_and_merges(ranks)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -159,19 +151,7 @@ def tokenizer_files(enc: tiktoken.Encoding, model_max_length: int) -> dict[str, 
         "special_tokens_map.json": json.dumps({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}) + "\n",
     }
     if is_gpt2:
-        table = bytes_to_unicode()
-        vocab = {
-            token_string(t, table): r for t, r in sorted(enc._mergeable_ranks.items(), key=lambda i: i[1])
-        }
-        vocab[EOT] = enc.eot_token
-        merges = recover_merges(enc._mergeable_ranks)
-        lines = [f"{token_string(a, table)} {token_string(b, table)}" for a, b in merges]
-        files["vocab.json"] = json.dumps(vocab, ensure_ascii=False) + "\n"
-        files["merges.txt"] = "#version: 0.2\n" + "\n".join(lines) + "\n"
+        vocab, merges = hf_vocab_and_merges(enc._mergeable_ranks)
+        files["vocab.json"] = json.dumps({**vocab, EOT: enc.eot_token}, ensure_ascii=False) + "\n"
+        files["merges.txt"] = "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n"
     return files
-
-
-def write_tokenizer_files(files: dict[str, str], folder: Path) -> None:
-    """Write each file atomically (whole or not at all)."""
-    for name, text in files.items():
-        atomic_write_text(folder / name, text)
