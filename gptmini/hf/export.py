@@ -3,8 +3,6 @@
 Writes a GPT-2 folder that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load: config.json, generation_config.json, model.safetensors, and the
 tokenizer (tokenizer.json and its configs; with GPT-2's own tokenizer also vocab.json and merges.txt).
-A LoRA checkpoint is exported merged into its base. A model GPT-2's format cannot express exactly is
-refused, naming the option.
 
 An export appears whole or not at all, and never mixes with what was there:
 
@@ -17,8 +15,6 @@ An export appears whole or not at all, and never mixes with what was there:
 - ``out`` must be new, empty, or hold only a Hugging Face model's files (an earlier export): anything else
   in it is someone's own and is not replaced, and neither is a folder the exported weights are read from
   (the checkpoint's own folder, a LoRA checkpoint's base).
-
-Arguments are Hydra-style ``key=value`` (like generate.py): ``ckpt`` (default ``latest``) and ``out``.
 """
 
 from __future__ import annotations
@@ -34,24 +30,20 @@ import shutil
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gptmini.common import GptMiniError, _umask, describe_os_error, run_with_arguments, say
+from gptmini.hf.hub import CONFIG_FILE, SAFETENSORS_FILE, WEIGHTS_FILES
 
 if TYPE_CHECKING:
     from gptmini.weights import SourceWeights
 
-WEIGHTS_FILE = "model.safetensors"
 # What a Hugging Face model folder holds (an earlier export, or a save_pretrained): replaced with the folder.
 MODEL_FOLDER_FILES = {
-    "config.json",
+    CONFIG_FILE,
     "generation_config.json",
-    WEIGHTS_FILE,
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
+    *WEIGHTS_FILES,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -60,22 +52,6 @@ MODEL_FOLDER_FILES = {
     "merges.txt",
 }
 SHARD_FILE = re.compile(r"(model|pytorch_model)-\d+-of-\d+\.(safetensors|bin)")
-
-
-@dataclass
-class ExportConfig:
-    """Options of ``gptmini export``."""
-
-    ckpt: str = "latest"
-    """A .ckpt file, a run directory, ``latest``, or anything generate.py's ckpt= takes."""
-    out: str = ""
-    """The folder to write the Hugging Face model into: new, empty, or an earlier export (replaced)."""
-
-    def __post_init__(self) -> None:
-        if not self.out:
-            raise GptMiniError(
-                "out= is required: the folder to write the Hugging Face model into (out=hf_model)."
-            )
 
 
 def export(ckpt: str, out: str | Path) -> Path:
@@ -107,16 +83,14 @@ def export_files(source: SourceWeights) -> dict[str, bytes]:
             "an exported model and tokenizer would disagree, so it is not exported."
         )
     eot = enc.eot_token
+    generation = {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}
     texts = {
-        "config.json": json.dumps(hf_config_from(config, eot), indent=2) + "\n",
-        "generation_config.json": json.dumps(
-            {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot}, indent=2
-        )
-        + "\n",
+        CONFIG_FILE: json.dumps(hf_config_from(config, eot), indent=2) + "\n",
+        "generation_config.json": json.dumps(generation, indent=2) + "\n",
         **tokenizer_files(enc, model_max_length=config.block_size),
     }
     weights = safetensors_bytes(state_dict_to_hf(source.state, config), metadata={"format": "pt"})
-    return {WEIGHTS_FILE: weights, **{name: text.encode("utf-8") for name, text in texts.items()}}
+    return {SAFETENSORS_FILE: weights, **{name: text.encode("utf-8") for name, text in texts.items()}}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,8 +192,9 @@ def _put_in_place(staging: Path, folder: Path) -> None:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (``renameat2(RENAME_EXCHANGE)``): at every instant ``b`` is the old or
     the new folder. False where the system cannot."""
-    renameat2 = getattr(_libc(), "renameat2", None)
-    if renameat2 is None:
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no C library to load (Windows), or no renameat2 in it
         return False
     at_fdcwd, rename_exchange = -100, 2  # from <fcntl.h> and <linux/fs.h>
     if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
@@ -228,13 +203,6 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(b))
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:  # no C library to load (Windows)
-        return None
 
 
 def remove_leftovers(folder: Path) -> None:
@@ -265,15 +233,19 @@ def _cannot_write(folder: Path, error: OSError) -> GptMiniError:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> ExportConfig:
-    """``key=value`` arguments into a checked ``ExportConfig``; an unknown key is one line naming it."""
-    values = {}
+def parse_args(argv: list[str]) -> tuple[str, str]:
+    """``(ckpt, out)`` from ``key=value`` arguments (see ``export_command``); an unknown key is one line."""
+    values = {"ckpt": "latest", "out": ""}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if not sep or key not in ExportConfig.__dataclass_fields__:
+        if not sep or key not in values:
             raise GptMiniError(f"unknown argument {arg!r}; use ckpt=<checkpoint> out=<folder>.")
         values[key] = value
-    return ExportConfig(**values)
+    if not values["out"]:
+        raise GptMiniError(
+            "out= is required: the folder to write the Hugging Face model into (out=hf_model)."
+        )
+    return values["ckpt"], values["out"]
 
 
 @contextlib.contextmanager
@@ -316,8 +288,7 @@ def export_command(argv: list[str]) -> None:
     """
     try:
         with sigterm_as_interrupt():
-            cfg = parse_args(argv)
-            folder = export(cfg.ckpt, cfg.out)
+            folder = export(*parse_args(argv))
     except ImportError as error:
         raise GptMiniError(f'exporting needs the hf extra ({error.name}): pip install -e ".[hf]"') from None
     say(f"wrote a Hugging Face GPT-2 folder to {folder} (GPT2LMHeadModel.from_pretrained loads it)")
