@@ -36,14 +36,9 @@ def compose_eval(overrides: list[str]) -> DictConfig:
         return compose(config_name="eval", overrides=list(overrides))
 
 
-def to_eval_config(cfg: DictConfig | dict | EvalConfig) -> EvalConfig:
-    """The checked ``EvalConfig`` of a composed config (or a mapping of its keys)."""
-    return as_config(cfg, EvalConfig, "eval")
-
-
 def run_eval(cfg: DictConfig | dict | EvalConfig) -> dict:
     """Evaluate ``cfg.ckpt`` on ``cfg.task``; print the figures, then one JSON line; return the result."""
-    config = to_eval_config(cfg)
+    config = as_config(cfg, EvalConfig, "eval")  # checked; a mapping of its keys becomes an EvalConfig
     device = pick_device(config.device)
     started = time.perf_counter()
     if config.task == "hellaswag":  # read the examples first: an offline Hub fails before the model loads
