@@ -88,7 +88,6 @@ def build_tokenizer(enc: tiktoken.Encoding):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     ranks = enc._mergeable_ranks  # tiktoken has no public accessor; stable across its versions
-    specials = {EOT: enc.eot_token}
     if set(enc.special_tokens_set) != {EOT} or enc.eot_token != len(ranks):
         raise GptMiniError(
             f"tokenizer {enc.name!r} has special tokens {sorted(enc.special_tokens_set)}; the export "
@@ -104,7 +103,7 @@ def build_tokenizer(enc: tiktoken.Encoding):
     )
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-    if tokenizer.token_to_id(EOT) != specials[EOT]:
+    if tokenizer.token_to_id(EOT) != enc.eot_token:
         raise GptMiniError(
             f"{EOT} would get another id in the exported tokenizer; cannot export {enc.name!r}."
         )

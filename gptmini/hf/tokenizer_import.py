@@ -32,6 +32,7 @@ GPT2_SPEC = {"kind": "tiktoken", "name": "gpt2"}
 # sha256 of tiktoken's GPT-2 ranks in tiktoken's text format (tests/test_hf.py checks it against tiktoken).
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 GPT2_VOCAB = 50257
+TO_BYTE = {char: byte for byte, char in bytes_to_unicode().items()}  # the byte table, inverted
 
 
 def hf_tokenizer_spec(folder: Path | None) -> tuple[dict, int]:
@@ -46,16 +47,12 @@ def hf_tokenizer_spec(folder: Path | None) -> tuple[dict, int]:
 
 def spec_of(enc: tiktoken.Encoding) -> dict:
     """GPT-2's spec for GPT-2's vocabulary and split, else the self-contained ``bpe`` spec."""
-    ranks_hash = hashlib.sha256(_ranks_to_text(enc._mergeable_ranks).encode()).hexdigest()
-    if ranks_hash == GPT2_RANKS_SHA256 and enc._pat_str in _gpt2_patterns():
-        return dict(GPT2_SPEC)
-    return tokenizer_to_spec(enc)
-
-
-def _gpt2_patterns() -> tuple[str, ...]:
     from tiktoken_ext.openai_public import r50k_pat_str  # tiktoken's GPT-2 split (possessive form)
 
-    return (r50k_pat_str, PATTERNS["gpt2"])
+    ranks_hash = hashlib.sha256(_ranks_to_text(enc._mergeable_ranks).encode()).hexdigest()
+    if ranks_hash == GPT2_RANKS_SHA256 and enc._pat_str in (r50k_pat_str, PATTERNS["gpt2"]):
+        return dict(GPT2_SPEC)
+    return tokenizer_to_spec(enc)
 
 
 def encoding_from_tokenizer_json(path: Path) -> tiktoken.Encoding:
@@ -70,7 +67,8 @@ def encoding_from_tokenizer_json(path: Path) -> tiktoken.Encoding:
     if data.get("normalizer") is not None:
         raise _unreadable(path, "it normalizes text before splitting")
     pattern = _split_pattern(data.get("pre_tokenizer"), path)
-    name = f"bpe-{len(ranks) + 1}-{_pattern_name(pattern)}"
+    pattern_name = next((name for name, known in PATTERNS.items() if known == pattern), "hf")
+    name = f"bpe-{len(ranks) + 1}-{pattern_name}"
     try:
         enc = tiktoken.Encoding(
             name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)}
@@ -94,14 +92,13 @@ def _read_json(path: Path) -> tuple[str, dict]:
 
 def _ranks_from_vocab(vocab: dict, path: Path) -> dict[bytes, int]:
     """Token bytes by id; every string must be made of the byte table's characters, ids 0..n-1."""
-    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
     ranks = {}
     for token, rank in vocab.items():
         if not isinstance(rank, int) or isinstance(rank, bool):
             raise _unreadable(path, f"the token {token!r} has the id {rank!r}, not an integer")
-        if not token or any(char not in to_byte for char in token):
+        if not token or any(char not in TO_BYTE for char in token):
             raise _unreadable(path, f"the token {token!r} is not byte-level (GPT-2's byte table)")
-        ranks[bytes(to_byte[char] for char in token)] = rank
+        ranks[bytes(TO_BYTE[char] for char in token)] = rank
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise _unreadable(path, "its token ids are not 0..n-1, one per token")
     missing = sum(bytes([byte]) not in ranks for byte in range(256))
@@ -120,16 +117,14 @@ def _check_added_tokens(added, n_ranks: int, path: Path) -> None:
 
 
 def _check_merge_order(merges, ranks: dict[bytes, int], path: Path) -> None:
-    """Each merge (a, b) must make a token a+b ranked above every earlier merge's: then merging by merge
-    order (Hugging Face) and merging by rank (tiktoken) pick the same pairs."""
+    """Each merge (a, b) must make a token a+b ranked above every earlier merge's (module docstring)."""
     if not isinstance(merges, list):
         raise _unreadable(path, "its merges are not a list")
-    to_byte = {char: byte for byte, char in bytes_to_unicode().items()}
     last = -1
     for merge in merges:
         pair = merge.split(" ") if isinstance(merge, str) else merge
         try:
-            a, b = (bytes(to_byte[char] for char in part) for part in pair)
+            a, b = (bytes(TO_BYTE[char] for char in part) for part in pair)
             rank = ranks[a + b]
         except (KeyError, TypeError, ValueError):
             raise _unreadable(path, f"the merge {merge!r} does not make a token of its vocabulary") from None
@@ -141,8 +136,7 @@ def _check_merge_order(merges, ranks: dict[bytes, int], path: Path) -> None:
 
 
 def _split_pattern(pre_tokenizer, path: Path) -> str:
-    """The split regex: a Split(regex) then ByteLevel without its own regex (gptmini's exports), or a
-    ByteLevel that splits with GPT-2's built-in regex (transformers' GPT-2 tokenizers)."""
+    """The pre-tokenizer's split regex: a Split's, or GPT-2's for a plain ByteLevel (module docstring)."""
     steps = pre_tokenizer.get("pretokenizers") if isinstance(pre_tokenizer, dict) else None
     if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "ByteLevel":
         steps = [pre_tokenizer]
@@ -159,10 +153,6 @@ def _split_pattern(pre_tokenizer, path: Path) -> str:
     )
 
 
-def _pattern_name(pattern: str) -> str:
-    return next((name for name, known in PATTERNS.items() if known == pattern), "hf")
-
-
 def _check_same_as_file(enc: tiktoken.Encoding, text: str, path: Path) -> None:
     """The tokenizers library, reading the file itself, must agree with ``enc`` on the probe text."""
     try:
@@ -172,15 +162,12 @@ def _check_same_as_file(enc: tiktoken.Encoding, text: str, path: Path) -> None:
     try:
         tokenizer = Tokenizer.from_str(text)
     except Exception as exc:  # noqa: BLE001 - the library's parse errors all mean "not a tokenizer file"
-        raise _unreadable(path, f"the tokenizers library cannot read it ({_first_line(exc)})") from None
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise _unreadable(path, f"the tokenizers library cannot read it ({first_line})") from None
     try:
         check_same_encoding(enc, tokenizer)
     except GptMiniError:
         raise _unreadable(path, "tiktoken would encode or decode text differently from it") from None
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
 
 
 def _unreadable(path: Path, why: str) -> GptMiniError:
