@@ -99,12 +99,8 @@ def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     sharded save (``path`` is its ``*.index.json``), of every shard it names."""
     from gptmini.hf.hub import INDEX_SUFFIX, shard_files
 
-    if not path.name.endswith(INDEX_SUFFIX):
-        return _read_weights_file(path)
-    state = {}
-    for shard in shard_files(path):
-        state.update(_read_weights_file(shard))
-    return state
+    shards = shard_files(path) if path.name.endswith(INDEX_SUFFIX) else [path]
+    return {key: tensor for shard in shards for key, tensor in _read_weights_file(shard).items()}
 
 
 def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:

@@ -57,9 +57,7 @@ def is_hf_spec(spec: str | os.PathLike) -> bool:
 def resolve_hf(spec: str | os.PathLike) -> HFFiles:
     """The config and weights file of a Hub name or a local folder (see ``is_hf_spec``)."""
     path = Path(spec).expanduser()
-    if path.exists():
-        return _local_folder(path)
-    return _from_hub(str(spec))
+    return _local_folder(path) if path.exists() else _from_hub(str(spec))
 
 
 def _local_folder(folder: Path) -> HFFiles:
@@ -126,11 +124,8 @@ def _from_hub(name: str) -> HFFiles:
 
 
 def _download(hf_hub_download, repo: str, name: str, filename: str) -> Path:
-    """One file through the HF cache; any failure (offline, no network, no such file) is one line.
-
-    Without a network the cache alone is asked (``local_files_only``), the check data=hf makes too: else
-    huggingface_hub retries for ~25 s before it gives up.
-    """
+    """One file through the HF cache (without a network, the cache alone: see the module docstring); any
+    failure (offline, no network, no such file) is one line."""
     from huggingface_hub import constants  # HF_HUB_OFFLINE as huggingface_hub read it
 
     from gptmini.data.hf_source import _hub_reachable
