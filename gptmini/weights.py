@@ -244,10 +244,6 @@ class LoraEntry:
     base: str  # an absolute path or a Hub name
     base_fingerprint: str | None  # None: written before fingerprints were recorded
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
 
 @dataclass
 class CheckpointContents:
@@ -503,7 +499,8 @@ def merge_into_base(contents: CheckpointContents, base: SourceWeights) -> dict[s
     """Plain weights: a LoRA checkpoint's adapters merged into its base."""
     from gptmini.model.lora import merge_adapters
 
-    return merge_adapters({**_fitted_base(contents, base), **contents.state}, contents.lora.scale)
+    lora = contents.lora
+    return merge_adapters({**_fitted_base(contents, base), **contents.state}, lora.alpha / lora.rank)
 
 
 def _fitted_base(contents: CheckpointContents, base: SourceWeights) -> dict[str, torch.Tensor]:

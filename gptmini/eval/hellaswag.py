@@ -177,10 +177,5 @@ def score(model, tokenizer, examples: Iterable[Example], device: torch.device, p
         correct_norm += pred_norm == example.label
         bar.set_postfix(acc_norm=f"{correct_norm / i:.4f}", refresh=False)
     n = len(examples)
-    return {
-        "n": n,
-        "correct": correct,
-        "correct_norm": correct_norm,
-        "acc": correct / n if n else float("nan"),
-        "acc_norm": correct_norm / n if n else float("nan"),
-    }
+    acc, acc_norm = (count / n if n else float("nan") for count in (correct, correct_norm))
+    return {"n": n, "correct": correct, "correct_norm": correct_norm, "acc": acc, "acc_norm": acc_norm}
