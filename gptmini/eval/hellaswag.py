@@ -120,21 +120,19 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
     return examples
 
 
-def read_hub(name: str, limit: int | None = None) -> list[Example]:
-    """The validation examples of HellaSwag from the Hugging Face Hub (cached by datasets after the first
-    download); offline with nothing cached, one line that names the local alternative."""
+def load_examples(path: str | None, hub: str, limit: int | None = None) -> list[Example]:
+    """The first ``limit`` examples of a local jsonl when ``path`` is given, else of the Hub's validation
+    split (cached by datasets after the first download; offline with nothing cached, one line that names
+    the local alternative)."""
+    if path:
+        return read_jsonl(path, limit)
     from gptmini.data.corpus import HFConfig
     from gptmini.data.hf_source import load_hf_dataset
 
     hint = "connect to the internet once (it is then cached), or pass path=hellaswag_val.jsonl (a local copy)"
-    dataset = load_hf_dataset(HFConfig(path=name, split="validation", streaming=False), "hub", hint)
+    dataset = load_hf_dataset(HFConfig(path=hub, split="validation", streaming=False), "hub", hint)
     rows = dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
-    return [_example(row, f"{name} row {i}") for i, row in enumerate(rows)]
-
-
-def load_examples(path: str | None, hub: str, limit: int | None = None) -> list[Example]:
-    """A local jsonl when ``path`` is given, else the Hub's validation split; the first ``limit``."""
-    return read_jsonl(path, limit) if path else read_hub(hub, limit)
+    return [_example(row, f"{hub} row {i}") for i, row in enumerate(rows)]
 
 
 def _rows(tokenizer, example: Example, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
