@@ -141,26 +141,16 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: GPTConfig) -> 
         key = key.removeprefix("transformer.")
         if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
             continue  # mask buffers; the head is tied to wte below
-        state[_gptmini_name(key)] = _to_linear(key, tensor)
+        if key.startswith("h."):  # a block's; wte, wpe and ln_f have the same names in both
+            _, layer, rest = key.split(".", 2)
+            module, _, param = rest.rpartition(".")
+            if module in BLOCK_LINEARS and param == "weight":
+                tensor = tensor.t().contiguous()  # Conv1D's (in, out) -> Linear's (out, in)
+            key = f"blocks.{layer}.{BLOCK_LINEARS.get(module, module)}.{param}"
+        state[key] = tensor
     if "wte.weight" in state:
         state["lm_head.weight"] = state["wte.weight"]  # tied, as GPT's own state dict lists it
     return state
-
-
-def _gptmini_name(key: str) -> str:
-    if not key.startswith("h."):
-        return key  # wte, wpe, ln_f: the same names
-    _, layer, rest = key.split(".", 2)
-    module, _, param = rest.rpartition(".")
-    return f"blocks.{layer}.{BLOCK_LINEARS.get(module, module)}.{param}"
-
-
-def _to_linear(key: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Conv1D weights (in, out) become Linear weights (out, in); everything else is unchanged."""
-    is_conv1d = (
-        key.startswith("h.") and key.endswith(".weight") and any(f".{m}." in key for m in BLOCK_LINEARS)
-    )
-    return tensor.t().contiguous() if is_conv1d else tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
