@@ -1,6 +1,6 @@
 """Lightning callbacks for what a language-model run needs beyond Lightning's own: throughput and MFU, the
-loss history, text samples, step labels that survive a resume, the stop at max_steps, a graceful Ctrl-C, and
-a progress bar that does not sync every step."""
+loss history, text samples, HellaSwag accuracy, step labels that survive a resume, the stop at max_steps, a
+graceful Ctrl-C, and a progress bar that does not sync every step."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 
 from gptmini.common import atomic_file, say
+from gptmini.eval.config import HELLASWAG_HUB, HellaSwagConfig
+from gptmini.eval.hellaswag import Example, load_examples, score
 from gptmini.training.perf import flops_per_token, mfu, peak_flops
 from gptmini.training.steps import StepCallback, align_logged_step, is_logging_step
 
@@ -197,7 +199,6 @@ class TextSamples(L.Callback):
         self.options = options
         self.prompt = getattr(options, "prompt", "")
         self.seed = seed
-        self.last_sample: str | None = None
 
     def sample(self, model: torch.nn.Module, device: torch.device) -> str:
         from gptmini.generation.sampling import sample_tokens
@@ -223,7 +224,6 @@ class TextSamples(L.Callback):
         if isinstance(trainer.strategy, FSDPStrategy):
             return  # rank 0 holds only a shard of each weight: no sample without gathering them all
         text = self.sample(pl_module.model, pl_module.device)
-        self.last_sample = text
         header = f"----- sample at step {trainer.global_step} -----"
         say(f"\n{header}\n{self.prompt}{text}\n{'-' * len(header)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +232,44 @@ class TextSamples(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):  # TensorBoard
             experiment.add_text("sample", self.prompt + text, trainer.global_step)
+
+
+class HellaSwagEval(StepCallback):
+    """``eval.hellaswag_every=N``: log ``eval/hellaswag_acc`` and ``eval/hellaswag_acc_norm`` every N
+    optimizer steps, scored by ``gptmini.eval.hellaswag``. The examples are read once when fitting starts (so
+    an offline Hub fails before any training); under DDP each rank scores its own slice of them and the
+    counts are summed, so every rank logs the same figure."""
+
+    def __init__(self, config: HellaSwagConfig, tokenizer) -> None:
+        self.config, self.tokenizer = config, tokenizer
+        self.examples: list[Example] = []
+        self.history: list[tuple[int, float, float]] = []  # (step, acc, acc_norm), for tests and notebooks
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        examples = load_examples(self.config.hellaswag_path, HELLASWAG_HUB, self.config.hellaswag_limit)
+        self.examples = examples[trainer.global_rank :: trainer.world_size]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.config.hellaswag_every or not self.ended_a_step(trainer):
+            return
+        with evaluating(pl_module.model) as model:
+            figures = score(model, self.tokenizer, self.examples, pl_module.device, progress=False)
+        counts = torch.tensor(
+            [figures["correct"], figures["correct_norm"], figures["n"]],
+            device=pl_module.device,
+            dtype=torch.float64,
+        )
+        if trainer.world_size > 1:
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
+        correct, correct_norm, n = (float(c) for c in counts)
+        acc, acc_norm = correct / n, correct_norm / n
+        self.history.append((step, acc, acc_norm))
+        # Straight to the loggers (rank zero only), at the step the other metrics of this step carry:
+        # self.log from a batch-end hook would repeat the value on every later logging step.
+        metrics = {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step - 1)
 
 
 class AlignStepLabels(L.Callback):

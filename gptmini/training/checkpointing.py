@@ -75,7 +75,7 @@ def check_resumable(
 ) -> int:
     """Fail before training starts if the checkpoint is unreadable, of another shape or another tokenizer;
     return the optimizer step it was written at. A LoRA run's checkpoint is checked against its adapters
-    (``finetune_from`` has checked that the run's finetune settings are the checkpoint's)."""
+    (``check_finetune`` has checked that the run's finetune settings are the checkpoint's)."""
     finetune = finetune or FinetuneConfig()
     contents = read_contents(ckpt_path, mmap=True)  # mapped, not read: Lightning loads it next
     with torch.device("meta"):  # shapes only: no memory, no initialisation

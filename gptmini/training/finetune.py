@@ -6,15 +6,12 @@ weights, or other finetune settings than the run's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import tiktoken
 import torch
 
-from gptmini.common import GptMiniError, as_config
-from gptmini.data.tokenizer import tokenizer_from_spec
+from gptmini.common import GptMiniError
 from gptmini.model.config import GPTConfig
 from gptmini.model.lora import FinetuneConfig, is_adapter_key
 from gptmini.weights import (
@@ -56,22 +53,7 @@ def check_same_finetune(contents: CheckpointContents, finetune: FinetuneConfig) 
             )
 
 
-@dataclass
-class InitSource(SourceWeights):
-    """The weights a fine-tune starts from, as ``read_weights`` reads them, and their tokenizer."""
-
-    tokenizer: tiktoken.Encoding | None = None
-
-
-def read_init_source(spec: str) -> InitSource:
-    """Read ``init_from``: a fine-tune keeps the source's tokenizer, or its token ids would mean other
-    things to the weights."""
-    source = read_weights(spec)
-    read = {f.name: getattr(source, f.name) for f in fields(source)}
-    return InitSource(**read, tokenizer=tokenizer_from_spec(source.tokenizer_spec))
-
-
-def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource | None:
+def init_source_for(init_from: str | None, ckpt_path: Path | None) -> SourceWeights | None:
     """The weights a run starts from: ``init_from``; or, resuming a LoRA run without it, the base its
     checkpoint names (the checkpoint holds only the adapters). A LoRA run's base must still hold the
     weights its adapters were trained on (the fingerprint its checkpoint recorded)."""
@@ -79,7 +61,7 @@ def init_source_for(init_from: str | None, ckpt_path: Path | None) -> InitSource
     spec = init_from or (lora.base if lora is not None else None)
     if spec is None:
         return None
-    init = read_init_source(spec)
+    init = read_weights(spec)  # a fine-tune keeps its tokenizer, or token ids would mean other things
     if lora is not None:
         check_base_fingerprint(lora, init.state, ckpt_path)
     return init
@@ -101,22 +83,21 @@ def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
         )
 
 
-def finetune_from(cfg: Any) -> FinetuneConfig:
-    """The checked ``finetune`` settings; LoRA needs weights to adapt (``init_from``, or a LoRA resume), and
-    a resume keeps the settings its checkpoint was trained with (checked here, before any data is read)."""
-    node = cfg.get("finetune") if hasattr(cfg, "get") else None
-    finetune = as_config(node if node is not None else {}, FinetuneConfig, "finetune")
+def check_finetune(cfg: Any, finetune: FinetuneConfig) -> None:
+    """LoRA needs weights to adapt (``init_from``, or a LoRA resume); ``init_from`` beside ``ckpt_path`` must
+    be the one the run started from; a resume keeps the finetune settings its checkpoint was trained with."""
     if finetune.method == "lora" and not (cfg.init_from or cfg.ckpt_path):
         raise GptMiniError(
             "finetune=lora adapts pretrained weights, but no init_from is set; add init_from=gpt2 (or a "
             "checkpoint, run directory or Hugging Face folder)."
         )
+    if cfg.ckpt_path and cfg.init_from:
+        check_init_with_resume(cfg.ckpt_path, cfg.init_from)
     if cfg.ckpt_path:
         check_same_finetune(read_contents(resolve_checkpoint(cfg.ckpt_path), mmap=True), finetune)
-    return finetune
 
 
-def load_init_weights(model: torch.nn.Module, init: InitSource, model_config: GPTConfig) -> None:
+def load_init_weights(model: torch.nn.Module, init: SourceWeights, model_config: GPTConfig) -> None:
     """Put the source's weights into the run's model: the position table cropped to the run's context, and
     a LoRA model's adapters left as they are (B = 0: the model starts exactly at the source)."""
     state = crop_positions(init.state, model_config.block_size)
@@ -124,7 +105,7 @@ def load_init_weights(model: torch.nn.Module, init: InitSource, model_config: GP
     load_weights(model, {**state, **own_adapters}, source=init.path)
 
 
-def finetune_info(init_from: str | None, init: InitSource | None, finetune: FinetuneConfig) -> dict:
+def finetune_info(init_from: str | None, init: SourceWeights | None, finetune: FinetuneConfig) -> dict:
     """What a run's checkpoints record about where its weights came from: ``init_from`` as typed (so the same
     command plus ``ckpt_path=`` resumes it) and, for LoRA, the adapters' settings and their base."""
     info: dict = {"init_from": init_from} if init_from else {}

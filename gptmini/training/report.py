@@ -56,7 +56,7 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def print_closing_lines(summary: dict, sample: str | None) -> None:
+def print_closing_lines(summary: dict) -> None:
     tokens_per_s = _fmt(summary["tokens_per_s"], ",.0f")
     mfu = "n/a" if summary["mfu"] is None else f"{summary['mfu']:.1%}"
     say(

@@ -23,10 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, atomic_write_text, say
 from gptmini.data.datamodule import TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache
+from gptmini.data.tokenizer import tokenizer_from_spec
 from gptmini.threads import AUTO, ThreadChoice, apply_threads, available_cores, training_step_probe
 from gptmini.training.callbacks import (
     AlignStepLabels,
     GracefulInterrupt,
+    HellaSwagEval,
     LossHistory,
     StopAtMaxSteps,
     TextSamples,
@@ -40,8 +42,7 @@ from gptmini.training.checkpointing import (
     check_run_directory,
 )
 from gptmini.training.config import max_time_seconds
-from gptmini.training.eval_callback import hellaswag_callbacks, hellaswag_config
-from gptmini.training.finetune import finetune_from, finetune_info, init_source_for, load_init_weights
+from gptmini.training.finetune import finetune_info, init_source_for, load_init_weights
 from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig
@@ -62,10 +63,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     run_dir = run_directory(out_dir)
     cfg = with_run_dir(cfg, run_dir)
     settings = check_settings(cfg, run_dir)  # every value, before any data is read
-    hellaswag = hellaswag_config(cfg)  # eval.hellaswag_*: checked now too
     ckpt_path = resolve_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     check_run_directory(run_dir, resume_from=ckpt_path)
-    finetune = finetune_from(cfg)
+    finetune = settings.finetune
     init = init_source_for(cfg.init_from, ckpt_path)  # init_from, or the base of a LoRA run resumed
     if init is not None:
         model_config_from(cfg, None, source=init.model_config)  # a contradicting model.* fails before data
@@ -75,9 +75,10 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
 
     # text → tokenizer → token cache, here rather than in a DataModule's prepare_data hook: the model's
     # vocabulary comes from the tokenizer. A fine-tune tokenizes with its checkpoint's tokenizer.
+    init_tokenizer = tokenizer_from_spec(init.tokenizer_spec) if init is not None else None
     if init is not None:
-        say(f"init_from: weights and tokenizer ({init.tokenizer.name}) of {init.path}; tokenizer.* is unused")
-    cache = open_cache(prepare_cache(settings.data, settings.tokenizer, init.tokenizer if init else None))
+        say(f"init_from: weights and tokenizer ({init_tokenizer.name}) of {init.path}; tokenizer.* is unused")
+    cache = open_cache(prepare_cache(settings.data, settings.tokenizer, init_tokenizer))
     model_config = model_config_from(cfg, cache.vocab_size, source=init.model_config if init else None)
     datamodule = TextDataModule(cache, settings.data, model_config.block_size, seed=cfg.seed)
     module = GPTTrainingModule(
@@ -117,7 +118,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         samples,
         StopAtMaxSteps(),
         saved,
-        *hellaswag_callbacks(hellaswag, cache.tokenizer),
+        *([HellaSwagEval(settings.hellaswag, cache.tokenizer)] if settings.hellaswag.hellaswag_every else []),
         *([clock] if clock else []),
         *(extra_callbacks or []),
         interrupt,  # last: every other callback has seen the step before it saves and leaves the loop
@@ -157,7 +158,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     if trainer.is_global_zero:
         history.plot(run_dir / "loss_curve.png")
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print_closing_lines(summary, samples.last_sample)
+        print_closing_lines(summary)
     return summary
 
 

@@ -20,9 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from gptmini.common import GptMiniError, as_config, check_seed
 from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
+from gptmini.eval.config import HellaSwagConfig
 from gptmini.model.config import ATTENTION_GONE, MODEL_SIZES, GPTConfig, declared
+from gptmini.model.lora import FinetuneConfig
 from gptmini.threads import check_threads_setting
 from gptmini.training.config import SampleConfig, TrainerSchema
+from gptmini.training.finetune import check_finetune
 from gptmini.training.optim import OptimConfig
 
 
@@ -36,6 +39,8 @@ class RunSettings:
     model_shape: GPTConfig  # the model as configured; its vocabulary is set once the tokenizer exists
     sample: SampleConfig
     trainer_args: dict[str, Any]
+    finetune: FinetuneConfig
+    hellaswag: HellaSwagConfig  # the eval node: HellaSwag during training
 
 
 def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
@@ -43,10 +48,6 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
     check_seed(cfg.seed)
     check_threads_setting(cfg.threads)
     resolve_loss(cfg.loss)  # a bad name fails here, before any data is read
-    if cfg.ckpt_path and cfg.init_from:
-        from gptmini.training.finetune import check_init_with_resume
-
-        check_init_with_resume(cfg.ckpt_path, cfg.init_from)  # allowed only to resume that fine-tune
     settings = RunSettings(
         data=as_config(cfg.data, DataConfig, "data"),
         tokenizer=as_config(cfg.tokenizer, TokenizerConfig, "tokenizer"),
@@ -54,9 +55,12 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
         model_shape=model_config_from(cfg, tokenizer_vocab=None),
         sample=sample_config_from(cfg),
         trainer_args=trainer_arguments(cfg, run_dir),
+        finetune=as_config(cfg.get("finetune") or {}, FinetuneConfig, "finetune"),
+        hellaswag=as_config(cfg.get("eval") or {}, HellaSwagConfig, "eval"),
     )
     check_trainer_arguments(settings.trainer_args)
-    if settings.optim.name == "muon" and cfg.finetune.get("method") == "lora":
+    check_finetune(cfg, settings.finetune)
+    if settings.optim.name == "muon" and settings.finetune.method == "lora":
         # Muon orthogonalises a network's hidden weight matrices; LoRA trains only rank-r factors of
         # frozen ones, where that update has no meaning (and AdamW would be left with nothing to train).
         raise GptMiniError(
