@@ -160,12 +160,6 @@ def plot_path(value: str) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     """Write ``fig`` to ``path`` atomically (the format from its extension); a failure is a GptMiniError.
 
@@ -176,15 +170,7 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     try:
         with atomic_file(path, "wb") as handle:
             fig.savefig(handle, format=path.suffix.lower().lstrip("."), dpi=DPI)
-            if hasattr(os, "fchmod"):  # the temporary file is owner-only; make it what open() would make
-                os.fchmod(handle.fileno(), 0o666 & ~_umask())
     except OSError as exc:
         message = describe_os_error(exc, "the attention plot")
         raise GptMiniError(f"{message}; pick another attention_plot path.") from None
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

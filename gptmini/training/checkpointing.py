@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -39,16 +38,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return read_checkpoint(path, map_location=map_location or "cpu")
-
-
-class LastSavedStep(L.Callback):
-    """Remembers the step of the newest checkpoint written, so train() can tell whether one is missing."""
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self.step = trainer.global_step
 
 
 def check_run_directory(run_dir: Path, resume_from: Path | None) -> None:

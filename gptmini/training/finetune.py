@@ -67,32 +67,28 @@ def init_source_for(init_from: str | None, ckpt_path: Path | None) -> SourceWeig
     return init
 
 
-def check_init_with_resume(ckpt_path: str, init_from: str) -> None:
-    """``ckpt_path`` with ``init_from`` is a resume of a fine-tune only when the checkpoint's run started from
-    that same ``init_from`` (so the same command plus ``ckpt_path=`` resumes it); otherwise it is refused."""
-    try:
-        path = resolve_checkpoint(ckpt_path)
-        started_from = gptmini_info(read_checkpoint(path, mmap=True), path).get("init_from")
-    except GptMiniError:
-        started_from = None
-    if started_from is None or started_from != init_from:
-        raise GptMiniError(
-            "ckpt_path and init_from are both set: ckpt_path resumes a run (weights, optimizer, step, data "
-            "order), init_from starts a new run from weights only. Keep the one you mean (both are accepted "
-            "only to resume a fine-tune that started from that same init_from)."
-        )
-
-
 def check_finetune(cfg: Any, finetune: FinetuneConfig) -> None:
-    """LoRA needs weights to adapt (``init_from``, or a LoRA resume); ``init_from`` beside ``ckpt_path`` must
-    be the one the run started from; a resume keeps the finetune settings its checkpoint was trained with."""
+    """LoRA needs weights to adapt (``init_from``, or a LoRA resume). ``ckpt_path`` with ``init_from`` is a
+    resume of a fine-tune only when the checkpoint's run started from that same ``init_from`` (so the same
+    command plus ``ckpt_path=`` resumes it); otherwise it is refused. A resume keeps the finetune settings its
+    checkpoint was trained with."""
     if finetune.method == "lora" and not (cfg.init_from or cfg.ckpt_path):
         raise GptMiniError(
             "finetune=lora adapts pretrained weights, but no init_from is set; add init_from=gpt2 (or a "
             "checkpoint, run directory or Hugging Face folder)."
         )
     if cfg.ckpt_path and cfg.init_from:
-        check_init_with_resume(cfg.ckpt_path, cfg.init_from)
+        try:
+            path = resolve_checkpoint(cfg.ckpt_path)
+            started_from = gptmini_info(read_checkpoint(path, mmap=True), path).get("init_from")
+        except GptMiniError:
+            started_from = None
+        if started_from is None or started_from != cfg.init_from:
+            raise GptMiniError(
+                "ckpt_path and init_from are both set: ckpt_path resumes a run (weights, optimizer, step, "
+                "data order), init_from starts a new run from weights only. Keep the one you mean (both are "
+                "accepted only to resume a fine-tune that started from that same init_from)."
+            )
     if cfg.ckpt_path:
         check_same_finetune(read_contents(resolve_checkpoint(cfg.ckpt_path), mmap=True), finetune)
 

@@ -83,7 +83,7 @@ class GPTTrainingModule(L.LightningModule):
         # count micro-batches, so gradient accumulation needs no special case.
         self.register_buffer("_batches_seen", torch.tensor(0, dtype=torch.long), persistent=False)
         self.register_buffer("_first_bad_batch", torch.tensor(-1, dtype=torch.long), persistent=False)
-        self._saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
+        self.saved_step: int | None = None  # the step of the newest checkpoint written or resumed from
         # One context of token ids: Lightning's model summary runs it to fill its FLOPs and size columns.
         self.example_input_array = torch.zeros(1, self.model.config.block_size, dtype=torch.long)
 
@@ -211,10 +211,10 @@ class GPTTrainingModule(L.LightningModule):
             lr = self.trainer.optimizers[0].param_groups[-1]["lr"]
         else:
             lr = lr_at(bad_step, self.optim, self._schedule_steps())
-        if self._saved_step is None:
+        if self.saved_step is None:
             kept = "no checkpoint had been written yet"
         else:
-            kept = f"the last good checkpoint (step {self._saved_step}) was kept"
+            kept = f"the last good checkpoint (step {self.saved_step}) was kept"
         raise GptMiniError(
             f"the training loss became non-finite (NaN or inf) in step {bad_step + 1}, after {bad_step} good "
             f"ones (learning rate {lr:.3g}). Training stopped; {kept}. Try a lower optim.lr, more "
@@ -231,14 +231,14 @@ class GPTTrainingModule(L.LightningModule):
         checkpoint[GPTMINI_KEY] = gptmini_entry(
             self.model.config, self.tokenizer_spec or {}, rng=_rng_states(), **self.run_info
         )
-        self._saved_step = checkpoint.get("global_step")
+        self.saved_step = checkpoint.get("global_step")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         entry = checkpoint.get(GPTMINI_KEY, {})
         if self.tokenizer_spec is None:
             self.tokenizer_spec = entry.get("tokenizer")
         self._rng_to_restore = entry.get("rng")
-        self._saved_step = checkpoint.get("global_step")  # a resumed run's last good checkpoint
+        self.saved_step = checkpoint.get("global_step")  # a resumed run's last good checkpoint
 
 
 def bits_per_byte(loss, bytes_per_token: float):

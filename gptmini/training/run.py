@@ -35,12 +35,7 @@ from gptmini.training.callbacks import (
     Throughput,
     TrainingInterrupted,
 )
-from gptmini.training.checkpointing import (
-    AtomicCheckpointIO,
-    LastSavedStep,
-    check_resumable,
-    check_run_directory,
-)
+from gptmini.training.checkpointing import AtomicCheckpointIO, check_resumable, check_run_directory
 from gptmini.training.config import max_time_seconds
 from gptmini.training.finetune import finetune_info, init_source_for, load_init_weights
 from gptmini.training.loggers import METRICS_FILE, trim_history
@@ -70,7 +65,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     if init is not None:
         model_config_from(cfg, None, source=init.model_config)  # a contradicting model.* fails before data
     plan, trainer_args = plan_run(settings.trainer_args, settings.optim)
-    clock = training_clock(settings.trainer_args["max_time"])
+    # The Timer of trainer.max_time: it stops the run, and a time-based schedule reads its progress.
+    max_time = settings.trainer_args["max_time"]
+    clock = Timer(timedelta(seconds=max_time_seconds(max_time)), interval="step") if max_time else None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     # text → tokenizer → token cache, here rather than in a DataModule's prepare_data hook: the model's
@@ -101,13 +98,14 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     )
     if init is not None:
         load_init_weights(module.model, init, model_config)
+    resumed_step = None
     if ckpt_path is not None:
-        step = check_resumable(ckpt_path, model_config, cache.tokenizer_spec, finetune)
+        resumed_step = check_resumable(ckpt_path, model_config, cache.tokenizer_spec, finetune)
         # Rows logged after that checkpoint belong to steps this run trains again.
-        trim_history(run_dir / METRICS_FILE, after_step=step)
+        trim_history(run_dir / METRICS_FILE, after_step=resumed_step)
 
     ckpt_dir = run_dir / "checkpoints"
-    interrupt, history, saved = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory(), LastSavedStep()
+    interrupt, history = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory()
     throughput = Throughput(cfg.throughput_every_n_steps, cfg.peak_flops)
     samples = TextSamples(cache.tokenizer, run_dir, settings.sample, seed=cfg.seed)
     callbacks = [
@@ -117,7 +115,6 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         history,
         samples,
         StopAtMaxSteps(),
-        saved,
         *([HellaSwagEval(settings.hellaswag, cache.tokenizer)] if settings.hellaswag.hellaswag_every else []),
         *([clock] if clock else []),
         *(extra_callbacks or []),
@@ -150,7 +147,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         print_resume_hint(run_dir, trainer.global_step, str(stop))
         raise SystemExit(130) from None
     wall_s = time.perf_counter() - started
-    _finish(trainer, module, datamodule, history, saved, ckpt_dir / "last.ckpt")
+    _finish(trainer, module, datamodule, history, ckpt_dir / "last.ckpt", resumed_step)
 
     summary = build_summary(trainer, module, throughput, history, ckpt_dir, wall_s, cache.meta["val_tokens"])
     summary["train_time_s"] = clock.time_elapsed() if clock else None  # the clock of trainer.max_time
@@ -174,8 +171,9 @@ def set_training_threads(
     """
     one_cpu_process = trainer.strategy.root_device.type == "cpu" and trainer.world_size == 1
     timed = cfg.threads == AUTO and one_cpu_process
-    recorded = recorded_threads(resumed) if timed and resumed is not None else None
-    if recorded is not None:
+    # The count the checkpoint was trained with, if it says and this machine has that many cores.
+    recorded = read_checkpoint(resumed, mmap=True)[GPTMINI_KEY].get("threads") if timed and resumed else None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and 1 <= recorded <= available_cores():
         choice = apply_threads(recorded)
         choice.how = "checkpoint"
         say(choice.describe())
@@ -189,7 +187,7 @@ def set_training_threads(
 def plan_run(trainer_args: dict, optim: OptimConfig) -> tuple[RunPlan, dict]:
     """The run's facts, decided once: its length, the schedule's length, precision and clipping; and the
     Trainer's arguments that follow from them, every interval in optimizer steps. A time budget ends the run
-    through ``training_clock``'s Timer (so Lightning's ``max_time`` is not passed: it would start a second
+    through ``train``'s clock, a Timer (so Lightning's ``max_time`` is not passed: it would start a second
     Timer), and it has no step limit.
     """
     args = dict(trainer_args)
@@ -207,13 +205,6 @@ def plan_run(trainer_args: dict, optim: OptimConfig) -> tuple[RunPlan, dict]:
     return plan, args
 
 
-def training_clock(max_time: str | dict | None) -> Timer | None:
-    """The Timer of ``trainer.max_time``: it stops the run, and a time-based schedule reads its progress."""
-    if max_time is None:
-        return None
-    return Timer(duration=timedelta(seconds=max_time_seconds(max_time)), interval="step", verbose=True)
-
-
 def use_tensor_cores(trainer: L.Trainer) -> None:
     """On a CUDA GPU, let float32 matmuls use TF32 tensor cores (as the benchmarks and nanoGPT do).
 
@@ -225,20 +216,14 @@ def use_tensor_cores(trainer: L.Trainer) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def recorded_threads(ckpt_path: Path) -> int | None:
-    """The thread count a checkpoint was trained with, if it says and this machine has that many cores."""
-    threads = read_checkpoint(ckpt_path, mmap=True)[GPTMINI_KEY].get("threads")
-    usable = isinstance(threads, int) and not isinstance(threads, bool) and 1 <= threads <= available_cores()
-    return threads if usable else None
-
-
-def _finish(trainer, module, datamodule, history, saved: LastSavedStep, last_ckpt: Path) -> None:
+def _finish(trainer, module, datamodule, history, last_ckpt: Path, resumed_step: int | None) -> None:
     """Make sure the run ends with a checkpoint and a validation of its final weights.
 
     StopAtMaxSteps asks Lightning for both on the last step, but Lightning skips that validation in some
-    resumed runs (when the resumed checkpoint was written just before a due validation), so check.
+    resumed runs (when the resumed checkpoint was written just before a due validation), so check. A resumed
+    run that trained no step writes its own checkpoint too (it may run in another directory).
     """
-    if saved.step != trainer.global_step:
+    if module.saved_step != trainer.global_step or resumed_step == trainer.global_step:
         trainer.save_checkpoint(last_ckpt)
     if history.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
