@@ -140,11 +140,6 @@ def apply_threads(setting, probe: Callable[[], object] | None = None) -> ThreadC
     return ThreadChoice(torch.get_num_threads(), "default")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The steps that are timed: the caller's own work, on its own model and shapes.
-# ---------------------------------------------------------------------------------------------------------
-
-
 def training_step_probe(model: torch.nn.Module, batch_size: int, precision: str) -> Callable[[], None]:
     """One forward + backward of a training batch's shape on a copy of ``model``: what ``threads=auto`` times.
 

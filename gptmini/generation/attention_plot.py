@@ -117,11 +117,6 @@ def _colour(labels, colours: list[str]) -> None:
         label.set_color(colour)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The output file: checked before any work, written atomically.
-# ---------------------------------------------------------------------------------------------------------
-
-
 def plot_path(value: str) -> Path:
     """The file ``attention_plot=value`` will write, checked now so a bad path fails before the model runs.
 

@@ -21,18 +21,17 @@ def quote_prompt_argument(argv: list[str]) -> list[str]:
     parse error), and OmegaConf would resolve ``${...}`` in a prompt. A prompt value that is not already
     quoted is wrapped in single quotes with the few escapes the two grammars need, so it arrives as typed.
     """
-    return [_quote_prompt(arg) for arg in argv]
-
-
-def _quote_prompt(arg: str) -> str:
-    key, sep, value = arg.partition("=")
-    if key != "prompt" or not sep or not value or value[0] in "'\"":
-        return arg
-    # OmegaConf: "\${" is a literal "${" (backslashes before it are doubled to stay literal too).
-    value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
-    # Hydra quoted strings: backslashes are escapes only before a quote or at the end.
-    value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-    return f"prompt='{value}'"
+    quoted = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if key == "prompt" and sep and value and value[0] not in "'\"":
+            # OmegaConf: "\${" is a literal "${" (backslashes before it are doubled to stay literal too).
+            value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+            # Hydra quoted strings: backslashes are escapes only before a quote or at the end.
+            value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+            arg = f"prompt='{value}'"
+        quoted.append(arg)
+    return quoted
 
 
 # The most a prompt may hold. The model sees only its last block_size tokens (1024 for GPT-2, a few KB of

@@ -1,6 +1,4 @@
-"""Lightning callbacks for what a language-model run needs beyond Lightning's own: throughput and MFU, the
-loss history, text samples, HellaSwag accuracy, step labels that survive a resume, the stop at max_steps, a
-graceful Ctrl-C, and a progress bar that does not sync every step."""
+"""Lightning callbacks for what a language-model run needs beyond Lightning's own (each class says what)."""
 
 from __future__ import annotations
 
@@ -243,7 +241,6 @@ class HellaSwagEval(StepCallback):
     def __init__(self, config: HellaSwagConfig, tokenizer) -> None:
         self.config, self.tokenizer = config, tokenizer
         self.examples: list[Example] = []
-        self.history: list[tuple[int, float, float]] = []  # (step, acc, acc_norm), for tests and notebooks
 
     def on_fit_start(self, trainer, pl_module) -> None:
         examples = load_examples(self.config.hellaswag_path, HELLASWAG_HUB, self.config.hellaswag_limit)
@@ -255,16 +252,12 @@ class HellaSwagEval(StepCallback):
             return
         with evaluating(pl_module.model) as model:
             figures = score(model, self.tokenizer, self.examples, pl_module.device, progress=False)
-        counts = torch.tensor(
-            [figures["correct"], figures["correct_norm"], figures["n"]],
-            device=pl_module.device,
-            dtype=torch.float64,
-        )
+        counts = torch.tensor([figures[k] for k in ("correct", "correct_norm", "n")], dtype=torch.float64)
+        counts = counts.to(pl_module.device)
         if trainer.world_size > 1:
             counts = trainer.strategy.reduce(counts, reduce_op="sum")
         correct, correct_norm, n = (float(c) for c in counts)
         acc, acc_norm = correct / n, correct_norm / n
-        self.history.append((step, acc, acc_norm))
         # Straight to the loggers (rank zero only), at the step the other metrics of this step carry:
         # self.log from a batch-end hook would repeat the value on every later logging step.
         metrics = {"eval/hellaswag_acc": acc, "eval/hellaswag_acc_norm": acc_norm}
@@ -351,16 +344,12 @@ class GracefulInterrupt(StepCallback):
             raise TrainingInterrupted(self.received or "signal on another rank")
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._restore_handlers()
-
-    def on_exception(self, trainer, pl_module, exception) -> None:
-        self._restore_handlers()
-
-    def _restore_handlers(self) -> None:
+    def on_train_end(self, trainer, pl_module, exception=None) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    on_exception = on_train_end  # the handlers go back however the run ends
 
 
 class QuietRichProgressBar(RichProgressBar):

@@ -57,8 +57,7 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
 
 
 def print_closing_lines(summary: dict) -> None:
-    tokens_per_s = _fmt(summary["tokens_per_s"], ",.0f")
-    mfu = "n/a" if summary["mfu"] is None else f"{summary['mfu']:.1%}"
+    tokens_per_s, mfu = _fmt(summary["tokens_per_s"], ",.0f"), _fmt(summary["mfu"], ".1%")
     say(
         f"\ndone: {summary['steps']} steps, {summary['train_tokens']:,} tokens in {summary['wall_s']:.1f} s "
         f"({tokens_per_s} tokens/s, MFU {mfu})"

@@ -107,13 +107,12 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     ckpt_dir = run_dir / "checkpoints"
     interrupt, history = GracefulInterrupt(ckpt_dir / "last.ckpt"), LossHistory()
     throughput = Throughput(cfg.throughput_every_n_steps, cfg.peak_flops)
-    samples = TextSamples(cache.tokenizer, run_dir, settings.sample, seed=cfg.seed)
     callbacks = [
         AlignStepLabels(),
         *build_callbacks(cfg),
         throughput,
         history,
-        samples,
+        TextSamples(cache.tokenizer, run_dir, settings.sample, seed=cfg.seed),
         StopAtMaxSteps(),
         *([HellaSwagEval(settings.hellaswag, cache.tokenizer)] if settings.hellaswag.hellaswag_every else []),
         *([clock] if clock else []),
@@ -176,10 +175,9 @@ def set_training_threads(
     if isinstance(recorded, int) and not isinstance(recorded, bool) and 1 <= recorded <= available_cores():
         choice = apply_threads(recorded)
         choice.how = "checkpoint"
-        say(choice.describe())
-        return choice
-    probe = training_step_probe(model, cfg.data.batch_size, str(trainer.precision)) if timed else None
-    choice = apply_threads(cfg.threads, probe)  # auto without a probe keeps torch's default
+    else:
+        probe = training_step_probe(model, cfg.data.batch_size, str(trainer.precision)) if timed else None
+        choice = apply_threads(cfg.threads, probe)  # auto without a probe keeps torch's default
     say(choice.describe())
     return choice
 
