@@ -91,6 +91,17 @@ def as_config(value: object, cls: type, group: str):
     return cls(**{key: value[key] for key in value})
 
 
+def typed_config(value: object, cls: type, group: str):
+    """A command's whole config as its dataclass: a Hydra DictConfig is merged into ``cls``'s structured
+    schema first (so OmegaConf converts and checks each value's type, as on the command line); anything else
+    goes through ``as_config``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), value))
+    return as_config(value, cls, group)
+
+
 def check_finite_floats(config: object, prefix: str) -> None:
     """Refuse NaN and ±inf in every float field of the dataclass ``config`` (call it first in its checks).
 

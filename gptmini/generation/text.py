@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from gptmini.common import GptMiniError, as_config, check_seed, pick_device, say
+from gptmini.common import GptMiniError, check_seed, pick_device, say, typed_config
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
 from gptmini.generation.prompt import encode_prompt, read_prompt
@@ -124,13 +124,7 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
 
 def _validated(cfg) -> GenerateTextConfig:
     """The config as a validated ``GenerateTextConfig`` (constructing it runs every check)."""
-    if isinstance(cfg, GenerateTextConfig):
-        return cfg
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(GenerateTextConfig), cfg))
-    return as_config(cfg, GenerateTextConfig, "generate")
+    return typed_config(cfg, GenerateTextConfig, "generate")
 
 
 def _interactive(session: _Session) -> list[str]:

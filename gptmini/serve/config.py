@@ -91,12 +91,6 @@ def register_config() -> None:
 
 def validated(cfg) -> ServeConfig:
     """The config as a checked ``ServeConfig`` (a ServeConfig, Hydra's DictConfig or a mapping)."""
-    if isinstance(cfg, ServeConfig):
-        return cfg
-    from omegaconf import DictConfig, OmegaConf
+    from gptmini.common import typed_config
 
-    from gptmini.common import as_config
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ServeConfig), cfg))
-    return as_config(cfg, ServeConfig, "serve")
+    return typed_config(cfg, ServeConfig, "serve")
