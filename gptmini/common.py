@@ -4,8 +4,7 @@ Anything a user can get wrong (a config value, a path, a checkpoint, a prompt) r
 short message that names the value and the fix. Every command prints it without a traceback and exits with
 status 2 (``run_job``); every other exception is a bug and keeps its traceback.
 
-Imports nothing from gptmini when it loads, so every module may import it (``run_job`` asks
-``gptmini.training.sweep``, which imports no gptmini module, whether a failed job is part of a sweep).
+Imports nothing from gptmini, so every module may import it.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from typing import IO, Any
 
 # Every temporary file an atomic write makes is named ``.<target>.<random>.tmp`` beside its target.
 TEMP_SUFFIX = ".tmp"
+# What a failed job of a -m sweep writes in its directory: its one-line error, for the sweep summary.
+ERROR_FILE = "error.txt"
 
 
 def checkout_root() -> Path | None:
@@ -260,13 +261,28 @@ def run_with_arguments(
 
 def _failed(message: str) -> int:
     """Status 2, except in a job of a ``-m`` sweep: there the failure is recorded and the sweep goes on."""
-    # Imported here: only a failure needs it, and gptmini.training.sweep imports no gptmini module.
-    from gptmini.training.sweep import in_multirun, record_failed_job
-
     if in_multirun():
         record_failed_job(message)
         return 0
     return 2
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a ``-m`` sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def record_failed_job(message: str) -> None:
+    """Write the job's error next to its outputs (``ERROR_FILE``), so the sweep summary
+    (gptmini.training.sweep) can list it while the sweep goes on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    (job_dir / ERROR_FILE).write_text(message + "\n", encoding="utf-8")
 
 
 def discard_stdout() -> None:

@@ -16,25 +16,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gptmini.common import ERROR_FILE
+
 COLUMNS = ["job", "overrides", "val_loss", "val_bpb", "tokens_per_s", "n_params", "wall_s", "status", "error"]
-ERROR_FILE = "error.txt"  # written by a job that failed with a one-line error
-
-
-def in_multirun() -> bool:
-    """Whether this process runs a job of a ``-m`` sweep."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def record_failed_job(message: str) -> None:
-    """Write the job's error next to its outputs, so the sweep summary can list it while the sweep goes on."""
-    from hydra.core.hydra_config import HydraConfig
-
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
-    job_dir.mkdir(parents=True, exist_ok=True)
-    (job_dir / ERROR_FILE).write_text(message + "\n", encoding="utf-8")
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
