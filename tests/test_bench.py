@@ -159,3 +159,48 @@ def test_structure_counts_modules_and_finds_no_import_circle():
     assert result["circles"] == []  # the flow runs one way: no two modules import each other
     assert "gptmini.training.run" in result["train_path"]
     assert not any(module.startswith("gptmini.generation.text") for module in result["train_path"])
+
+
+def test_race_refuses_a_folder_that_is_not_nanogpt(tmp_path):
+    """bench/race.py names the missing file instead of failing inside nanoGPT's train.py."""
+    (tmp_path / "train.py").write_text("")
+    text = tmp_path / "input.txt"
+    text.write_text("First Citizen:\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/race.py",
+            "--nanogpt",
+            str(tmp_path),
+            "--text",
+            str(text),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert f"--nanogpt {tmp_path} has no model.py" in proc.stderr
+
+
+def test_race_runs_nanogpts_readme_cpu_recipe_as_written():
+    """The recipe raced against is nanoGPT's README CPU line (only --out_dir is added)."""
+    recipe = load_bench("race").NANOGPT_RECIPE
+    assert recipe[0] == "config/train_shakespeare_char.py" and recipe[-1] == "--out_dir=out-race"
+    assert set(recipe[1:-1]) == {
+        "--device=cpu",
+        "--compile=False",
+        "--eval_iters=20",
+        "--log_interval=1",
+        "--block_size=64",
+        "--batch_size=12",
+        "--n_layer=4",
+        "--n_head=4",
+        "--n_embd=128",
+        "--max_iters=2000",
+        "--lr_decay_iters=2000",
+        "--dropout=0.0",
+    }
