@@ -245,6 +245,18 @@ class ChatDataModule(ResumableDataModule):
             total += len(self.cache.tokenizer.decode_bytes([int(t) for t in y if t not in (-1, eot)]))
         return total / self._val_targets if self._val_targets else math.nan
 
+    def sample_prompt_ids(self) -> list[int]:
+        """The first validation (else training) conversation up to its last reply: what the samples printed
+        at each validation answer."""
+        split = "val" if self.cache.meta["val_records"] else "train"
+        offsets = np.fromfile(self.cache.folder / offsets_name(split), dtype=np.int64, count=2)
+        tokens = self.cache.stream(split).read(int(offsets[0]), int(offsets[1]))
+        mask = np.fromfile(self.cache.folder / mask_name(split), dtype=np.uint8, count=int(offsets[1]))
+        reply = len(mask)  # where the last reply starts: the trailing run of reply tokens
+        while reply > 0 and mask[reply - 1]:
+            reply -= 1
+        return [int(t) for t in tokens[:reply]][-self.block_size :]
+
     @property
     def summary_fields(self) -> dict:
         """The conversations a run used, cut and skipped, for summary.json."""

@@ -144,8 +144,11 @@ class GPTTrainingModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.model(x, y)
-        # Weight each batch by its tokens, so the last, shorter window counts for what it holds.
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=y.numel(), prog_bar=True)
+        # Weight each batch by its targets (y == -1 is padding or prompt, outside the loss), so the mean is
+        # per target: the last, shorter window of text counts for what it holds, and a batch of chat by its
+        # reply tokens. For text every target is kept: y.numel().
+        targets = int((y != -1).sum())
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=targets, prog_bar=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:
