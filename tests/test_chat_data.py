@@ -392,3 +392,20 @@ def test_experiment_sft_alpaca_runs_on_cpu_from_a_tiny_model(tmp_path, compose_t
     assert entry["chat_template"] == to_entry(get_template("alpaca"))
     samples = (tmp_path / "run" / "samples.txt").read_text()
     assert "### Instruction:" in samples and "### Response:" in samples
+
+
+@pytest.mark.slow
+def test_a_hugging_face_dataset_with_a_messages_column_gives_the_same_cache_as_its_file(tmp_path):
+    pytest.importorskip("datasets")
+    records = [{"id": n, "chat": r["messages"]} for n, r in enumerate(some_records(20))]
+    path = write_jsonl(tmp_path / "hf" / "chats.jsonl", records)
+    hf = {"path": "json", "data_files": str(path), "messages_field": "chat"}
+    from_hf = prepare_cache(DataConfig(name="chat", hf=hf, cache_dir=str(tmp_path / "cache")), TOK)
+    as_files = write_jsonl(tmp_path / "files" / "chats.jsonl", [{"messages": r["chat"]} for r in records])
+    from_files = prepare_cache(chat_config(tmp_path, as_files), TOK)
+    for name in ("train_000000.bin", "val_000000.bin", mask_name("train"), offsets_name("val")):
+        assert (from_hf / name).read_bytes() == (from_files / name).read_bytes(), name
+    records[7]["chat"][-1]["role"] = "bot"
+    write_jsonl(path, records)
+    with pytest.raises(GptMiniError, match=rf"{path} line 8: message \d+ has role 'bot'"):
+        prepare_cache(DataConfig(name="chat", hf=hf, cache_dir=str(tmp_path / "cache")), TOK)
