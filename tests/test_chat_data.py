@@ -20,6 +20,7 @@ from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.model.config import GPTConfig
 from gptmini.model.gpt import GPT
 from gptmini.training.run import train
+from gptmini.training.settings import check_settings
 from gptmini.weights import read_checkpoint
 
 TOK = TokenizerConfig(name="bpe", vocab_size=300)
@@ -130,7 +131,7 @@ def test_a_bad_record_in_a_json_list_is_named_by_its_line_and_index(tmp_path):
         prepare_cache(chat_config(tmp_path, path), TOK)
 
 
-def test_chat_settings_are_checked_and_refused_where_they_would_do_nothing(tmp_path):
+def test_chat_settings_are_checked_and_refused_where_they_would_do_nothing(tmp_path, compose_train):
     with pytest.raises(GptMiniError, match=r"data.template='chatml' is unknown; use one of: alpaca, chat"):
         DataConfig(name="chat", path="x.jsonl", template="chatml")
     with pytest.raises(GptMiniError, match=r"data.epochs=0 must be an integer >= 1"):
@@ -140,6 +141,12 @@ def test_chat_settings_are_checked_and_refused_where_they_would_do_nothing(tmp_p
     for key, value in (("template", "alpaca"), ("mask_prompt", False), ("epochs", 2), ("split_seed", 7)):
         with pytest.raises(GptMiniError, match=rf"data.{key}=.* only applies to data=chat"):
             DataConfig(name="text", path="x.txt", **{key: value})
+    cfg = compose_train(["data=chat", "data.path=x.jsonl", "data.epochs=2", "optim.schedule_by=time"])
+    cfg.trainer.max_time = "00:00:01:00"
+    with pytest.raises(
+        GptMiniError, match=r"data.epochs=2 sets the run's length in steps, but optim.schedule_by"
+    ):
+        check_settings(cfg, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -200,7 +207,9 @@ def test_the_split_is_by_record_fixed_by_split_seed_and_disjoint(tmp_path):
 def test_a_damaged_chat_cache_is_a_one_line_error(tmp_path):
     cache, _ = chat_cache(tmp_path)
     (cache.folder / mask_name("val")).write_bytes(b"\x00")
-    with pytest.raises(GptMiniError, match=r"is damaged \(val_mask.bin has 1 bytes.*delete that folder"):
+    with pytest.raises(
+        GptMiniError, match=r"is damaged \(val_mask.bin has 1 bytes, meta.json says \d+ bytes\)"
+    ):
         open_cache(cache.folder)
     (cache.folder / offsets_name("train")).unlink()
     with pytest.raises(GptMiniError, match=r"is damaged \(train_offsets.bin is missing\)"):

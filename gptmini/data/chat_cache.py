@@ -220,7 +220,7 @@ def check_chat_files(folder: Path, meta: dict) -> str | None:
             except OSError:
                 return f"{name} is missing"
             if actual != size:
-                return f"{name} has {actual} bytes, meta.json says {size}"
+                return f"{name} has {actual} bytes, meta.json says {size} bytes"
     if not isinstance(meta.get("template"), dict):
         return "meta.json has no chat template"
     return None

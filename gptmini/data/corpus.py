@@ -2,7 +2,8 @@
 
 One concern: which files are the corpus, and their text as a source of the cache writer
 (``gptmini.data.shards``, which decides the validation split for every source). Imports only
-``gptmini.common``; knows nothing of tokenizers, caches, models or training. Decisions worth knowing:
+``gptmini.common`` and ``gptmini.data.chat_template`` (to check ``data.template``); knows nothing of
+tokenizers, caches, models or training. Decisions worth knowing:
 
 - **Documents.** A corpus is a sorted list of files, one document each. A directory or glob never follows
   links to directories (a link to a parent folder would pull the same text in again and again) and lists a
@@ -39,6 +40,7 @@ from gptmini.common import (
     remove_stale_temp_files,
     say,
 )
+from gptmini.data.chat_template import get_template
 
 CORPORA = ("pystdlib", "shakespeare", "text", "hf", "chat")
 DEFAULT_CACHE_DIR = default_cache_dir()  # a checkout's data/; for a wheel, the user's cache folder
@@ -176,8 +178,6 @@ class DataConfig:
                         f"data={self.name}."
                     )
             return
-        from gptmini.data.chat_template import get_template  # imports gptmini.common only
-
         get_template(self.template)  # an unknown name: one line naming the known ones
         has_hf = self.hf is not None and bool(self.hf.path)
         if bool(self.path) == has_hf:
