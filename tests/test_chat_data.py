@@ -401,6 +401,13 @@ def test_experiment_sft_alpaca_runs_on_cpu_from_a_tiny_model(tmp_path, compose_t
     assert entry["chat_template"] == to_entry(get_template("alpaca"))
     samples = (tmp_path / "run" / "samples.txt").read_text()
     assert "### Instruction:" in samples and "### Response:" in samples
+    # finetune=lora composes with it: adapters on the run's weights, its tokenizer, one epoch.
+    lora = [*overrides, f"init_from={tmp_path / 'run'}", "finetune=lora", "data.epochs=1"]
+    summary = train(compose_train(lora), out_dir=tmp_path / "lora")
+    assert summary["steps"] == math.ceil(38 / 8)
+    checkpoint = read_checkpoint(tmp_path / "lora" / "checkpoints" / "last.ckpt")
+    assert checkpoint["gptmini"]["chat_template"] == entry["chat_template"]
+    assert checkpoint["state_dict"] and all("lora" in name for name in checkpoint["state_dict"])
 
 
 @pytest.mark.slow
