@@ -1,5 +1,6 @@
 """data=chat: records and their errors, the chat cache and split, padded batches, masks, resume, SFT runs."""
 
+import errno
 import json
 import math
 import random
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import gptmini.data.chat_cache as chat_cache_mod
 from gptmini.common import GptMiniError
 from gptmini.data.chat_cache import mask_name, offsets_name, split_records
 from gptmini.data.chat_datamodule import ChatDataModule, ChatTrainBatches
@@ -214,6 +216,28 @@ def test_a_damaged_chat_cache_is_a_one_line_error(tmp_path):
     (cache.folder / offsets_name("train")).unlink()
     with pytest.raises(GptMiniError, match=r"is damaged \(train_offsets.bin is missing\)"):
         open_cache(cache.folder)
+
+
+def test_an_unwritable_or_full_cache_folder_is_one_line_and_leaves_nothing(
+    tmp_path, read_only_dir, monkeypatch
+):
+    path = write_jsonl(tmp_path / "chats.jsonl", some_records(10))
+    data = DataConfig(name="chat", path=str(path), cache_dir=str(read_only_dir / "cache"))
+    with pytest.raises(
+        GptMiniError, match=r"the token cache under .*; set data.cache_dir=/a/folder/you/can/write"
+    ):
+        prepare_cache(data, TOK)
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(chat_cache_mod, "_write_split", disk_full)
+    with pytest.raises(GptMiniError, match=r"free some space there, or set data.cache_dir"):
+        prepare_cache(chat_config(tmp_path, path), TOK)
+    leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_dir()]
+    assert not [name for name in leftovers if name.endswith(".building")] and not list(
+        (tmp_path / "cache").rglob("meta.json")
+    )
 
 
 def test_instruction_data_of_the_book_reads_as_1100_alpaca_records():

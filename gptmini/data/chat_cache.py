@@ -124,27 +124,31 @@ def _build(parent: Path, key: str, settings: dict, source, data, template, tok, 
         train_ids, val_ids = split_records(len(records), data.val_fraction, data.split_seed)
         shutil.rmtree(building, ignore_errors=True)  # an interrupted build: start again
         building.mkdir(parents=True)
-        splits = {"train": [records[i] for i in train_ids], "val": [records[i] for i in val_ids]}
-        enc = encoding or _tokenizer(splits["train"], template, tok)
-        counts: dict = {"shards": {}, "dtype": np.dtype(token_dtype(enc.n_vocab)).name}
-        for split in SPLITS:
-            counts.update(_write_split(building, split, splits[split], template, enc, data.shard_tokens))
-            counts["shards"][split] = counts.pop(f"{split}_shards")
-        meta = {
-            **settings,
-            "kind": "chat",
-            "corpus": source.folder,
-            "source": source.description,
-            "tokenizer_id": parent.name,
-            "tokenizer": save_tokenizer(enc, building),
-            "vocab_size": enc.n_vocab,
-            "eot_id": enc.eot_token,
-            **counts,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        atomic_write_text(building / "meta.json", json.dumps(meta, indent=2) + "\n")
-        _fsync_folder(building)
-        os.rename(building, folder)  # atomic: the folder appears complete or not at all
+        try:
+            splits = {"train": [records[i] for i in train_ids], "val": [records[i] for i in val_ids]}
+            enc = encoding or _tokenizer(splits["train"], template, tok)
+            counts: dict = {"shards": {}, "dtype": np.dtype(token_dtype(enc.n_vocab)).name}
+            for split in SPLITS:
+                counts.update(_write_split(building, split, splits[split], template, enc, data.shard_tokens))
+                counts["shards"][split] = counts.pop(f"{split}_shards")
+            meta = {
+                **settings,
+                "kind": "chat",
+                "corpus": source.folder,
+                "source": source.description,
+                "tokenizer_id": parent.name,
+                "tokenizer": save_tokenizer(enc, building),
+                "vocab_size": enc.n_vocab,
+                "eot_id": enc.eot_token,
+                **counts,
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+            atomic_write_text(building / "meta.json", json.dumps(meta, indent=2) + "\n")
+            _fsync_folder(building)
+            os.rename(building, folder)  # atomic: the folder appears complete or not at all
+        except BaseException:  # a bad tokenizer, a full disk, Ctrl-C: nothing half-written stays behind
+            shutil.rmtree(building, ignore_errors=True)
+            raise
         tokens = counts["train_tokens"] + counts["val_tokens"]
         say(
             f"rendered {len(records)} conversations ({len(train_ids)} training, {len(val_ids)} validation) "
