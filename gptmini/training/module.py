@@ -34,7 +34,8 @@ class GPTTrainingModule(L.LightningModule):
     schedule length, precision and clipping, as ``train()`` decided them) as dicts.
 
     Args:
-        val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
+        val_bytes_per_token: UTF-8 bytes per loss target of the validation split (data=chat: per reply
+            token), to report bits per byte.
         compile, compile_mode: ``torch.compile`` the GPT in place (checkpoint keys do not change).
         loss: "chunked" (``GPT.loss``: no full logits tensor) or "standard" (``forward``'s full logits).
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
