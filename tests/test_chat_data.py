@@ -240,6 +240,14 @@ def test_an_unwritable_or_full_cache_folder_is_one_line_and_leaves_nothing(
     )
 
 
+def test_gptmini_eval_refuses_chat_data_rather_than_scoring_the_prompts():
+    from gptmini.eval.val import evaluate_val
+
+    data = DataConfig(name="chat", path="chats.jsonl")
+    with pytest.raises(GptMiniError, match=r"does not score data=chat yet"):
+        evaluate_val(None, None, data, torch.device("cpu"), batch_size=4)
+
+
 def test_instruction_data_of_the_book_reads_as_1100_alpaca_records():
     if not INSTRUCTION_DATA.is_file():
         pytest.skip(f"the book's instruction-data.json is not at {INSTRUCTION_DATA}")
