@@ -2,7 +2,8 @@
 
 One concern: which files are the corpus, and their text as a source of the cache writer
 (``gptmini.data.shards``, which decides the validation split for every source). Imports only
-``gptmini.common``; knows nothing of tokenizers, caches, models or training. Decisions worth knowing:
+``gptmini.common`` and ``gptmini.data.chat_template`` (to check ``data.template``); knows nothing of
+tokenizers, caches, models or training. Decisions worth knowing:
 
 - **Documents.** A corpus is a sorted list of files, one document each. A directory or glob never follows
   links to directories (a link to a parent folder would pull the same text in again and again) and lists a
@@ -39,8 +40,9 @@ from gptmini.common import (
     remove_stale_temp_files,
     say,
 )
+from gptmini.data.chat_template import get_template
 
-CORPORA = ("pystdlib", "shakespeare", "text", "hf")
+CORPORA = ("pystdlib", "shakespeare", "text", "hf", "chat")
 DEFAULT_CACHE_DIR = default_cache_dir()  # a checkout's data/; for a wheel, the user's cache folder
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -84,10 +86,16 @@ class HFConfig:
     """The column that holds each document's text."""
     streaming: bool = True
     """Read as a stream (constant memory, no Arrow copy of the corpus); false downloads and converts first."""
+    messages_field: str = "messages"
+    """data=chat: the column that holds each conversation's list of {role, content} messages."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.text_field, str) or not self.text_field:
             raise GptMiniError(f"data.hf.text_field={self.text_field!r} must name a column; try text.")
+        if not isinstance(self.messages_field, str) or not self.messages_field:
+            raise GptMiniError(
+                f"data.hf.messages_field={self.messages_field!r} must name a column; try messages."
+            )
 
 
 # Tokens per shard file of a cache: 2**25 ids = 64 MiB as uint16, ~300 files for 10B tokens (a smaller
@@ -100,9 +108,11 @@ class DataConfig:
     """Which corpus to train on and how to batch it (the ``data`` config group)."""
 
     name: str = "pystdlib"
-    """The corpus: "pystdlib" (the running Python's standard library), "shakespeare", "text" or "hf"."""
+    """The corpus: "pystdlib" (the running Python's standard library), "shakespeare", "text", "hf" or "chat"
+    (conversations for fine-tuning; docs/data.md)."""
     path: str | None = None
-    """shakespeare: a local copy of input.txt (skips the download); text: a file, directory or glob."""
+    """shakespeare: a local copy of input.txt (skips the download); text: a file, directory or glob; chat: a
+    .json or .jsonl file of records, or a directory or glob of them."""
     batch_size: int = 32
     """Sequences per batch."""
     val_fraction: float = 0.1
@@ -117,6 +127,16 @@ class DataConfig:
     """hf only: keep this many tokens, train and validation shared by val_fraction; null = all."""
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     """Tokens per shard file of the cache (a smaller corpus is a one-shard cache)."""
+    template: str = "chat"
+    """chat only: how a conversation is written as text: "chat" or "alpaca" (data/chat_template.py)."""
+    mask_prompt: bool = True
+    """chat only: the loss covers the assistant's replies (and each reply's end token) only; false = every
+    token but padding."""
+    epochs: int | None = None
+    """chat only: train this many passes over the training conversations (sets the step count instead of
+    trainer.max_steps); null = trainer.max_steps."""
+    split_seed: int = 1337
+    """chat only: seeds which records are validation (a fixed choice, independent of the training seed)."""
 
     def __post_init__(self) -> None:
         if self.name not in CORPORA:
@@ -141,10 +161,39 @@ class DataConfig:
                 f"data.max_tokens={self.max_tokens} only applies to data=hf; leave it null for "
                 f"data={self.name} (cut the text itself instead)."
             )
+        self._check_chat()
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise GptMiniError(f"data.max_tokens={self.max_tokens!r} must be an integer >= 1, or null.")
         if not isinstance(self.shard_tokens, int) or self.shard_tokens < 1:
             raise GptMiniError(f"data.shard_tokens={self.shard_tokens!r} must be a positive integer.")
+
+    def _check_chat(self) -> None:
+        """data=chat's source and settings; elsewhere its settings are refused (they would do nothing)."""
+        if self.name != "chat":
+            chat_only = {"template": "chat", "mask_prompt": True, "epochs": None, "split_seed": 1337}
+            for key, default in chat_only.items():
+                if getattr(self, key) != default:
+                    raise GptMiniError(
+                        f"data.{key}={getattr(self, key)!r} only applies to data=chat; leave it out for "
+                        f"data={self.name}."
+                    )
+            return
+        get_template(self.template)  # an unknown name: one line naming the known ones
+        has_hf = self.hf is not None and bool(self.hf.path)
+        if bool(self.path) == has_hf:
+            raise GptMiniError(
+                "data=chat needs exactly one source: data.path=FILE.json, FILE.jsonl, DIRECTORY or GLOB of "
+                "records, or a Hugging Face dataset data.hf.path=... (e.g. data.hf.path=json "
+                "data.hf.data_files=chats.jsonl)."
+            )
+        if not isinstance(self.mask_prompt, bool):
+            raise GptMiniError(f"data.mask_prompt={self.mask_prompt!r} must be true or false.")
+        if self.epochs is not None and (
+            not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1
+        ):
+            raise GptMiniError(f"data.epochs={self.epochs!r} must be an integer >= 1, or null.")
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool) or self.split_seed < 0:
+            raise GptMiniError(f"data.split_seed={self.split_seed!r} must be a non-negative integer.")
 
 
 def cache_root(data: DataConfig) -> Path:

@@ -105,7 +105,52 @@ def _check_validation_split(meta: dict) -> None:
     )
 
 
-class TextDataModule(L.LightningDataModule):
+class ResumableDataModule(L.LightningDataModule):
+    """What every gptmini DataModule shares: an endless training stream resumed at the first batch not yet
+    consumed (``state_dict``), the rank, and the loaders. Subclasses say what the batches are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded_batches = 0  # load_state_dict's value, for a DataModule used without a trainer
+
+    def _rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
+        workers, pin = self.data_config.num_workers, torch.cuda.is_available()
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
+
+    @property
+    def batches_consumed(self) -> int:
+        """Training batches this rank has taken from the stream: where a resumed stream continues.
+
+        Derived from the trainer's optimizer steps rather than counted in a batch hook: Lightning also runs
+        the batch-transfer hooks on the model summary's example input, which is no training batch, and a
+        count kept there was one too high. Checkpoints are written only between optimizer steps, so every
+        batch taken belongs to a finished step. Without a trainer it is the value last loaded.
+        """
+        if isinstance(self.trainer, L.Trainer):
+            return self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return self._loaded_batches
+
+    def state_dict(self) -> dict:
+        """How far the training stream got: enough to resume it exactly."""
+        return {"batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume: the next train_dataloader starts at the first batch not yet consumed."""
+        self._loaded_batches = int(state_dict["batches_consumed"])
+
+    @property
+    def summary_fields(self) -> dict:
+        """Figures of the data for the run's summary.json (none by default)."""
+        return {}
+
+
+class TextDataModule(ResumableDataModule):
     """An opened token cache served as resumable, rank-disjoint random training windows and fixed validation
     windows.
 
@@ -133,7 +178,6 @@ class TextDataModule(L.LightningDataModule):
             raise GptMiniError(f"seed={seed!r} must be a non-negative integer.")
         self.block_size = block_size
         self.seed = seed
-        self._loaded_batches = 0  # load_state_dict's value, for a DataModule used without a trainer
         train_tokens, need = cache.meta["train_tokens"], block_size + 1
         if train_tokens < need:
             raise GptMiniError(
@@ -148,13 +192,6 @@ class TextDataModule(L.LightningDataModule):
                 f"{per_batch} tokens) is larger than the whole training split ({train_tokens} "
                 "tokens); use a smaller data.batch_size or model.block_size, or more text."
             )
-
-    def _rank(self) -> int:
-        return self.trainer.global_rank if self.trainer is not None else 0
-
-    def _loader(self, dataset, batch_size: int | None) -> DataLoader:
-        workers, pin = self.data_config.num_workers, torch.cuda.is_available()
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         """Whole batches from an endless stream that starts after the batches already consumed."""
@@ -172,22 +209,11 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(windows, self.data_config.batch_size)
 
     @property
-    def batches_consumed(self) -> int:
-        """Training batches this rank has taken from the stream: where a resumed stream continues.
+    def val_bytes_per_token(self) -> float:
+        """UTF-8 bytes per validation target, for bits/byte (every validation token is a target)."""
+        return self.cache.bytes_per_token("val")
 
-        Derived from the trainer's optimizer steps rather than counted in a batch hook: Lightning also runs
-        the batch-transfer hooks on the model summary's example input, which is no training batch, and a
-        count kept there was one too high. Checkpoints are written only between optimizer steps, so every
-        batch taken belongs to a finished step. Without a trainer it is the value last loaded.
-        """
-        if isinstance(self.trainer, L.Trainer):
-            return self.trainer.global_step * self.trainer.accumulate_grad_batches
-        return self._loaded_batches
-
-    def state_dict(self) -> dict:
-        """How far the training stream got: enough to resume it exactly."""
-        return {"batches_consumed": self.batches_consumed}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Resume: the next train_dataloader starts at the first batch not yet consumed."""
-        self._loaded_batches = int(state_dict["batches_consumed"])
+    @property
+    def val_targets(self) -> int:
+        """The validation split's tokens (what the summary reports as ``val_tokens``)."""
+        return self.cache.meta["val_tokens"]

@@ -133,10 +133,13 @@ def _is_offline(error: BaseException) -> bool:
     )
 
 
-def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: str = OFFLINE_HINT):
+def load_hf_dataset(
+    hf: HFConfig, setting: str = "data.hf.path", offline_hint: str = OFFLINE_HINT, check_text: bool = True
+):
     """``datasets.load_dataset`` with ``data.hf``'s arguments; any failure is one GptMiniError line.
 
-    ``setting`` and ``offline_hint`` word the message for another caller (the HellaSwag reader).
+    ``setting`` and ``offline_hint`` word the message for another caller (the HellaSwag reader);
+    ``check_text=False`` skips the check that ``text_field`` holds text (data=chat reads messages instead).
     """
     datasets = _import_datasets()
     files = local_files(hf)  # also names a pattern matching nothing
@@ -147,7 +150,7 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
             f"{describe(hf)} is empty: its {len(files)} file(s) hold 0 bytes ({some_paths(files)}); point "
             f"{setting} at files with documents."
         )
-    problem = hf_records.check_files(_reading_order(hf), hf.text_field)
+    problem = hf_records.check_files(_reading_order(hf), hf.text_field) if check_text else None
     if problem:  # before datasets turns it into text (see hf_records)
         raise GptMiniError(problem)
     data_files = _loader_data_files(hf)
@@ -161,7 +164,7 @@ def load_hf_dataset(hf: HFConfig, setting: str = "data.hf.path", offline_hint: s
                 f"cannot load the dataset {setting}={hf.path!r}: offline and not cached "
                 f"({_first_line(error)}); {offline_hint}."
             ) from None
-        problem = hf_records.find_bad_record(_reading_order(hf), hf.text_field)
+        problem = hf_records.find_bad_record(_reading_order(hf), hf.text_field) if check_text else None
         if problem:  # a bad record in the first block fails already here
             raise GptMiniError(problem) from None
         raise GptMiniError(

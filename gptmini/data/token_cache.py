@@ -3,9 +3,9 @@
 ``prepare_cache`` turns the configured corpus into a source of documents for the one writer
 (``gptmini.data.shards``: split, key, lock, resumable shards, ``meta.json``); ``open_cache`` checks a cache
 folder and opens its token files, and ``TokenStream`` reads a split's shards as one sequence. Imports
-``gptmini.data.corpus``, ``.tokenizer``, ``.shards`` and (for ``data=hf``) ``.hf_source`` only; must not
-import the DataModule, ``gptmini.model``, ``gptmini.training`` or ``gptmini.generation``. docs/data.md
-describes the folder.
+``gptmini.data.corpus``, ``.tokenizer``, ``.shards``, ``.chat_cache`` (``data=chat``) and (for ``data=hf``)
+``.hf_source`` only; must not import the DataModule, ``gptmini.model``, ``gptmini.training`` or
+``gptmini.generation``. docs/data.md describes the folder.
 
 Checked on open: ``meta.json``, the dtype, the file sizes, the tokenizer, and that ids are below the
 vocabulary size: every id of a split up to ``ID_CHECK_ALL`` tokens (a chunked max over the memmaps: a few ms
@@ -27,6 +27,7 @@ import tiktoken
 
 from gptmini.common import GptMiniError, as_config
 from gptmini.data import shards
+from gptmini.data.chat_cache import check_chat_files, prepare_chat_cache
 from gptmini.data.corpus import DataConfig, cache_root, resolve_corpus
 from gptmini.data.shards import SPLITS, shard_name, write_cache
 from gptmini.data.tokenizer import EOT, TokenizerConfig, load_bpe, load_encoding, tokenizer_to_spec
@@ -66,6 +67,8 @@ def prepare_cache(
     tokenizer = as_config(tokenizer, TokenizerConfig, "tokenizer")
     if encoding is not None:
         _check_encoding(encoding)
+    if data.name == "chat":  # conversations: rendered with their template, split by record
+        return prepare_chat_cache(data, tokenizer, encoding, cache_root(data))
     return write_cache(_source(data), data, cache_root(data), tokenizer, encoding)
 
 
@@ -136,6 +139,10 @@ def read_meta(folder: Path) -> dict:
                 raise _damaged(folder, f"{path.name} is missing") from None
             if size != length * np.dtype(meta["dtype"]).itemsize:
                 raise _damaged(folder, f"{path.name} has {size} bytes, meta.json says {length} tokens")
+    if meta.get("kind") == "chat":
+        problem = check_chat_files(folder, meta)
+        if problem:
+            raise _damaged(folder, problem)
     return meta
 
 

@@ -27,6 +27,11 @@ def evaluate_val(
     model, tokenizer, data: DataConfig, device: torch.device, batch_size: int, limit: int | None = None
 ) -> dict:
     """``{"val_loss", "val_bpb", "val_ppl", "tokens", "windows"}``: token-weighted mean cross-entropy."""
+    if data.name == "chat":  # windows of text would score the prompts too: not the loss the run reported
+        raise GptMiniError(
+            "gptmini eval scores windows of text and does not score data=chat yet; a chat run's val/loss "
+            "(over the replies) is in its summary.json and metrics.csv."
+        )
     spec = tokenizer_to_spec(tokenizer)
     if spec["kind"] == "tiktoken":  # a named encoding: the very cache a training run on this data made
         cache = open_cache(prepare_cache(data, TokenizerConfig(name=spec["name"])))

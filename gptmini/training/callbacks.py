@@ -189,20 +189,32 @@ class TextSamples(L.Callback):
         out_dir: the run directory.
         options: the sampling options; ``options.prompt`` is the text to continue ("" = a new document).
         seed: sampling seed, so samples of different validations differ only by the model.
+        prompt_ids: token ids to continue instead of ``options.prompt`` (data=chat: a rendered prompt that
+            ends where a reply starts, special tokens included).
     """
 
-    def __init__(self, tokenizer, out_dir: str | os.PathLike, options, seed: int = 1234) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        out_dir: str | os.PathLike,
+        options,
+        seed: int = 1234,
+        prompt_ids: list[int] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.path = Path(out_dir) / "samples.txt"
         self.options = options
+        self.prompt_ids = prompt_ids
         self.prompt = getattr(options, "prompt", "")
+        if prompt_ids:  # shown as text, without the opening <|endoftext|>
+            self.prompt = tokenizer.decode([i for i in prompt_ids if i != tokenizer.eot_token])
         self.seed = seed
 
     def sample(self, model: torch.nn.Module, device: torch.device) -> str:
         from gptmini.generation.sampling import sample_tokens
 
         eot = self.tokenizer.eot_token
-        prompt_ids = self.tokenizer.encode_ordinary(self.prompt) or [eot]
+        prompt_ids = self.prompt_ids or self.tokenizer.encode_ordinary(self.prompt) or [eot]
         generator = torch.Generator(device=device).manual_seed(self.seed)
         with evaluating(model):
             tokens = sample_tokens(

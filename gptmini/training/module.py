@@ -34,7 +34,8 @@ class GPTTrainingModule(L.LightningModule):
     schedule length, precision and clipping, as ``train()`` decided them) as dicts.
 
     Args:
-        val_bytes_per_token: UTF-8 bytes per token of the validation split, to report bits per byte.
+        val_bytes_per_token: UTF-8 bytes per loss target of the validation split (data=chat: per reply
+            token), to report bits per byte.
         compile, compile_mode: ``torch.compile`` the GPT in place (checkpoint keys do not change).
         loss: "chunked" (``GPT.loss``: no full logits tensor) or "standard" (``forward``'s full logits).
         tokenizer_spec: the tokenizer, stored in every checkpoint so generation needs only the file.
@@ -144,8 +145,11 @@ class GPTTrainingModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         _, loss = self.model(x, y)
-        # Weight each batch by its tokens, so the last, shorter window counts for what it holds.
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=y.numel(), prog_bar=True)
+        # Weight each batch by its targets (y == -1 is padding or prompt, outside the loss), so the mean is
+        # per target: the last, shorter window of text counts for what it holds, and a batch of chat by its
+        # reply tokens. For text every target is kept: y.numel().
+        targets = int((y != -1).sum())
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=targets, prog_bar=True)
         return loss
 
     def on_validation_epoch_end(self) -> None:

@@ -1,13 +1,16 @@
 """``train(cfg) -> summary``: the whole training run, importable, so tests call exactly what train.py calls.
 
 It reads as the one-way flow: check every setting → text → tokenizer → token cache → DataModule →
-GPTTrainingModule → Lightning's fit → checkpoint → summary. Everything the run writes goes into its run
+GPTTrainingModule → Lightning's fit → checkpoint → summary. data=chat takes the same path with its own cache
+and DataModule (``build_datamodule``); its template goes into every checkpoint (``chat_template``), and
+``data.epochs`` sets the run's length (``steps_for_epochs``). Everything the run writes goes into its run
 directory: checkpoints/, metrics.csv, samples.txt, loss_curve.png, summary.json.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict
@@ -21,7 +24,10 @@ from lightning.pytorch.callbacks import ProgressBar, Timer
 from omegaconf import DictConfig, OmegaConf
 
 from gptmini.common import GptMiniError, atomic_write_text, say
-from gptmini.data.datamodule import TextDataModule
+from gptmini.data.chat_datamodule import ChatDataModule
+from gptmini.data.chat_template import get_template, render, to_entry
+from gptmini.data.corpus import DataConfig
+from gptmini.data.datamodule import ResumableDataModule, TextDataModule
 from gptmini.data.token_cache import open_cache, prepare_cache
 from gptmini.data.tokenizer import tokenizer_from_spec
 from gptmini.threads import AUTO, ThreadChoice, apply_threads, available_cores, training_step_probe
@@ -42,7 +48,7 @@ from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint
-from gptmini.training.settings import check_settings, model_config_from, resolve_loss
+from gptmini.training.settings import check_settings, model_config_from, resolve_loss, world_size
 from gptmini.training.steps import RunPlan
 from gptmini.weights import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
 
@@ -64,7 +70,6 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     init = init_source_for(cfg.init_from, ckpt_path)  # init_from, or the base of a LoRA run resumed
     if init is not None:
         model_config_from(cfg, None, source=init.model_config)  # a contradicting model.* fails before data
-    plan, trainer_args = plan_run(settings.trainer_args, settings.optim)
     # The Timer of trainer.max_time: it stops the run, and a time-based schedule reads its progress.
     max_time = settings.trainer_args["max_time"]
     clock = Timer(timedelta(seconds=max_time_seconds(max_time)), interval="step") if max_time else None
@@ -77,11 +82,16 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         say(f"init_from: weights and tokenizer ({init_tokenizer.name}) of {init.path}; tokenizer.* is unused")
     cache = open_cache(prepare_cache(settings.data, settings.tokenizer, init_tokenizer))
     model_config = model_config_from(cfg, cache.vocab_size, source=init.model_config if init else None)
-    datamodule = TextDataModule(cache, settings.data, model_config.block_size, seed=cfg.seed)
+    datamodule = build_datamodule(cache, settings.data, model_config.block_size, cfg.seed)
+    trainer_args = settings.trainer_args
+    if settings.data.epochs is not None:
+        steps = steps_for_epochs(settings.data, datamodule.train_conversations, trainer_args)
+        trainer_args = {**trainer_args, "max_steps": steps}
+    plan, trainer_args = plan_run(trainer_args, settings.optim)
     module = GPTTrainingModule(
         model_config=asdict(model_config),
         optim=asdict(settings.optim),
-        val_bytes_per_token=cache.bytes_per_token("val"),
+        val_bytes_per_token=datamodule.val_bytes_per_token,
         compile=cfg.compile,
         compile_mode=cfg.compile_mode,
         loss=resolve_loss(cfg.loss, settings.trainer_args["accelerator"]),
@@ -90,6 +100,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
             "data": settings.data.name,
             "tokenizer_name": cache.tokenizer.name,
             "name": cfg.name,
+            **chat_info(settings.data),
             **finetune_info(cfg.init_from, init, finetune),
         },
         finetune=asdict(finetune),
@@ -112,7 +123,7 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         *build_callbacks(cfg),
         throughput,
         history,
-        TextSamples(cache.tokenizer, run_dir, settings.sample, seed=cfg.seed),
+        TextSamples(cache.tokenizer, run_dir, settings.sample, cfg.seed, sample_prompt(settings, datamodule)),
         StopAtMaxSteps(),
         *([HellaSwagEval(settings.hellaswag, cache.tokenizer)] if settings.hellaswag.hellaswag_every else []),
         *([clock] if clock else []),
@@ -148,7 +159,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     wall_s = time.perf_counter() - started
     _finish(trainer, module, datamodule, history, ckpt_dir / "last.ckpt", resumed_step)
 
-    summary = build_summary(trainer, module, throughput, history, ckpt_dir, wall_s, cache.meta["val_tokens"])
+    summary = build_summary(trainer, module, throughput, history, ckpt_dir, wall_s, datamodule.val_targets)
+    summary.update(datamodule.summary_fields)  # data=chat: the conversations used, cut and skipped
     summary["train_time_s"] = clock.time_elapsed() if clock else None  # the clock of trainer.max_time
     summary["threads_choice"] = threads.as_dict()
     if trainer.is_global_zero:
@@ -156,6 +168,42 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         print_closing_lines(summary)
     return summary
+
+
+def build_datamodule(cache, data: DataConfig, block_size: int, seed: int) -> ResumableDataModule:
+    """The DataModule of the corpus: whole conversations for data=chat, random windows of text otherwise."""
+    if data.name == "chat":
+        return ChatDataModule(cache, data, block_size, seed=seed)
+    return TextDataModule(cache, data, block_size, seed=seed)
+
+
+def chat_info(data: DataConfig) -> dict:
+    """data=chat: the template, for the checkpoint's gptmini entry (what generate.py and the server render
+    with: a checkpoint chats in the format it learned)."""
+    return {"chat_template": to_entry(get_template(data.template))} if data.name == "chat" else {}
+
+
+def steps_for_epochs(data: DataConfig, conversations: int, trainer_args: dict) -> int:
+    """``data.epochs`` passes over ``conversations`` as optimizer steps (the last may run into the next
+    epoch), said once."""
+    per_step = data.batch_size * world_size(trainer_args) * trainer_args["accumulate_grad_batches"]
+    steps = math.ceil(data.epochs * conversations / per_step)
+    say(
+        f"data.epochs={data.epochs}: {steps} steps of {per_step} conversations over {conversations} training "
+        "conversations (instead of trainer.max_steps)"
+    )
+    return steps
+
+
+def sample_prompt(settings, datamodule: ResumableDataModule) -> list[int] | None:
+    """data=chat: the validation samples reply to ``sample.prompt`` as a user turn, or (when it is empty) to
+    the first validation conversation; None for text (TextSamples continues ``sample.prompt``)."""
+    if not isinstance(datamodule, ChatDataModule):
+        return None
+    if settings.sample.prompt:
+        template, enc = get_template(settings.data.template), datamodule.cache.tokenizer
+        return render(template, [("user", settings.sample.prompt)], enc, add_generation_prompt=True).ids
+    return datamodule.sample_prompt_ids()
 
 
 def set_training_threads(

@@ -60,6 +60,11 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
     )
     check_trainer_arguments(settings.trainer_args)
     check_finetune(cfg, settings.finetune)
+    if settings.data.epochs is not None and settings.optim.schedule_by == "time":
+        raise GptMiniError(
+            f"data.epochs={settings.data.epochs} sets the run's length in steps, but optim.schedule_by=time "
+            "ends it by trainer.max_time; use one of the two."
+        )
     if settings.optim.name == "muon" and settings.finetune.method == "lora":
         # Muon orthogonalises a network's hidden weight matrices; LoRA trains only rank-r factors of
         # frozen ones, where that update has no meaning (and AdamW would be left with nothing to train).
@@ -174,7 +179,8 @@ def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
             "optim.schedule_by=time needs the time budget its schedule spans: set trainer.max_time, "
             "e.g. trainer.max_time=00:00:02:00."
         )
-    if not by_time and (args["max_steps"] or -1) <= 0 and not cfg.optim.get("decay_steps"):
+    by_epochs = cfg.data.get("epochs") is not None  # data=chat: the length follows from the data
+    if not by_time and not by_epochs and (args["max_steps"] or -1) <= 0 and not cfg.optim.get("decay_steps"):
         raise GptMiniError(
             "the cosine schedule needs a length: set trainer.max_steps (e.g. trainer.max_steps=2000) "
             "or optim.decay_steps."
@@ -187,6 +193,16 @@ def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
 def check_trainer_arguments(args: dict) -> None:
     """Build a throwaway Trainer, so Lightning rejects bad accelerators, devices, precisions, strategies and
     durations now; its exception becomes one line naming the argument."""
+    _throwaway_trainer(args)
+
+
+def world_size(args: dict) -> int:
+    """The number of processes the Trainer of ``args`` trains with (devices × nodes, as Lightning counts
+    them), known before the real Trainer exists: data.epochs needs it to count steps."""
+    return _throwaway_trainer(args).world_size
+
+
+def _throwaway_trainer(args: dict):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -194,7 +210,7 @@ def check_trainer_arguments(args: dict) -> None:
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines are printed by the real Trainer
     try:
-        L.Trainer(
+        return L.Trainer(
             **{**args, "enable_progress_bar": False, "enable_model_summary": False},
             logger=False,
             enable_checkpointing=False,
