@@ -95,7 +95,7 @@ BAD_RECORDS = [
     ),
     (
         '{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
-        r"chats.jsonl:2: message 0's content is a int, not a string",
+        r"chats.jsonl:2: message 0's content is an int, not a string",
     ),
     (
         '{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}',

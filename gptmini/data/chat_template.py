@@ -9,7 +9,8 @@ Two templates (``data.template``):
 
 - ``alpaca``: the prompt of chapter 7 of *Build a Large Language Model (From Scratch)*::
 
-      Below is an instruction that describes a task. Write a response that appropriately completes the request.
+      Below is an instruction that describes a task. Write a response that appropriately completes the
+      request.
 
       ### Instruction:
       {user}
@@ -19,7 +20,8 @@ Two templates (``data.template``):
 
   An Alpaca record ``{"instruction", "input", "output"}`` is the one-turn conversation whose user text is the
   instruction, followed by ``\\n\\n### Input:\\n{input}`` when the input is not empty, so it renders exactly
-  as the chapter's ``format_input``. A system message replaces the opening sentence.
+  as the chapter's ``format_input``. The opening sentence is one line (folded above); a system message
+  replaces it.
 - ``chat``: a plain-text multi-turn format with an optional system message::
 
       System:
@@ -84,7 +86,9 @@ class ChatTemplate:
         for role in ("system", "user"):
             text = getattr(self, role)
             if not isinstance(text, str) or text.count(CONTENT) != 1:
-                raise GptMiniError(f"chat template {self.name!r}: its {role} format must hold {CONTENT} once.")
+                raise GptMiniError(
+                    f"chat template {self.name!r}: its {role} format must hold {CONTENT} once."
+                )
         if not isinstance(self.assistant, str) or not self.assistant.endswith("\n"):
             raise GptMiniError(f"chat template {self.name!r}: its assistant opening must end in a newline.")
 
@@ -153,10 +157,9 @@ def check_messages(messages: object, where: str = "the conversation", ends_with:
             raise GptMiniError(f"{where}: message {n} is a system message; only the first may be one.")
         pairs.append((role, content))
     if ends_with is not None and pairs[-1][0] != ends_with:
+        last, article = pairs[-1][0], "an" if ends_with == "assistant" else "a"
         raise GptMiniError(
-            f"{where}: the conversation ends with a {pairs[-1][0]} turn; the last must be an {ends_with} turn."
-            if ends_with == "assistant"
-            else f"{where}: the conversation ends with a {pairs[-1][0]} turn; the last must be a {ends_with} turn."
+            f"{where}: the conversation ends with a {last} turn; the last must be {article} {ends_with} turn."
         )
     return pairs
 
@@ -169,7 +172,9 @@ def alpaca_messages(record: Mapping, where: str = "the record") -> list[tuple[st
             raise GptMiniError(f"{where}: the Alpaca record has no {field!r} field.")
     for field in ("instruction", "input", "output"):
         if field in record and not isinstance(record[field], str):
-            raise GptMiniError(f"{where}: the Alpaca record's {field!r} is {_kind(record[field])}, not a string.")
+            raise GptMiniError(
+                f"{where}: the Alpaca record's {field!r} is {_kind(record[field])}, not a string."
+            )
     user = record["instruction"]
     if record.get("input"):
         user += "\n\n### Input:\n" + record["input"]
@@ -177,7 +182,11 @@ def alpaca_messages(record: Mapping, where: str = "the record") -> list[tuple[st
 
 
 def _kind(value: object) -> str:
-    return "null" if value is None else f"a {type(value).__name__}"
+    """How a value is named in an error: "null", "an int", "a list"."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -192,7 +201,9 @@ class Rendered:
     mask: list[bool]
 
 
-def _pieces(template: ChatTemplate, messages: list, add_generation_prompt: bool) -> list[tuple[str, bool, bool]]:
+def _pieces(
+    template: ChatTemplate, messages: list, add_generation_prompt: bool
+) -> list[tuple[str, bool, bool]]:
     """``(text, is_reply, is_template)`` pieces of the rendered conversation, in order."""
     pieces = [(END, False, True)]
     first_system = bool(messages) and messages[0][0] == "system"
@@ -247,9 +258,7 @@ def render(template: ChatTemplate, messages: object, enc, add_generation_prompt:
     return Rendered(ids, mask)
 
 
-def fit_history(
-    template: ChatTemplate, messages: list, enc, budget: int
-) -> tuple[list, int]:
+def fit_history(template: ChatTemplate, messages: list, enc, budget: int) -> tuple[list, int]:
     """The newest part of a conversation whose prompt (with the generation prompt) takes at most ``budget``
     tokens, and how many turns were dropped: the oldest turns go first, the system message stays."""
     pairs = check_messages(messages)
@@ -329,9 +338,12 @@ def jinja(template: ChatTemplate) -> str:
         f"{{{{ {_literal(END)} }}}}"
         + default
         + "{% for message in messages %}"
-        + "{% if message['role'] == 'system' %}" + turn("system")
-        + "{% elif message['role'] == 'user' %}" + turn("user")
-        + "{% else %}" + turn("assistant")
+        + "{% if message['role'] == 'system' %}"
+        + turn("system")
+        + "{% elif message['role'] == 'user' %}"
+        + turn("user")
+        + "{% else %}"
+        + turn("assistant")
         + "{% endif %}{% endfor %}"
         + f"{{% if add_generation_prompt %}}{{{{ {_literal(template.assistant)} }}}}{{% endif %}}"
     )
