@@ -1,7 +1,8 @@
 """The prompt: quoting it for Hydra's command line, reading it (text, @file or stdin) and encoding it.
 
-One concern: turning what the user typed into the prompt's token ids. Imports only ``gptmini.common`` and
-``gptmini.data.tokenizer`` (for the <|endoftext|> name); must not import ``training`` or run the model.
+One concern: turning what the user typed (an option, a file, stdin, an interactive line) into the prompt's
+token ids. Imports only ``gptmini.common`` and ``gptmini.data.tokenizer`` (for the <|endoftext|> name); must
+not import ``training`` or run the model.
 """
 
 from __future__ import annotations
@@ -119,3 +120,13 @@ def encode_prompt(text: str, enc, block_size: int) -> list[int]:
         )
         ids = ids[-block_size:]
     return ids
+
+
+def read_line() -> str | None:
+    """One line typed by the user in interactive mode, after a "> " marker; None at Ctrl-D or Ctrl-C."""
+    sys.stderr.write("> ")  # the marker is not generated text: stderr, like every message
+    sys.stderr.flush()
+    try:
+        return input()
+    except (EOFError, KeyboardInterrupt):
+        return None
