@@ -14,6 +14,7 @@ import tiktoken
 import torch
 
 from gptmini import GPT, GPTConfig
+from gptmini.common import GptMiniError
 from gptmini.data.chat_template import TEMPLATES, jinja, render, render_text, to_entry
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec, train_bpe
 from gptmini.weights import save_model_checkpoint
@@ -112,11 +113,15 @@ def test_a_gpt2_export_holds_the_trained_template_and_renders_like_gptmini(gpt2_
     check_round_trip(enc, tokenizer, TEMPLATES["chat"])
 
 
-def test_the_export_says_which_template_a_checkpoint_without_one_gets(tmp_path, capsys):
+def test_a_checkpoint_template_this_gptmini_cannot_read_is_not_exported(tmp_path):
     enc = train_bpe(["a small corpus, a small corpus. " * 20], vocab_size=300)
-    export(str(tiny_checkpoint(tmp_path / "m.ckpt", enc)), tmp_path / "hf")
-    note = "note: this checkpoint was not trained on a chat template; using the 'chat' template as the"
-    assert note + " export's chat_template." in capsys.readouterr().err
+    path = tiny_checkpoint(tmp_path / "m.ckpt", enc)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["gptmini"]["chat_template"] = {"format": 2, "jinja": "{{ messages }}"}
+    torch.save(checkpoint, path)
+    with pytest.raises(GptMiniError, match="chat_template is not one this gptmini reads"):
+        export(str(path), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_endoftext_typed_in_a_message_is_text_to_gptmini_and_the_token_to_hugging_face(bpe_export):

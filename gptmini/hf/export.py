@@ -80,9 +80,8 @@ def export_files(source: SourceWeights) -> dict[str, bytes]:
 
     config = source.model_config
     check_exportable(config)
-    template, note = template_of(source.info)  # a template this gptmini cannot read is refused here
-    if note is not None:
-        say(f"note: {note} as the export's chat_template.")
+    # The trained template, else the chat default (said nowhere: the export's messages stay one line).
+    template, _ = template_of(source.info)  # a template this gptmini cannot read is refused here
     enc = tokenizer_from_spec(source.tokenizer_spec)
     if enc.n_vocab != config.vocab_size:
         raise GptMiniError(
