@@ -204,6 +204,16 @@ def test_a_trained_template_is_used_with_the_system_message_and_no_note(alpaca_c
     assert "note:" not in capsys.readouterr().err
 
 
+def test_a_template_this_gptmini_cannot_read_is_refused_before_generating(tmp_path, enc, scripted):
+    path = save_tiny(tmp_path / "foreign.ckpt", enc)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["gptmini"]["chat_template"] = {"format": 2, "jinja": "{{ messages }}"}
+    torch.save(checkpoint, path)
+    with pytest.raises(GptMiniError, match=r"chat_template is not one this gptmini reads \(format 2, this"):
+        generate_text(make_cfg(path, prompt="Hi"))
+    assert scripted == []  # nothing generated
+
+
 def test_chat_with_the_real_model_prints_what_it_returns(ckpt, capsys):
     replies = generate_text(make_cfg(ckpt, prompt="Hi", temperature=0.0, max_new_tokens=20, num_samples=2))
     assert len(replies) == 2 and "\nUser:\n" not in replies[0]
