@@ -11,6 +11,7 @@ import re
 import pytest
 import tiktoken
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from gptmini import GPT, GPTConfig
@@ -18,7 +19,8 @@ from gptmini.common import GptMiniError
 from gptmini.data.chat_template import TEMPLATES, alpaca_messages, render, render_text, to_entry
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec
 from gptmini.generation import text as text_module
-from gptmini.generation.text import GenerateTextConfig, generate_text
+from gptmini.generation.prompt import quote_prompt_argument
+from gptmini.generation.text import GenerateTextConfig, generate_text, register_config
 from gptmini.weights import save_model_checkpoint
 
 BLOCK = 64
@@ -278,3 +280,36 @@ def test_interactive_chat_drops_the_oldest_turns_and_keeps_the_system(ckpt, scri
     assert err.count(dropped + " tokens with 4 kept for the reply.") == 2  # at q3, and again at q4
     assert "error: the message does not fit the model's context" in err  # the 60-byte message; q4 still ran
     assert len(scripted) == 4 and scripted[3].endswith("User:\nq4\n\nAssistant:\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_system_message_arrives_exactly_as_typed(repo_root):
+    """system= is free text like prompt=: commas, colons and brackets must not trip Hydra's grammar."""
+    register_config()
+    system = "Be brief, kind: [always] {x} ${oc.env:HOME}"
+    overrides = quote_prompt_argument(["chat=true", f"system={system}", "prompt=Hi, you (there)"])
+    with initialize_config_dir(config_dir=str(repo_root / "configs"), version_base="1.3"):
+        cfg = compose(config_name="generate", overrides=overrides)
+    assert (cfg.system, cfg.prompt, cfg.chat) == (system, "Hi, you (there)", True)
+
+
+@pytest.mark.slow  # two fresh interpreters: about 20 s on 2 busy cores
+def test_cli_chat_prints_one_reply_and_a_bad_option_is_one_line(ckpt, tmp_path, run_cli, capsys):
+    common = [f"ckpt={ckpt}", "device=cpu", "threads=1", "seed=0", "max_new_tokens=5", "temperature=0"]
+    result = run_cli(
+        "generate.py", *common, "chat=true", "prompt=Hi, there", "system=Be brief.", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    same = make_cfg(ckpt, prompt="Hi, there", system="Be brief.", max_new_tokens=5, temperature=0.0)
+    assert result.stdout == generate_text(same)[0] + "\n"  # the reply alone on stdout
+    assert NOTE in result.stderr
+    bad = run_cli("generate.py", *common, "system=Be brief.", "prompt=Hi", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip().splitlines() == [
+        "error: system='Be brief.' is the system message of a chat; add chat=true (or leave system unset)."
+    ]
+    assert list(tmp_path.iterdir()) == []  # no files written

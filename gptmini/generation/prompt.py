@@ -14,9 +14,12 @@ from pathlib import Path
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT
 
+# The options whose values are free text typed by a user: the prompt, and chat's system message.
+TEXT_OPTIONS = ("prompt", "system")
+
 
 def quote_prompt_argument(argv: list[str]) -> list[str]:
-    """Quote a raw ``prompt=...`` command-line argument for Hydra's override grammar.
+    """Quote raw ``prompt=...`` and ``system=...`` command-line arguments for Hydra's override grammar.
 
     Hydra rejects unquoted values with brackets, commas, colons and such (``prompt=def main(`` is a
     parse error), and OmegaConf would resolve ``${...}`` in a prompt. A prompt value that is not already
@@ -25,12 +28,12 @@ def quote_prompt_argument(argv: list[str]) -> list[str]:
     quoted = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if key == "prompt" and sep and value and value[0] not in "'\"":
+        if key in TEXT_OPTIONS and sep and value and value[0] not in "'\"":
             # OmegaConf: "\${" is a literal "${" (backslashes before it are doubled to stay literal too).
             value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
             # Hydra quoted strings: backslashes are escapes only before a quote or at the end.
             value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-            arg = f"prompt='{value}'"
+            arg = f"{key}='{value}'"
         quoted.append(arg)
     return quoted
 
