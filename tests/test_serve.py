@@ -25,10 +25,11 @@ from omegaconf import OmegaConf
 
 from gptmini import GPT, GPTConfig
 from gptmini.common import GptMiniError
+from gptmini.data.chat_template import TEMPLATES, render, to_entry
 from gptmini.data.tokenizer import EOT, tokenizer_to_spec
 from gptmini.generation.text import GenerateTextConfig, generate_text
-from gptmini.serve.chat import DEFAULT_TEMPLATE, ChatTemplate, template_of
 from gptmini.serve.config import ServeConfig, register_config
+from gptmini.serve.protocol import parse_chat
 from gptmini.serve.run import BackgroundServer, bind, load_site, serve
 from gptmini.weights import save_model_checkpoint
 
@@ -204,23 +205,50 @@ def test_chat_uses_the_default_template_and_stops_at_the_next_user_turn(client, 
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <|endoftext|>"}]
     reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=60, temperature=0.0)
     turns = [(m["role"], m["content"]) for m in messages]
-    ids = DEFAULT_TEMPLATE.render(turns, enc)
+    ids = render(TEMPLATES["chat"], turns, enc, add_generation_prompt=True).ids
+    assert enc.decode(ids) == f"{EOT}System:\nBe brief.\n\nUser:\nHi {EOT}\n\nAssistant:\n"
     assert reply.usage.prompt_tokens == len(ids)
-    assert ids.count(enc.eot_token) == 1  # the template's separator; the user's "<|endoftext|>" is text
+    assert ids.count(enc.eot_token) == 1  # the template's opening; the user's "<|endoftext|>" is text
     plain = complete(client, prompt=ids, max_tokens=60, temperature=0.0).choices[0].text
-    assert reply.choices[0].message.content == plain.split("\nUser:")[0]
+    assert reply.choices[0].message.content == plain.split("\nUser:\n")[0]
 
 
-def test_a_checkpoint_template_replaces_the_default_and_a_foreign_one_is_refused(enc):
-    entry = {"user": "<|endoftext|>Q: {content}\n", "assistant": "A: {content}\n", "generation_prompt": "A:"}
-    template = template_of({"chat_template": entry})
-    assert isinstance(template, ChatTemplate) and template.name == "checkpoint"
-    assert enc.decode(template.render([("user", "2+2?")], enc)) == "<|endoftext|><|endoftext|>Q: 2+2?\nA:"
-    with pytest.raises(GptMiniError, match="keys \\['jinja'\\]"):
-        template_of({"chat_template": {"jinja": "{{ messages }}"}})
-    with pytest.raises(GptMiniError, match="must hold \\{content\\} exactly once"):
-        template_of({"chat_template": {"user": "no placeholder"}})
-    assert template_of({}) is DEFAULT_TEMPLATE
+def with_template(path: Path, entry) -> Path:
+    """The checkpoint at ``path`` with ``entry`` as its gptmini entry's chat_template (as training writes)."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["gptmini"]["chat_template"] = entry
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_the_checkpoints_template_is_served_a_foreign_one_refused_and_none_noted(tmp_path, enc, capsys):
+    def site_of(entry):
+        path = tiny_checkpoint(tmp_path / "t.ckpt", enc)
+        if entry is not None:
+            with_template(path, entry)
+        cfg = ServeConfig(ckpt=str(path), port=0, device="cpu", threads=1)
+        site = load_site(cfg, torch.device("cpu"))
+        site.engine.shutdown()
+        return site
+
+    alpaca = TEMPLATES["alpaca"]
+    limits = site_of(to_entry(alpaca)).limits
+    assert limits.template == alpaca
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "2+2?"}]
+    request = parse_chat({"messages": messages}, limits)
+    expected = f"{EOT}S\n\n### Instruction:\n2+2?\n\n### Response:\n"
+    assert enc.decode(request.prompt_ids) == expected
+    assert request.stop == ["\n\n### Instruction:"]  # the template's stop string, added to the request's
+    assert "note:" not in capsys.readouterr().err
+
+    assert site_of(None).limits.template == TEMPLATES["chat"]
+    note = "note: this checkpoint was not trained on a chat template; using the 'chat' template."
+    assert capsys.readouterr().err.count(note) == 1
+
+    with pytest.raises(GptMiniError, match="keys \\['jinja'\\] this gptmini does not know"):
+        site_of({**to_entry(alpaca), "jinja": "{{ messages }}"})
+    with pytest.raises(GptMiniError, match="chat_template is not one this gptmini reads .*upgrade gptmini"):
+        site_of({"format": 2, "user": "{content}"})
 
 
 def test_a_cache_row_prefills_exactly_like_a_fresh_one_row_cache_and_touches_only_its_row():
@@ -279,6 +307,11 @@ def test_bad_completion_fields_are_400_naming_the_field(server, body, param, mes
     [
         ([{"role": "wizard", "content": "hi"}], "messages[0].role", "use system, user or assistant"),
         ([{"role": "user", "content": 5}], "messages[0].content", "must be a string"),
+        (
+            [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}],
+            "messages[1]",
+            "message 1 is a system message; only the first may be one.",
+        ),
         ([], "messages", "non-empty list"),
         ([{"role": "user", "content": "y" * 100}], "messages", "longer than this model's context"),
     ],

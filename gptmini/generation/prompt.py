@@ -1,7 +1,8 @@
 """The prompt: quoting it for Hydra's command line, reading it (text, @file or stdin) and encoding it.
 
-One concern: turning what the user typed into the prompt's token ids. Imports only ``gptmini.common`` and
-``gptmini.data.tokenizer`` (for the <|endoftext|> name); must not import ``training`` or run the model.
+One concern: turning what the user typed (an option, a file, stdin, an interactive line) into the prompt's
+token ids. Imports only ``gptmini.common`` and ``gptmini.data.tokenizer`` (for the <|endoftext|> name); must
+not import ``training`` or run the model.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from pathlib import Path
 from gptmini.common import GptMiniError
 from gptmini.data.tokenizer import EOT
 
+# The options whose values are free text typed by a user: the prompt, and chat's system message.
+TEXT_OPTIONS = ("prompt", "system")
+
 
 def quote_prompt_argument(argv: list[str]) -> list[str]:
-    """Quote a raw ``prompt=...`` command-line argument for Hydra's override grammar.
+    """Quote raw ``prompt=...`` and ``system=...`` command-line arguments for Hydra's override grammar.
 
     Hydra rejects unquoted values with brackets, commas, colons and such (``prompt=def main(`` is a
     parse error), and OmegaConf would resolve ``${...}`` in a prompt. A prompt value that is not already
@@ -24,12 +28,12 @@ def quote_prompt_argument(argv: list[str]) -> list[str]:
     quoted = []
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if key == "prompt" and sep and value and value[0] not in "'\"":
+        if key in TEXT_OPTIONS and sep and value and value[0] not in "'\"":
             # OmegaConf: "\${" is a literal "${" (backslashes before it are doubled to stay literal too).
             value = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
             # Hydra quoted strings: backslashes are escapes only before a quote or at the end.
             value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
-            arg = f"prompt='{value}'"
+            arg = f"{key}='{value}'"
         quoted.append(arg)
     return quoted
 
@@ -119,3 +123,13 @@ def encode_prompt(text: str, enc, block_size: int) -> list[int]:
         )
         ids = ids[-block_size:]
     return ids
+
+
+def read_line() -> str | None:
+    """One line typed by the user in interactive mode, after a "> " marker; None at Ctrl-D or Ctrl-C."""
+    sys.stderr.write("> ")  # the marker is not generated text: stderr, like every message
+    sys.stderr.flush()
+    try:
+        return input()
+    except (EOFError, KeyboardInterrupt):
+        return None

@@ -3,7 +3,8 @@
 One concern: the run around the token loop: check the options and paths, load the checkpoint, stream each
 sample to stdout, and draw the attention plot. stdout carries only the generated text, so it can be piped;
 everything else (what was loaded, warnings, speed) goes to stderr. The loop itself is ``sampling``; prompts
-are ``prompt``, streaming text is ``streaming``, the picture is ``attention_plot``.
+are ``prompt``, streaming text is ``streaming``, the picture is ``attention_plot``, a conversation
+(``chat=true``) is ``chat``.
 
 May import ``model``, ``data.tokenizer``, ``checkpoint``, ``common`` and the other generation modules; must
 not import ``training``.
@@ -23,7 +24,8 @@ import torch
 from gptmini.common import GptMiniError, check_seed, pick_device, say, typed_config
 from gptmini.data.tokenizer import EOT  # the document separator; generation always stops on it
 from gptmini.generation.attention_plot import MAX_TOKENS, plot_attention, plot_path, save_figure, token_window
-from gptmini.generation.prompt import encode_prompt, read_prompt
+from gptmini.generation.chat import Conversation, chat_interactive, checkpoint_template
+from gptmini.generation.prompt import encode_prompt, read_line, read_prompt
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.generation.streaming import TextStream
 from gptmini.threads import AUTO, apply_threads, check_threads_setting, decode_probe
@@ -69,6 +71,16 @@ class GenerateTextConfig(SamplingOptions):
     or null (torch's default: one per core). A busy CPU can make torch's default many times slower."""
     interactive: bool = False
     """Ask for prompts in a loop, keeping the model loaded; an empty line or Ctrl-D quits."""
+    chat: bool = False
+    """Chat instead of continuing text: the prompt (with interactive=true, each line) is a user turn, rendered
+    with the checkpoint's own chat template (the one it was trained with; the ``chat`` template for a
+    checkpoint without one, said on stderr), and only the assistant's reply is printed. A reply ends at
+    <|endoftext|>, the template's stop strings or ``stop``. Interactive chat keeps the conversation;
+    ``/reset`` starts over, and the oldest turns are dropped when the prompt would leave less than
+    min(max_new_tokens, block_size // 2) tokens of the context for the reply."""
+    system: Optional[str] = None  # noqa: UP045
+    """With chat=true: the system message, kept for the whole conversation; null = none (the alpaca template
+    then uses its own opening sentence)."""
     attention_plot: Optional[str] = None  # noqa: UP045
     """Image path (.png, .pdf, .svg, ...; a folder gets attention.png) for the attention maps over the prompt
     and the first sample's text, at most 48 tokens; null = no plot."""
@@ -80,6 +92,26 @@ class GenerateTextConfig(SamplingOptions):
             check_seed(self.seed)  # train.py's rule: a seed either command accepts, the other accepts too
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise GptMiniError(f"num_samples must be >= 1, got {self.num_samples}. Try num_samples=1.")
+        self._check_chat()
+
+    def _check_chat(self) -> None:
+        """chat=true's options: system needs it; one reply per turn; a prompt unless interactive."""
+        if self.system is not None and not self.chat:
+            raise GptMiniError(
+                f"system={self.system!r} is the system message of a chat; add chat=true (or leave system "
+                "unset)."
+            )
+        if not self.chat:
+            return
+        if self.interactive and self.num_samples != 1:
+            raise GptMiniError(
+                f"chat=true interactive=true keeps one reply per turn, so num_samples must be 1, got "
+                f"{self.num_samples}; leave num_samples out (prompt=... without interactive gives several)."
+            )
+        if not self.interactive and not self.prompt:
+            raise GptMiniError(
+                'chat=true needs the user\'s message: prompt="..." (or interactive=true to type the turns).'
+            )
 
 
 def register_config() -> None:
@@ -108,6 +140,7 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
     model = loaded.model
     step = f"step {loaded.global_step}, " if loaded.global_step is not None else ""
     say(f"loaded {loaded.path} ({step}{model.num_params() / 1e6:.2f}M parameters) on {device}")
+    template = checkpoint_template(loaded.info) if cfg.chat else None  # a foreign one fails here
     if device.type == "cpu":  # on a GPU the CPU threads barely matter
         probe = decode_probe(model) if cfg.threads == AUTO else None
         say(apply_threads(cfg.threads, probe).describe())
@@ -117,6 +150,9 @@ def generate_text(cfg: GenerateTextConfig | Mapping) -> list[str]:
     else:
         generator.manual_seed(cfg.seed)
     session = _Session(cfg, model, loaded.tokenizer, generator, plot_file)
+    if cfg.chat:
+        conversation = Conversation(session, template, cfg.system)
+        return chat_interactive(conversation) if cfg.interactive else conversation.reply(prompt)
     if cfg.interactive:
         return _interactive(session)
     return session.run(prompt)
@@ -132,13 +168,8 @@ def _interactive(session: _Session) -> list[str]:
     say("interactive: type a prompt and press Enter; an empty line or Ctrl-D quits, Ctrl-C stops a sample.")
     texts = []
     while True:
-        sys.stderr.write("> ")  # the prompt marker is not generated text: stderr, like every message
-        sys.stderr.flush()
-        try:
-            line = input()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if not line.strip():
+        line = read_line()
+        if line is None or not line.strip():
             break
         texts += session.run(line)
     return texts
@@ -161,13 +192,18 @@ class _Session:
     def run(self, prompt: str) -> list[str]:
         """Generate ``num_samples`` continuations of ``prompt``; print them and return them."""
         ids = encode_prompt(prompt, self.enc, self.model.config.block_size)
+        return self.run_ids(ids, list(self.cfg.stop))
+
+    def run_ids(self, ids: list[int], stops: list[str]) -> list[str]:
+        """Generate ``num_samples`` continuations of the token ids, each ending at <|endoftext|> or one of
+        ``stops``; print them and return them. (Chat renders its prompt to ids itself: ``chat``.)"""
         prompt_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         texts, n_tokens, elapsed = [], 0, 0.0
         for i in range(self.cfg.num_samples):
             if self.cfg.num_samples > 1:
                 say(f"--- sample {i + 1}/{self.cfg.num_samples}")
             started = time.perf_counter()
-            text, new_ids = self._sample(prompt_ids)
+            text, new_ids = self._sample(prompt_ids, stops)
             elapsed += time.perf_counter() - started  # the speed of generating, not of drawing
             texts.append(text)
             n_tokens += len(new_ids)
@@ -176,10 +212,10 @@ class _Session:
         say(f"{n_tokens} tokens in {elapsed:.2f} s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)")
         return texts
 
-    def _sample(self, prompt_ids: torch.Tensor) -> tuple[str, list[int]]:
+    def _sample(self, prompt_ids: torch.Tensor, stops: list[str]) -> tuple[str, list[int]]:
         """One sample, streamed to stdout; returns its text and the token ids the model produced."""
         cfg = self.cfg
-        stream = TextStream(self.enc, list(cfg.stop), self.eot_id)
+        stream = TextStream(self.enc, stops, self.eot_id)
         pieces, new_ids = [], []
         tokens = sample_tokens(
             self.model,

@@ -3,6 +3,9 @@
 Writes a GPT-2 folder that ``transformers.GPT2LMHeadModel.from_pretrained(DIR)`` and
 ``AutoTokenizer.from_pretrained(DIR)`` load: config.json, generation_config.json, model.safetensors, and the
 tokenizer (tokenizer.json and its configs; with GPT-2's own tokenizer also vocab.json and merges.txt).
+tokenizer_config.json holds the checkpoint's chat template as Jinja (``chat_template``; the ``chat``
+template for a checkpoint trained without one), so ``apply_chat_template`` and the serving engines render
+a conversation to the ids gptmini's own server does.
 
 An export appears whole or not at all, and never mixes with what was there:
 
@@ -70,12 +73,15 @@ def export_files(source: SourceWeights) -> dict[str, bytes]:
     """Every file of the export, by name: all the checks that can refuse run here, before any write."""
     from safetensors.torch import save as safetensors_bytes
 
+    from gptmini.data.chat_template import jinja, template_of
     from gptmini.data.tokenizer import tokenizer_from_spec
     from gptmini.hf.convert import check_exportable, hf_config_from, state_dict_to_hf
     from gptmini.hf.tokenizer_export import tokenizer_files
 
     config = source.model_config
     check_exportable(config)
+    # The trained template, else the chat default (said nowhere: the export's messages stay one line).
+    template, _ = template_of(source.info)  # a template this gptmini cannot read is refused here
     enc = tokenizer_from_spec(source.tokenizer_spec)
     if enc.n_vocab != config.vocab_size:
         raise GptMiniError(
@@ -87,7 +93,7 @@ def export_files(source: SourceWeights) -> dict[str, bytes]:
     texts = {
         CONFIG_FILE: json.dumps(hf_config_from(config, eot), indent=2) + "\n",
         "generation_config.json": json.dumps(generation, indent=2) + "\n",
-        **tokenizer_files(enc, model_max_length=config.block_size),
+        **tokenizer_files(enc, model_max_length=config.block_size, chat_template=jinja(template)),
     }
     weights = safetensors_bytes(state_dict_to_hf(source.state, config), metadata={"format": "pt"})
     return {SAFETENSORS_FILE: weights, **{name: text.encode("utf-8") for name, text in texts.items()}}

@@ -130,9 +130,12 @@ def check_same_encoding(enc: tiktoken.Encoding, tokenizer, text: str = PROBE_TEX
         )
 
 
-def tokenizer_files(enc: tiktoken.Encoding, model_max_length: int) -> dict[str, str]:
+def tokenizer_files(
+    enc: tiktoken.Encoding, model_max_length: int, chat_template: str | None = None
+) -> dict[str, str]:
     """The tokenizer files of a Hugging Face model folder, by name: tokenizer.json and its configs, and for
-    GPT-2's own encoding also the classic vocab.json and merges.txt."""
+    GPT-2's own encoding also the classic vocab.json and merges.txt. ``chat_template`` (Jinja) goes into
+    tokenizer_config.json, where ``apply_chat_template`` and the serving engines read it."""
     tokenizer = build_tokenizer(enc)
     is_gpt2 = enc.name == "gpt2"
     config = {
@@ -144,6 +147,8 @@ def tokenizer_files(enc: tiktoken.Encoding, model_max_length: int) -> dict[str, 
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,  # decoding must give back the text exactly
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     files = {
         "tokenizer.json": tokenizer.to_str(pretty=False),
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from gptmini.common import MAX_SEED, GptMiniError
+from gptmini.data.chat_template import ChatTemplate, check_messages, render
 from gptmini.data.tokenizer import EOT
 from gptmini.generation.sampling import SamplingOptions
-from gptmini.serve.chat import ChatTemplate
 
 MAX_STOPS = 4  # OpenAI's limit on stop strings
 # Fields OpenAI defines that this server does not implement: refused when set, rather than ignored.
@@ -50,7 +51,7 @@ class Limits:
 
     enc: Any  # tiktoken.Encoding
     block_size: int
-    template: ChatTemplate
+    template: ChatTemplate  # the checkpoint's own (gptmini.data.chat_template.template_of)
     default_max_tokens: int
     max_tokens_cap: int
 
@@ -90,9 +91,11 @@ def parse_completion(body: dict, limits: Limits) -> GenerationRequest:
 
 
 def parse_chat(body: dict, limits: Limits) -> GenerationRequest:
-    """A /v1/chat/completions body: ``messages`` rendered with the checkpoint's chat template."""
-    messages = _messages(body.get("messages"))
-    ids = limits.template.render(messages, limits.enc)
+    """A /v1/chat/completions body: ``messages`` rendered with the checkpoint's chat template (the one it was
+    trained with), followed by the opening of the assistant's reply; the reply also ends at the template's
+    stop strings."""
+    messages = _conversation(_messages(body.get("messages")))
+    ids = render(limits.template, messages, limits.enc, add_generation_prompt=True).ids
     _check_fits(ids, limits, "messages")
     request = _request(body, limits, chat=True, prompt_ids=ids)
     request.stop = [*request.stop, *limits.template.stop]
@@ -266,6 +269,16 @@ def _messages(messages: Any) -> list[tuple[str, str]]:
             )
         turns.append((ROLE_ALIASES[role], _content(message.get("content"), f"{where}.content")))
     return turns
+
+
+def _conversation(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The turns checked as training checks them (a system message only first), else a 400 naming the one."""
+    try:
+        return check_messages(messages, where="'messages'")
+    except GptMiniError as error:
+        number = re.search(r"message (\d+)", str(error))  # check_messages names the message it refuses
+        param = f"messages[{number.group(1)}]" if number else "messages"
+        raise ApiError(400, str(error), param=param) from None
 
 
 def _content(content: Any, where: str) -> str:

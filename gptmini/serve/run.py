@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from gptmini.common import GptMiniError, pick_device, say
+from gptmini.generation.chat import checkpoint_template
 from gptmini.serve.app import Site, create_app
-from gptmini.serve.chat import template_of
 from gptmini.serve.config import ServeConfig, validated
 from gptmini.serve.engine import Engine
 from gptmini.serve.protocol import Limits
@@ -50,9 +50,9 @@ def load_site(cfg: ServeConfig, device: torch.device) -> Site:
     from gptmini.weights import load_checkpoint
 
     loaded = load_checkpoint(cfg.ckpt, device=device)
-    template = template_of(loaded.info)  # a template this gptmini cannot read fails before serving
     model = loaded.model
     say(f"loaded {loaded.path} ({model.num_params() / 1e6:.2f}M parameters) on {device}")
+    template = checkpoint_template(loaded.info)  # one this gptmini cannot read fails before serving
     if device.type == "cpu":
         probe = batched_decode_probe(model, cfg.max_batch) if cfg.threads == AUTO else None
         say(apply_threads(cfg.threads, probe).describe())
