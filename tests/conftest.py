@@ -98,16 +98,25 @@ def tiny_train_overrides(tmp_path) -> list[str]:
 
 @pytest.fixture
 def run_cli():
-    """``run_cli(script, *args, cwd=REPO_ROOT, timeout=300, env=None)``: run train.py, generate.py or any
-    repository script in a fresh interpreter; returns the CompletedProcess (text stdout/stderr).
+    """``run_cli(script, *args, cwd=REPO_ROOT, timeout=300, env=None, input_text=None)``: run train.py,
+    generate.py or any repository script in a fresh interpreter, ``input_text`` on its stdin; returns the
+    CompletedProcess (text stdout/stderr).
     ``run_cli.start(script, *args, ...)`` starts it instead and returns the Popen (stderr piped)."""
 
     def command(script: str, args) -> list[str]:
         return [sys.executable, str(REPO_ROOT / script), *args]
 
-    def run(script: str, *args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
+    def run(
+        script: str,
+        *args: str,
+        cwd: Path | None = None,
+        timeout: int = 300,
+        env: dict | None = None,
+        input_text: str | None = None,
+    ):
         return subprocess.run(
             command(script, args),
+            input=input_text,
             cwd=cwd or REPO_ROOT,
             capture_output=True,
             text=True,

@@ -27,7 +27,8 @@ def build_summary(trainer, lit, throughput, history, ckpt_dir: Path, wall_s: flo
         "val_ppl": metrics.get("val/ppl"),
         "best_val_loss": best_loss,  # the loss of best_checkpoint, so the two always describe one file
         "best_val_bpb": bits_per_byte(best_loss, bpt) if best_loss is not None and bpt else None,
-        "train_loss": metrics.get("train/loss"),
+        # The history's, when a final trainer.validate() (a run without validation data) cleared the metric.
+        "train_loss": metrics.get("train/loss", history.train[-1][1] if history.train else None),
         "steps": trainer.global_step,
         "train_tokens": history.tokens_seen(trainer),
         "tokens_per_s": throughput.average_tokens_per_s,
