@@ -95,16 +95,6 @@ def test_train_bench_smoke():
     assert summary["results"][0]["plain"]["mfu"] is None  # a CPU has no known peak: "n/a", never a guess
 
 
-@pytest.mark.slow
-def test_train_bench_standard_loss_and_forced_sdpa_backend():
-    summary = run_script(
-        sys.executable, "bench/train.py", "--smoke", "--threads", "1", "--loss", "standard",
-        "--sdpa-backend", "math",
-    )  # fmt: skip
-    assert summary["loss"] == "standard" and summary["sdpa_backend"] == "math"
-    check_train_summary(summary)
-
-
 def test_attention_bench_smallest():
     summary = run_script(
         sys.executable, "bench/attention.py", "--small", "--device", "cpu", "--batch", "1", "--seq", "16",
@@ -142,6 +132,10 @@ def test_gpu_script_small_mode(tmp_path):
     assert not failed, failed
     check_train_summary(results["train_gpt2"])
     check_train_summary(results["train_sdpa_math"], loops=("plain",))
+    # The switches reach the bench (this also covers bench/train.py's --loss and --sdpa-backend flags).
+    assert results["train_sdpa_math"]["sdpa_backend"] == "math"
+    assert results["train_standard_loss"]["loss"] == "standard"
+    check_train_summary(results["train_standard_loss"], loops=("plain",))
     assert json.loads((tmp_path / "summary.json").read_text())["results"].keys() == results.keys()
 
 
