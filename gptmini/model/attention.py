@@ -100,7 +100,8 @@ class CausalSelfAttention(nn.Module):
         """Project (B, T, C) once and split into per-head queries (B, nh, T, hs) and keys, values
         (B, nkv, T, hs); normalised and rotated when those switches are on."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_embd, self.kv_size, self.kv_size], dim=2)
+        # split_with_sizes: Tensor.split's Python wrapper costs twice the split itself, per layer and token
+        q, k, v = self.qkv(x).split_with_sizes([self.n_embd, self.kv_size, self.kv_size], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
