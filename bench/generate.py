@@ -4,7 +4,7 @@
     python bench/generate.py --device cpu --skip-gpt2 --threads auto
     python bench/generate.py --default-shape 4 4 128 128 4096   # n_layer n_head n_embd block_size vocab
     python bench/generate.py --device cpu --threads auto --compile off --repeats 5 --gpt2-repeats 1
-                                                  # eager only; GPT-2's no-cache runs take minutes each on a CPU
+        # eager only; on a CPU each of GPT-2's recomputing runs takes minutes
 
 The modes alternate over ``--repeats`` runs (medians are reported), so a shared machine's changing load
 hits them alike. Prints a table, then one JSON line with every figure. Targets at 256 new tokens: the cache

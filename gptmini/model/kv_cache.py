@@ -90,7 +90,7 @@ class KVCache:
         return self._views(positions, start + T, mask, start)
 
     def _mask(self, positions: Tensor, span: int) -> Tensor:
-        """(B, 1, T, span): True where the token at ``positions`` (B, T) may see a slot (its own and earlier)."""
+        """(B, 1, T, span): True where the token at ``positions`` (B, T) sees a slot (its own or earlier)."""
         return (self.positions[:span] <= positions[..., None]).unsqueeze(1)
 
     def _views(
