@@ -3,6 +3,8 @@
     python bench/generate.py                      # default shape and GPT-2 small, on the best device
     python bench/generate.py --device cpu --skip-gpt2 --threads auto
     python bench/generate.py --default-shape 4 4 128 128 4096   # n_layer n_head n_embd block_size vocab
+    python bench/generate.py --device cpu --threads auto --compile off --repeats 5 --gpt2-repeats 1
+        # eager only; on a CPU each of GPT-2's recomputing runs takes minutes
 
 The modes alternate over ``--repeats`` runs (medians are reported), so a shared machine's changing load
 hits them alike. Prints a table, then one JSON line with every figure. Targets at 256 new tokens: the cache
@@ -48,6 +50,12 @@ def parse_args() -> argparse.Namespace:
         "--repeats", type=int, default=5, help="timed runs per setting, cache and no cache alternating"
     )
     parser.add_argument(
+        "--gpt2-repeats",
+        type=int,
+        default=None,
+        help="timed runs for GPT-2 small (default: --repeats); one recomputing run of 256 tokens is minutes",
+    )
+    parser.add_argument(
         "--threads",
         default="0",
         type=lambda v: v if v == AUTO else int(v),
@@ -87,7 +95,10 @@ def time_decode(model: GPT, prompt: torch.Tensor, new_tokens: int, mode: str) ->
     return n / (time.perf_counter() - start)
 
 
-def bench_shape(name: str, config: GPTConfig, device: torch.device, args: argparse.Namespace) -> dict:
+def bench_shape(
+    name: str, config: GPTConfig, device: torch.device, args: argparse.Namespace, repeats: int
+) -> dict:
+    load_before = round(os.getloadavg()[0], 2)
     torch.manual_seed(0)
     model = GPT(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device=device)
@@ -104,7 +115,7 @@ def bench_shape(name: str, config: GPTConfig, device: torch.device, args: argpar
         started = time.perf_counter()
     # Alternate the modes, so a load that comes and goes on a shared machine hits them all alike.
     runs = {mode: [] for mode in modes}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for mode in modes:
             runs[mode].append(time_decode(model, prompt, args.new_tokens, mode))
     tok_s = {mode: statistics.median(values) for mode, values in runs.items()}
@@ -124,6 +135,8 @@ def bench_shape(name: str, config: GPTConfig, device: torch.device, args: argpar
         "compiled_speedup": None if compiled is None else round(compiled / uncached, 2),
         "compile_s": round(compile_s, 1) if compiled is not None else None,
         "runs_tok_s": {mode: [round(x, 1) for x in values] for mode, values in runs.items()},
+        "repeats": repeats,
+        "load_1min": [load_before, round(os.getloadavg()[0], 2)],  # at the start and the end of this shape
         "target": TARGETS[name],
         "meets_target": cached / uncached >= TARGETS[name],
         "compiled_meets_target": compiled is not None and compiled / uncached >= TARGETS[name],
@@ -140,7 +153,8 @@ def main() -> None:
         shapes["gpt2-small"] = GPTConfig.from_name("gpt2", vocab_size=50257)
     rows = []
     for name, config in shapes.items():
-        rows.append(bench_shape(name, config, device, args))
+        repeats = args.gpt2_repeats if name == "gpt2-small" and args.gpt2_repeats else args.repeats
+        rows.append(bench_shape(name, config, device, args, repeats))
         print(f"... {name} done", file=sys.stderr, flush=True)
 
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -148,6 +162,7 @@ def main() -> None:
     print(
         f"device: {card}, threads {args.threads or 'default'}, load {load}; {args.new_tokens} new tokens, "
         f"{args.prompt_tokens}-token prompt, median of {args.repeats} runs each"
+        + (f" ({args.gpt2_repeats} for GPT-2 small)" if args.gpt2_repeats and not args.skip_gpt2 else "")
     )
     header = (
         f"{'model':<11} {'shape':<36} {'params':>8} {'threads':>7} {'no cache':>9} {'cache':>8} "
@@ -165,6 +180,7 @@ def main() -> None:
         print(
             f"{r['model']:<11} {r['shape']:<36} {r['params_M']:>7.2f}M {r['threads']:>7} "
             f"{r['no_cache_tok_s']:>9.1f} {r['cache_tok_s']:>8.1f} {r['speedup']:>8.2f}x{compiled}  {verdict}"
+            f" (load {r['load_1min'][0]}-{r['load_1min'][1]})"
         )
     summary = {
         "bench": "generate", "device": card, "threads": args.threads or "default", "load_avg": load,

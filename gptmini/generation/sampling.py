@@ -106,7 +106,8 @@ def apply_repetition_penalty(
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the ``k`` largest logits of each row (and any tied with the k-th); the rest become -inf."""
-    k = min(k, logits.size(-1))
+    if k >= logits.size(-1):  # keeps every token: skip the top-k (a sort of the vocabulary) altogether
+        return logits
     kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
     return logits.masked_fill(logits < kth_largest, float("-inf"))
 
@@ -153,7 +154,8 @@ def _draw(
     """Temperature, top-k and top-p on fp32 ``logits`` (B, V), then one draw per row: (B, 1)."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = logits / temperature
+    if temperature != 1.0:  # dividing by 1 changes no bit: skip the pass over the vocabulary
+        logits = logits / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     logits = top_p_filter(logits, top_p)

@@ -79,15 +79,17 @@ class CausalSelfAttention(nn.Module):
         """
         B, T, _ = x.shape
         q, k, v = self._project(x, positions)  # (B, nh, T, hs), (B, nkv, T, hs) twice
-        mask = None  # None: causal over x from position 0, which lets SDPA use its fastest kernels
+        # None: causal, the T queries being the last T keys, which lets SDPA use its fastest kernels
+        mask = None
         if cache is not None:
             k, v = cache.write(k, v)  # (B, nkv, S, hs): the cached tokens' and the new ones'
-            mask = cache.mask  # (B, 1, T, S)
+            mask = cache.mask  # (B, 1, T, S), or None (one new token over the filled slots, or S == T)
         if maps is None:
             dropout_p = self.dropout if self.training else 0.0
             gqa = self.n_kv_head != self.n_head  # SDPA lines key/value head h // group up with query head h
+            causal = mask is None and T > 1  # a single query sees every key: nothing to mask
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=gqa
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, enable_gqa=gqa
             )
         else:
             y = self._explicit(q, k, v, mask, maps)
@@ -98,7 +100,8 @@ class CausalSelfAttention(nn.Module):
         """Project (B, T, C) once and split into per-head queries (B, nh, T, hs) and keys, values
         (B, nkv, T, hs); normalised and rotated when those switches are on."""
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_embd, self.kv_size, self.kv_size], dim=2)
+        # split_with_sizes: Tensor.split's Python wrapper costs twice the split itself, per layer and token
+        q, k, v = self.qkv(x).split_with_sizes([self.n_embd, self.kv_size, self.kv_size], dim=2)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
@@ -118,8 +121,9 @@ class CausalSelfAttention(nn.Module):
         group = self.n_head // self.n_kv_head  # query head h reads key/value head h // group
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, nh, S, hs)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_size)  # (B, nh, T, S)
-        if mask is None:
-            mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()  # (T, T) causal
+        if mask is None:  # causal, the T queries being the last T of the S keys
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # (T, S)
         # -inf before the softmax keeps every row a distribution over the visible keys only.
         weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         maps.append(weights)

@@ -150,7 +150,7 @@ class GPT(nn.Module):
                 "make the cache with new_kv_cache(batch_size)"
             )
         positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0)  # (1, T)
-        views = None if kv_cache is None else kv_cache.views(positions, span=start + T)  # the filled slots
+        views = None if kv_cache is None else kv_cache.prefix_views(positions)  # the filled slots and T new
         x = self._trunk(idx, positions, views, maps)
         if kv_cache is not None:
             kv_cache.length = start + T

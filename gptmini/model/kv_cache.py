@@ -6,6 +6,10 @@ its buffers, the new tokens' positions (a tensor, one row per sequence) and the 
 token may see. Prefill and eager decoding read the filled prefix (span = length + T); the compiled decoding
 step reads the whole buffer (span = max_length), so every step has the same shapes and ``torch.compile``
 captures it once. Both walk the same attention code. Pure torch; imports nothing of gptmini.
+
+Eager decoding pays for every small op of every token, so its views (``prefix_views``) skip what a token
+after the filled prefix does not need: its keys and values go to the same slot in every row (a slice copy,
+no scatter index), and a single query over the filled prefix sees every slot (no mask to build or apply).
 """
 
 from dataclasses import dataclass
@@ -21,14 +25,21 @@ class CacheView:
     keys: Tensor  # (B, nkv, span, hs): the first span slots of the layer's preallocated buffer
     values: Tensor  # (B, nkv, span, hs)
     positions: Tensor  # (B, T): each new token's position, i.e. the slot its key and value go to
-    mask: Tensor  # (B, 1, T, span): True where a new token may see a slot (its own position and earlier)
+    # (B, 1, T, span): True where a new token may see a slot (its own position and earlier). None: plain
+    # causal attention with the new tokens as the span's last T (one token sees all; T tokens from slot 0).
+    mask: Tensor | None
+    start: int | None = None  # the first new position when every row's are start..start+T-1
 
     def write(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, nkv, T, hs) at each row's positions; return the view's keys and values, all span
         slots (the mask says which count)."""
-        index = self.positions[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
-        self.keys.scatter_(2, index, k.to(self.keys.dtype))
-        self.values.scatter_(2, index, v.to(self.values.dtype))
+        if self.start is not None:  # the same slots in every row: a slice copy (casts too), no index tensor
+            self.keys[:, :, self.start : self.start + k.size(2)].copy_(k)
+            self.values[:, :, self.start : self.start + v.size(2)].copy_(v)
+        else:
+            index = self.positions[:, None, :, None].expand_as(k)  # (B, nkv, T, hs)
+            self.keys.scatter_(2, index, k.to(self.keys.dtype))
+            self.values.scatter_(2, index, v.to(self.values.dtype))
         # .to() is a no-op unless the cache was made in another dtype (e.g. fp32 cache under bf16 autocast).
         return self.keys.to(k.dtype), self.values.to(v.dtype)
 
@@ -64,9 +75,29 @@ class KVCache:
     def views(self, positions: Tensor, span: int) -> list[CacheView]:
         """Every layer's view for new tokens at ``positions`` (B, T), over the first ``span`` slots."""
         positions = positions.expand(self.batch_size, -1)  # (B, T)
-        mask = (self.positions[:span] <= positions[..., None]).unsqueeze(1)  # (B, 1, T, span)
+        return self._views(positions, span, self._mask(positions, span))
+
+    def prefix_views(self, positions: Tensor) -> list[CacheView]:
+        """Every layer's view for new tokens at ``positions`` (1, T), which must be length .. length+T-1,
+        over the filled slots and theirs (span = length + T): eager prefill and decoding.
+
+        Every row writes the same slots, so ``write`` copies a slice. One new token sees every slot of the
+        span, and a prefill from slot 0 is plain causal attention: neither needs a mask tensor (mask None).
+        """
+        start, T = self.length, positions.size(-1)
+        positions = positions.expand(self.batch_size, -1)  # (B, T)
+        mask = None if start == 0 or T == 1 else self._mask(positions, start + T)
+        return self._views(positions, start + T, mask, start)
+
+    def _mask(self, positions: Tensor, span: int) -> Tensor:
+        """(B, 1, T, span): True where the token at ``positions`` (B, T) sees a slot (its own or earlier)."""
+        return (self.positions[:span] <= positions[..., None]).unsqueeze(1)
+
+    def _views(
+        self, positions: Tensor, span: int, mask: Tensor | None, start: int | None = None
+    ) -> list[CacheView]:
         return [
-            CacheView(keys[:, :, :span], values[:, :, :span], positions, mask)
+            CacheView(keys[:, :, :span], values[:, :, :span], positions, mask, start)
             for keys, values in zip(self.keys, self.values, strict=True)
         ]
 
