@@ -19,7 +19,6 @@ worth knowing (docs/data.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -39,8 +38,9 @@ from gptmini.data.shards import (
     CACHE_VERSION,
     MB,
     SPLITS,
-    _fsync_folder,
     cannot_write,
+    fsync_folder,
+    key_of,
     save_tokenizer,
     shard_name,
     token_dtype,
@@ -83,7 +83,7 @@ def prepare_chat_cache(data: DataConfig, tok: TokenizerConfig, encoding, root: P
         folder_name, tokenizer_key = tokenizer_identity(tok, encoding)
         parent = root / source.folder / folder_name
         settings = _settings(source, data, template)
-        key = _key({**settings, "tokenizer": tokenizer_key})
+        key = key_of({**settings, "tokenizer": tokenizer_key})
         if parent.is_dir():
             remove_stale_temp_files(parent)  # left by atomic writes killed mid-way
         if (parent / key / "meta.json").is_file():
@@ -105,10 +105,6 @@ def _settings(source, data: DataConfig, template: ChatTemplate) -> dict:
         "split_seed": data.split_seed,
         "shard_tokens": data.shard_tokens,
     }
-
-
-def _key(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _build(parent: Path, key: str, settings: dict, source, data, template, tok, encoding) -> Path:
@@ -144,7 +140,7 @@ def _build(parent: Path, key: str, settings: dict, source, data, template, tok, 
                 "seconds": round(time.perf_counter() - started, 3),
             }
             atomic_write_text(building / "meta.json", json.dumps(meta, indent=2) + "\n")
-            _fsync_folder(building)
+            fsync_folder(building)
             os.rename(building, folder)  # atomic: the folder appears complete or not at all
         except BaseException:  # a bad tokenizer, a full disk, Ctrl-C: nothing half-written stays behind
             shutil.rmtree(building, ignore_errors=True)

@@ -23,17 +23,16 @@ worth knowing (docs/data.md):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from functools import cached_property
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from gptmini.common import GptMiniError, as_config, say
 from gptmini.data.chat_cache import mask_name, offsets_name
 from gptmini.data.corpus import DataConfig
-from gptmini.data.datamodule import ResumableDataModule
+from gptmini.data.datamodule import BatchStream, ResumableDataModule
 from gptmini.data.token_cache import TokenCache, TokenStream
 
 
@@ -83,7 +82,7 @@ class Conversations:
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-class ChatTrainBatches(IterableDataset):
+class ChatTrainBatches(BatchStream):
     """The endless training stream; batch k of this rank depends only on (seed, rank, world, k)."""
 
     def __init__(
@@ -112,15 +111,6 @@ class ChatTrainBatches(IterableDataset):
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.conversations.batch(self.rows(k))
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        # Worker w makes batches k = start + w (mod workers); the DataLoader interleaves them back in order.
-        k = self.start + worker_id
-        while True:
-            yield self.batch(k)
-            k += workers
 
 
 class ChatValBatches(Dataset):

@@ -127,6 +127,15 @@ def get_template(name: str) -> ChatTemplate:
 # Conversations
 
 
+class MessageError(GptMiniError):
+    """A conversation refused by ``check_messages``; ``index`` is the message at fault (None: the whole
+    conversation), so a caller such as the server can point at it without reading the text."""
+
+    def __init__(self, message: str, index: int | None = None) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 def check_messages(messages: object, where: str = "the conversation", ends_with: str | None = None) -> list:
     """``messages`` as ``[(role, content), ...]``, after checking each one; ``where`` names it in errors.
 
@@ -135,32 +144,33 @@ def check_messages(messages: object, where: str = "the conversation", ends_with:
     what is learned) or "user" (a prompt: the model writes the next reply).
     """
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
-        raise GptMiniError(f"{where}: messages must be a list of {{role, content}}, not {_kind(messages)}")
+        raise MessageError(f"{where}: messages must be a list of {{role, content}}, not {_kind(messages)}")
     if not messages:
-        raise GptMiniError(f"{where}: the conversation is empty; give at least one message.")
+        raise MessageError(f"{where}: the conversation is empty; give at least one message.")
     pairs = []
     for n, message in enumerate(messages):
         if isinstance(message, Mapping):
             for field in ("role", "content"):
                 if field not in message:
-                    raise GptMiniError(f"{where}: message {n} has no {field!r} field.")
+                    raise MessageError(f"{where}: message {n} has no {field!r} field.", n)
             role, content = message["role"], message["content"]
         elif isinstance(message, (tuple, list)) and len(message) == 2:
             role, content = message
         else:
-            raise GptMiniError(f"{where}: message {n} is {_kind(message)}, not a {{role, content}} mapping.")
+            raise MessageError(
+                f"{where}: message {n} is {_kind(message)}, not a {{role, content}} mapping.", n
+            )
         if role not in ROLES:
-            raise GptMiniError(f"{where}: message {n} has role {role!r}; use one of: {', '.join(ROLES)}.")
+            raise MessageError(f"{where}: message {n} has role {role!r}; use one of: {', '.join(ROLES)}.", n)
         if not isinstance(content, str):
-            raise GptMiniError(f"{where}: message {n}'s content is {_kind(content)}, not a string.")
+            raise MessageError(f"{where}: message {n}'s content is {_kind(content)}, not a string.", n)
         if role == "system" and n > 0:
-            raise GptMiniError(f"{where}: message {n} is a system message; only the first may be one.")
+            raise MessageError(f"{where}: message {n} is a system message; only the first may be one.", n)
         pairs.append((role, content))
     if ends_with is not None and pairs[-1][0] != ends_with:
         last, article = pairs[-1][0], "an" if ends_with == "assistant" else "a"
-        raise GptMiniError(
-            f"{where}: the conversation ends with a {last} turn; the last must be {article} {ends_with} turn."
-        )
+        wanted = f"the last must be {article} {ends_with} turn"
+        raise MessageError(f"{where}: the conversation ends with a {last} turn; {wanted}.", len(pairs) - 1)
     return pairs
 
 

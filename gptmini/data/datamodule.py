@@ -36,7 +36,27 @@ from gptmini.data.token_cache import TokenCache, TokenStream
 # Datasets
 
 
-class TrainBatches(IterableDataset):
+class BatchStream(IterableDataset):
+    """An endless stream of numbered batches, ``batch(k)`` from ``start`` on; what each batch holds is the
+    subclass's. Batch k must follow from k (and fixed settings) alone: then any number of loader workers gives
+    the same batches in the same order, and a resumed stream continues exactly."""
+
+    start = 0  # the first batch index; the DataModule moves it forward as batches are consumed
+
+    def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        # Worker w makes batches k = start + w (mod workers); the DataLoader interleaves them back in order.
+        k = self.start + worker_id
+        while True:
+            yield self.batch(k)
+            k += workers
+
+
+class TrainBatches(BatchStream):
     """An endless stream of training batches of random windows; batch k depends only on (seed, rank, k)."""
 
     def __init__(self, path, dtype: str, block_size: int, batch_size: int, seed: int, rank: int, start: int):
@@ -54,15 +74,6 @@ class TrainBatches(IterableDataset):
         x = torch.from_numpy(np.ascontiguousarray(windows[:, :-1]))
         y = torch.from_numpy(np.ascontiguousarray(windows[:, 1:]))
         return x, y
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        worker = get_worker_info()
-        worker_id, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        # Worker w makes batches k = start + w (mod workers); the DataLoader interleaves them back in order.
-        k = self.start + worker_id
-        while True:
-            yield self.batch(k)
-            k += workers
 
 
 class ValWindows(Dataset):

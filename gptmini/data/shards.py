@@ -189,7 +189,11 @@ def _settings(source, data) -> dict:
 
 def cache_key(source, data, tokenizer_key: dict) -> str:
     """The key of a cache: the source's contents, split, cap, shard size, cache version and tokenizer."""
-    settings = {**_settings(source, data), "tokenizer": tokenizer_key}
+    return key_of({**_settings(source, data), "tokenizer": tokenizer_key})
+
+
+def key_of(settings: dict) -> str:
+    """A cache folder's name: a short hash of everything that decides its contents (any cache kind)."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -445,7 +449,7 @@ def _tokenize(folder: Path, source, data, enc: tiktoken.Encoding, state: dict) -
     return counts
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the folder's entries durable before it is renamed (not every system lets a folder be fsynced)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -500,7 +504,7 @@ def _build(parent: Path, key: str, source, data, tok: TokenizerConfig, encoding)
         }
         (building / PROGRESS_FILE).unlink(missing_ok=True)
         atomic_write_text(building / "meta.json", json.dumps(meta, indent=2) + "\n")
-        _fsync_folder(building)
+        fsync_folder(building)
         os.rename(building, folder)  # atomic: the folder appears complete or not at all
         documents, tokens = (counts[f"train_{n}"] + counts[f"val_{n}"] for n in ("documents", "tokens"))
         say(f"tokenized {documents} documents into {tokens} tokens in {time.perf_counter() - started:.1f} s")

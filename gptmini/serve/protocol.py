@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from gptmini.common import MAX_SEED, GptMiniError
-from gptmini.data.chat_template import ChatTemplate, check_messages, render
+from gptmini.data.chat_template import ChatTemplate, MessageError, check_messages, render
 from gptmini.data.tokenizer import EOT
 from gptmini.generation.sampling import SamplingOptions
 
@@ -275,9 +274,8 @@ def _conversation(messages: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The turns checked as training checks them (a system message only first), else a 400 naming the one."""
     try:
         return check_messages(messages, where="'messages'")
-    except GptMiniError as error:
-        number = re.search(r"message (\d+)", str(error))  # check_messages names the message it refuses
-        param = f"messages[{number.group(1)}]" if number else "messages"
+    except MessageError as error:
+        param = "messages" if error.index is None else f"messages[{error.index}]"
         raise ApiError(400, str(error), param=param) from None
 
 
