@@ -4,6 +4,7 @@ Most tests build their own tiny data. The few that read ../shared (the reference
 files) skip with the reason when it is absent, so the suite also passes on a fresh clone.
 """
 
+import builtins
 import os
 import random
 import signal
@@ -153,3 +154,44 @@ class SignalAtStep(L.Callback):
 def signal_at_step():
     """``signal_at_step(step, signum=SIGINT)``: a callback that interrupts a run for real at that step."""
     return SignalAtStep
+
+
+@pytest.fixture
+def feed_input(monkeypatch):
+    """``feed_input(lines)``: input() returns ``lines``, then behaves like Ctrl-D (interactive modes)."""
+
+    def feed(lines) -> None:
+        queue = list(lines)
+
+        def fake_input(prompt=""):
+            if not queue:
+                raise EOFError
+            return queue.pop(0)
+
+        monkeypatch.setattr(builtins, "input", fake_input)
+
+    return feed
+
+
+def save_tiny_checkpoint(
+    path: Path, enc, template=None, block_size: int = 32, n_layer: int = 2, n_embd: int = 32
+):
+    """A random GPT for ``enc`` saved at ``path``; with a chat ``template``, its gptmini entry holds it as a
+    data=chat run writes it (``chat_template``)."""
+    import torch
+
+    from gptmini import GPT, GPTConfig
+    from gptmini.data.chat_template import to_entry
+    from gptmini.data.tokenizer import tokenizer_to_spec
+    from gptmini.weights import save_model_checkpoint
+
+    torch.manual_seed(0)
+    config = GPTConfig(
+        vocab_size=enc.n_vocab, block_size=block_size, n_layer=n_layer, n_head=2, n_embd=n_embd
+    )
+    save_model_checkpoint(path, GPT(config), tokenizer_to_spec(enc))
+    if template is not None:
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["gptmini"]["chat_template"] = to_entry(template)
+        torch.save(checkpoint, path)
+    return path

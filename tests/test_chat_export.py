@@ -12,12 +12,11 @@ import json
 import pytest
 import tiktoken
 import torch
+from conftest import save_tiny_checkpoint
 
-from gptmini import GPT, GPTConfig
 from gptmini.common import GptMiniError
-from gptmini.data.chat_template import TEMPLATES, jinja, render, render_text, to_entry
-from gptmini.data.tokenizer import EOT, tokenizer_to_spec, train_bpe
-from gptmini.weights import save_model_checkpoint
+from gptmini.data.chat_template import TEMPLATES, jinja, render, render_text
+from gptmini.data.tokenizer import EOT, train_bpe
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
@@ -48,14 +47,7 @@ CONVERSATIONS = {
 
 def tiny_checkpoint(path, enc, template=None):
     """A random 1-layer model for ``enc``; with ``template`` in its gptmini entry, as training writes it."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=32, n_layer=1, n_head=2, n_embd=16))
-    save_model_checkpoint(path, model, tokenizer_to_spec(enc))
-    if template is not None:
-        checkpoint = torch.load(path, weights_only=True)
-        checkpoint["gptmini"]["chat_template"] = to_entry(template)
-        torch.save(checkpoint, path)
-    return path
+    return save_tiny_checkpoint(path, enc, template, block_size=32, n_layer=1, n_embd=16)
 
 
 def exported(tmp_path_factory, enc, template):

@@ -5,23 +5,21 @@ use a tiny model with a one-byte-per-token vocabulary; where a test needs the mo
 (a reply that ends at <|endoftext|> or a stop string), the token loop is replaced by one that yields it.
 """
 
-import builtins
 import re
 
 import pytest
 import tiktoken
 import torch
+from conftest import save_tiny_checkpoint
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from gptmini import GPT, GPTConfig
 from gptmini.common import GptMiniError
-from gptmini.data.chat_template import TEMPLATES, alpaca_messages, render, render_text, to_entry
-from gptmini.data.tokenizer import EOT, tokenizer_to_spec
+from gptmini.data.chat_template import TEMPLATES, alpaca_messages, render, render_text
+from gptmini.data.tokenizer import EOT
 from gptmini.generation import text as text_module
 from gptmini.generation.prompt import quote_prompt_argument
 from gptmini.generation.text import GenerateTextConfig, generate_text, register_config
-from gptmini.weights import save_model_checkpoint
 
 BLOCK = 64
 NOTE = "note: this checkpoint was not trained on a chat template; using the 'chat' template."
@@ -46,14 +44,7 @@ def enc() -> tiktoken.Encoding:
 
 def save_tiny(path, enc, template=None):
     """A random 2-layer model; with ``template``, its gptmini entry holds it as training would write it."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=enc.n_vocab, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32))
-    save_model_checkpoint(path, model, tokenizer_to_spec(enc))
-    if template is not None:
-        checkpoint = torch.load(path, weights_only=True)
-        checkpoint["gptmini"]["chat_template"] = to_entry(template)
-        torch.save(checkpoint, path)
-    return path
+    return save_tiny_checkpoint(path, enc, template, block_size=BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +83,6 @@ def scripted(monkeypatch, enc):
     monkeypatch.setattr(text_module, "sample_tokens", fake_sample_tokens)
     prompts.scripts = scripts  # the test appends what the model will say
     return prompts
-
-
-def feed_input(monkeypatch, lines):
-    """input() returns ``lines``, then behaves like Ctrl-D."""
-    queue = list(lines)
-
-    def fake_input(prompt=""):
-        if not queue:
-            raise EOFError
-        return queue.pop(0)
-
-    monkeypatch.setattr(builtins, "input", fake_input)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,9 +230,9 @@ def test_chat_options_are_checked(options, message):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_interactive_chat_keeps_the_history_and_reset_starts_over(ckpt, scripted, monkeypatch, capsys):
+def test_interactive_chat_keeps_the_history_and_reset_starts_over(ckpt, scripted, capsys, feed_input):
     scripted.scripts += [f"One.{EOT}", f"Two.{EOT}", f"Three.{EOT}"]
-    feed_input(monkeypatch, ["ab", "cd", "/reset", "ef"])
+    feed_input(["ab", "cd", "/reset", "ef"])
     replies = generate_text(make_cfg(ckpt, interactive=True))
     assert replies == ["One.", "Two.", "Three."]
     first, second, after_reset = scripted
@@ -265,12 +244,12 @@ def test_interactive_chat_keeps_the_history_and_reset_starts_over(ckpt, scripted
     assert "a new conversation starts." in err and err.count(NOTE) == 1
 
 
-def test_interactive_chat_drops_the_oldest_turns_and_keeps_the_system(ckpt, scripted, monkeypatch, capsys):
+def test_interactive_chat_drops_the_oldest_turns_and_keeps_the_system(ckpt, scripted, capsys, feed_input):
     # BLOCK 64, max_new_tokens 4: prompts of at most 60 tokens (bytes). The opening and system message take
     # 12, an exchange "User:\nq1\n\nAssistant:\nR1.<|endoftext|>" 25 and a question with the generation
     # prompt 21: two exchanges and a question (83) no longer fit, one exchange and a question (58) do.
     scripted.scripts += [f"R1.{EOT}", f"R2.{EOT}", f"R3.{EOT}", f"R4.{EOT}"]
-    feed_input(monkeypatch, ["q1", "q2", "q3", "y" * 60, "q4"])
+    feed_input(["q1", "q2", "q3", "y" * 60, "q4"])
     replies = generate_text(make_cfg(ckpt, interactive=True, system="S", max_new_tokens=4))
     assert replies == ["R1.", "R2.", "R3.", "R4."]
     third = scripted[2]

@@ -1,6 +1,5 @@
 """generate.py and gptmini.generation: options, prompts, streaming, stop strings, plots and bad input."""
 
-import builtins
 import io
 import re
 import shlex
@@ -410,31 +409,19 @@ def test_attention_plot_write_failure_leaves_the_old_picture_whole(ckpt, tmp_pat
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _feed_input(monkeypatch, lines):
-    """Replace input() with one that returns ``lines`` and then behaves like Ctrl-D."""
-    queue = list(lines)
-
-    def fake_input(prompt=""):
-        if not queue:
-            raise EOFError
-        return queue.pop(0)
-
-    monkeypatch.setattr(builtins, "input", fake_input)
-
-
-def test_interactive_quits_on_empty_line(ckpt, monkeypatch, capsys):
-    _feed_input(monkeypatch, ["Hello", "abc", "", "never read"])
+def test_interactive_quits_on_empty_line(ckpt, capsys, feed_input):
+    feed_input(["Hello", "abc", "", "never read"])
     texts = generate_text(make_cfg(ckpt, interactive=True))
     assert len(texts) == 2
     assert capsys.readouterr().out == "".join(t + "\n" for t in texts)
 
 
-def test_interactive_quits_on_eof(ckpt, monkeypatch, capsys):
-    _feed_input(monkeypatch, ["Hello"])
+def test_interactive_quits_on_eof(ckpt, capsys, feed_input):
+    feed_input(["Hello"])
     assert len(generate_text(make_cfg(ckpt, interactive=True))) == 1
 
 
-def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys):
+def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys, feed_input):
     real_push, calls = StreamDecoder.push, []
 
     def push_then_interrupt(self, token_id):
@@ -444,7 +431,7 @@ def test_interactive_ctrl_c_stops_only_the_sample(ckpt, monkeypatch, capsys):
         return real_push(self, token_id)
 
     monkeypatch.setattr(StreamDecoder, "push", push_then_interrupt)
-    _feed_input(monkeypatch, ["Hello", "again"])
+    feed_input(["Hello", "again"])
     texts = generate_text(make_cfg(ckpt, interactive=True, max_new_tokens=8))
     assert len(texts) == 2 and len(calls) > 8  # the second prompt still ran
     assert "stopped" in capsys.readouterr().err
