@@ -48,7 +48,7 @@ from gptmini.training.loggers import METRICS_FILE, trim_history
 from gptmini.training.module import GPTTrainingModule
 from gptmini.training.optim import OptimConfig
 from gptmini.training.report import build_summary, print_closing_lines, print_resume_hint
-from gptmini.training.settings import check_settings, model_config_from, resolve_loss, world_size
+from gptmini.training.settings import check_settings, model_config_from, resolve_loss
 from gptmini.training.steps import RunPlan
 from gptmini.weights import GPTMINI_KEY, read_checkpoint, resolve_checkpoint
 
@@ -85,7 +85,9 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
     datamodule = build_datamodule(cache, settings.data, model_config.block_size, cfg.seed)
     trainer_args = settings.trainer_args
     if settings.data.epochs is not None:
-        steps = steps_for_epochs(settings.data, datamodule.train_conversations, trainer_args)
+        steps = steps_for_epochs(
+            settings.data, datamodule.train_conversations, trainer_args, settings.world_size
+        )
         trainer_args = {**trainer_args, "max_steps": steps}
     plan, trainer_args = plan_run(trainer_args, settings.optim)
     module = GPTTrainingModule(
@@ -183,10 +185,10 @@ def chat_info(data: DataConfig) -> dict:
     return {"chat_template": to_entry(get_template(data.template))} if data.name == "chat" else {}
 
 
-def steps_for_epochs(data: DataConfig, conversations: int, trainer_args: dict) -> int:
+def steps_for_epochs(data: DataConfig, conversations: int, trainer_args: dict, world_size: int) -> int:
     """``data.epochs`` passes over ``conversations`` as optimizer steps (the last may run into the next
     epoch), said once."""
-    per_step = data.batch_size * world_size(trainer_args) * trainer_args["accumulate_grad_batches"]
+    per_step = data.batch_size * world_size * trainer_args["accumulate_grad_batches"]
     steps = math.ceil(data.epochs * conversations / per_step)
     say(
         f"data.epochs={data.epochs}: {steps} steps of {per_step} conversations over {conversations} training "

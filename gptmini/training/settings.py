@@ -41,6 +41,7 @@ class RunSettings:
     trainer_args: dict[str, Any]
     finetune: FinetuneConfig
     hellaswag: HellaSwagConfig  # the eval node: HellaSwag during training
+    world_size: int = 1  # the processes the Trainer will train with (data.epochs counts steps with it)
 
 
 def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
@@ -58,7 +59,7 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
         finetune=as_config(cfg.get("finetune") or {}, FinetuneConfig, "finetune"),
         hellaswag=as_config(cfg.get("eval") or {}, HellaSwagConfig, "eval"),
     )
-    check_trainer_arguments(settings.trainer_args)
+    settings.world_size = check_trainer_arguments(settings.trainer_args)
     check_finetune(cfg, settings.finetune)
     if settings.data.epochs is not None and settings.optim.schedule_by == "time":
         raise GptMiniError(
@@ -190,19 +191,10 @@ def trainer_arguments(cfg: DictConfig, run_dir: Path) -> dict:
     return args
 
 
-def check_trainer_arguments(args: dict) -> None:
+def check_trainer_arguments(args: dict) -> int:
     """Build a throwaway Trainer, so Lightning rejects bad accelerators, devices, precisions, strategies and
-    durations now; its exception becomes one line naming the argument."""
-    _throwaway_trainer(args)
-
-
-def world_size(args: dict) -> int:
-    """The number of processes the Trainer of ``args`` trains with (devices × nodes, as Lightning counts
-    them), known before the real Trainer exists: data.epochs needs it to count steps."""
-    return _throwaway_trainer(args).world_size
-
-
-def _throwaway_trainer(args: dict):
+    durations now; its exception becomes one line naming the argument. Returns the Trainer's world size
+    (devices × nodes, as Lightning counts them), known before the real Trainer exists."""
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -210,12 +202,13 @@ def _throwaway_trainer(args: dict):
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines are printed by the real Trainer
     try:
-        return L.Trainer(
+        trainer = L.Trainer(
             **{**args, "enable_progress_bar": False, "enable_model_summary": False},
             logger=False,
             enable_checkpointing=False,
             callbacks=[],
         )
+        return trainer.world_size
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as error:
         raise GptMiniError(f"Lightning rejects the trainer settings: {_first_line(error)}") from None
     finally:
