@@ -128,7 +128,17 @@ def budget_string(seconds: int) -> str:
 
 
 # Overrides that change numbers, not the computation of a step.
-RATE_KEYS = ("optim.lr=", "optim.min_lr=", "optim.muon_lr=", "optim.warmup_steps=", "optim.schedule=")
+RATE_KEYS = (
+    "optim.lr=",
+    "optim.min_lr=",
+    "optim.muon_lr=",
+    "optim.embed_lr=",
+    "optim.head_lr=",
+    "optim.warmup_steps=",
+    "optim.schedule=",
+    "optim.decay_fraction=",
+    "optim.weight_decay=",
+)
 
 
 def compute_key(overrides: list[str]) -> tuple[str, ...]:

@@ -92,6 +92,33 @@ def test_one_schedule_scales_both_optimizers():
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.02 / 4, 1e-3 / 4, 1e-3 / 4])
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_embeddings_and_an_untied_head_take_their_own_rates_under_one_schedule(name):
+    model = tiny_gpt(tie_embeddings=False)
+    optim = OptimConfig(name=name, lr=1e-3, min_lr=1e-4, embed_lr=0.05, head_lr=2e-3, warmup_steps=4)
+    optimizer = build_optimizer(model, optim, "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(rates) == len(names)  # every parameter in exactly one group
+    assert rates["wte.weight"] == rates["wpe.weight"] == 0.05 and rates["lm_head.weight"] == 2e-3
+    assert rates["ln_f.weight"] == 1e-3
+    assert rates["blocks.0.mlp.fc.weight"] == (0.02 if name == "muon" else 1e-3)
+    build_lr_schedule(optimizer, optim, 100)  # warmup step 1 of 4: every group at a quarter of its peak
+    assert {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}["wte.weight"] == (
+        pytest.approx(0.05 / 4)
+    )
+    assert train_steps(model, optimizer, build_lr_schedule(optimizer, optim, 100), [0] * 3)[-1] < 4.2
+
+
+def test_a_tied_head_is_the_embedding_and_takes_embed_lr():
+    model = tiny_gpt(tie_embeddings=True)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, embed_lr=0.01, head_lr=0.5), "cpu")
+    (shared,) = [g for g in optimizer.param_groups if any(p is model.wte.weight for p in g["params"])]
+    assert shared["lr"] == 0.01 and 0.5 not in [g["lr"] for g in optimizer.param_groups]
+    unset = build_optimizer(model, OptimConfig(lr=1e-3), "cpu")  # no rates of their own: two groups as before
+    assert [g["lr"] for g in unset.param_groups] == [1e-3, 1e-3]
+
+
 def train_steps(model, optimizer, schedule, seeds) -> list[float]:
     losses = []
     for seed in seeds:
@@ -135,6 +162,9 @@ def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
         ({"decay_fraction": 1.5}, r"optim.decay_fraction must be in \(0, 1\], got 1.5"),
         ({"muon_lr": 0.0}, "optim.muon_lr must be > 0, got 0.0"),
         ({"muon_momentum": 1.0}, r"optim.muon_momentum must be in \[0, 1\), got 1.0"),
+        ({"embed_lr": 0.0}, r"optim.embed_lr must be > 0 or null \(= optim.lr\), got 0.0"),
+        ({"head_lr": -1.0}, r"optim.head_lr must be > 0 or null \(= optim.lr\), got -1.0"),
+        ({"embed_lr": float("nan")}, "optim.embed_lr=nan must be a finite number"),
         ({"eps": -1e-8}, r"optim.eps must be >= 0, got -1e-08; try optim.eps=1e-8\.$"),
         # NaN passed every "< 0" check and inf every "> 0": runs failed later, blaming optim.lr.
         ({"lr": float("inf")}, "^optim.lr=inf must be a finite number, not nan or inf; the default is 0.003"),
