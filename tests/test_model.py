@@ -244,6 +244,8 @@ MODERN = {
     "n_kv_head": 2,
     "tie_embeddings": False,
     "logit_softcap": 10.0,
+    "unet_skips": True,
+    "zero_init_proj": True,
 }
 ONE_SWITCH = [{key: value} for key, value in MODERN.items()] + [{"mlp": "relu2"}, {"n_kv_head": 1}, MODERN]
 
@@ -353,3 +355,35 @@ def test_the_decoding_step_takes_a_position_per_row():
         positions = torch.tensor([4, 9])
         got = model.decode_step(torch.stack([idx[0, 4:5], idx[1, 9:10]]), positions, cache)
     torch.testing.assert_close(got, torch.stack([expected[0, 4], expected[1, 9]]), rtol=1e-5, atol=1e-5)
+
+
+def test_unet_skips_add_the_first_halfs_outputs_to_the_second_halfs_inputs_in_mirror_order():
+    model = small_model(n_layer=5, unet_skips=True)
+    with torch.no_grad():
+        model.skip_weights.copy_(torch.tensor([0.5, -2.0]))
+    idx = random_tokens()
+    positions = torch.arange(idx.size(1)).unsqueeze(0)
+    with torch.no_grad():
+        x = model.wte(idx) + model.wpe(positions)
+        outputs = []
+        for i, block in enumerate(model.blocks):  # block 3 takes block 1's output, block 4 block 0's
+            if i >= 3:
+                x = x + {3: -2.0, 4: 0.5}[i] * outputs[4 - i]
+            x = block(x, positions)
+            outputs.append(x)
+        expected = model.lm_head(model.ln_f(x))
+        torch.testing.assert_close(model(idx)[0], expected[..., :100])
+        plain = small_model(n_layer=5)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "skip_weights"})
+        model.skip_weights.zero_()  # weights of zero: exactly the model without skips
+        torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    model = small_model(zero_init_proj=True, bias=False)
+    assert all(not b.attn.proj.weight.any() and not b.mlp.proj.weight.any() for b in model.blocks)
+    idx = random_tokens()
+    with torch.no_grad():
+        expected = model.lm_head(model.ln_f(model.wte(idx) + model.wpe(torch.arange(16))))
+    torch.testing.assert_close(model(idx)[0], expected[..., :100])
+    assert small_model().blocks[0].mlp.proj.weight.std() > 0  # GPT-2's start by default

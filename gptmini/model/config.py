@@ -106,6 +106,12 @@ class GPTConfig:
     """The LM head reuses the token embedding matrix (GPT-2); false gives it its own weights."""
     logit_softcap: float | None = _field(None, switch=True)
     """None, or a cap c: logits become c·tanh(logits / c), so none exceeds ±c (Gemma 2, modded-nanogpt)."""
+    unet_skips: bool = _field(False, switch=True)
+    """U-net skips: the first half of the blocks' outputs are added to the second half's inputs in mirror
+    order (block 0 feeds the last block), each scaled by a learned weight (modded-nanogpt)."""
+    zero_init_proj: bool = _field(False, finetune="free")
+    """Start the residual branches' output projections at zero, so every block begins as the identity
+    (modded-nanogpt); false is GPT-2's small random start. Initialisation only: loaded weights ignore it."""
 
     def __post_init__(self, attention: str | None) -> None:
         """The invariants, checked once: every module that builds on a GPTConfig trusts them."""

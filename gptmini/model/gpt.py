@@ -95,6 +95,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
+        # U-net skips: one learned weight per (first-half block, mirrored second-half block) pair.
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
@@ -113,10 +115,15 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         # Each block adds two branch outputs (attention, MLP) to the residual stream; scaling the layers that
         # write into it by 1/sqrt(2·n_layer) keeps the stream's variance from growing with depth.
+        # zero_init_proj starts them at zero instead: every block is then the identity, and each branch
+        # grows from nothing (the gradient of a zero projection is not zero: its input is not).
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+            for proj in (block.attn.proj, block.mlp.proj):
+                if self.config.zero_init_proj:
+                    nn.init.zeros_(proj.weight)
+                else:
+                    nn.init.normal_(proj.weight, mean=0.0, std=residual_std)
 
     def _trunk(
         self, idx: Tensor, positions: Tensor, caches: list[CacheView] | None, maps: list[Tensor] | None = None
@@ -130,8 +137,15 @@ class GPT(nn.Module):
         if self.wpe is not None:  # with RoPE, positions enter in attention instead
             x = x + self.wpe(positions)  # (B or 1, T, C) broadcasts over the batch
         x = self.drop(x)
+        n = len(self.blocks)
+        half = 0 if self.skip_weights is None else n // 2
+        skips = []  # U-net: the first half's outputs, last in first out
         for i, block in enumerate(self.blocks):
+            if i >= n - half:  # block n-1-j takes block j's output
+                x = x + self.skip_weights[n - 1 - i] * skips.pop()
             x = block(x, positions, None if caches is None else caches[i], maps)  # (B, T, C)
+            if i < half:
+                skips.append(x)
         return self.ln_f(x)
 
     def _hidden(self, idx: Tensor, kv_cache: KVCache | None, maps: list[Tensor] | None = None) -> Tensor:
