@@ -138,6 +138,7 @@ RATE_KEYS = (
     "optim.schedule=",
     "optim.decay_fraction=",
     "optim.weight_decay=",
+    "model.zero_init_proj=",  # an initialisation: the same step
 )
 
 
@@ -288,13 +289,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.cpu_budget:
             # Rows that change only rates or the schedule compute what another row does: time each distinct
             # computation once per round, in five interleaved rounds (a change of load shifts all alike).
+            # A computation timed by an earlier invocation into the same --out keeps its timing, so rows added
+            # later train for the same number of steps as the rows they are compared with.
             groups = {name: compute_key(overrides) for name, overrides in rows.items()}
-            timings: dict[tuple, list[float]] = {key: [] for key in groups.values()}
-            for _ in range(5):
+            timed_file = out / "cpu_ms_per_step.json"
+            timed = json.loads(timed_file.read_text()) if timed_file.is_file() else {}
+            timings: dict[tuple, list[float]] = {key: [] for key in groups.values() if " ".join(key) not in timed}
+            for _ in range(5 if timings else 0):
                 for key in timings:
                     timings[key].append(cpu_seconds_per_step(list(key), args))
+            timed.update({" ".join(key): statistics.median(times) * 1e3 for key, times in timings.items()})
+            timed_file.write_text(json.dumps(timed, indent=1))
             for name, key in groups.items():
-                per_step = statistics.median(timings[key])
+                per_step = timed[" ".join(key)] / 1e3
                 steps[name] = max(1, round(args.cpu_budget / per_step))
                 print(f"{name}: {per_step * 1e3:.0f} CPU ms/step -> {steps[name]} steps", flush=True)
         todo = [(n, s) for s in [int(s) for s in args.seeds.split(",")] for n in rows if (n, s) not in done]

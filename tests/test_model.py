@@ -387,3 +387,11 @@ def test_zero_init_proj_starts_every_block_as_the_identity():
         expected = model.lm_head(model.ln_f(model.wte(idx) + model.wpe(torch.arange(16))))
     torch.testing.assert_close(model(idx)[0], expected[..., :100])
     assert small_model().blocks[0].mlp.proj.weight.std() > 0  # GPT-2's start by default
+
+
+def test_unet_skips_cannot_be_exported_to_gpt2_but_zero_init_proj_can():
+    from gptmini.hf.convert import check_exportable
+
+    check_exportable(small_config(zero_init_proj=True))  # an initialisation: GPT-2's layout all the same
+    with pytest.raises(GptMiniError, match="model.unet_skips=True cannot be expressed in GPT-2's"):
+        check_exportable(small_config(unet_skips=True))
