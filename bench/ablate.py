@@ -106,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cpu-budget", type=float, default=None, help="equal CPU seconds per row instead of wall seconds"
     )
+    parser.add_argument("--baseline", default="baseline", help="the row the Δ column compares with")
     parser.add_argument("--jobs", type=int, default=1, help="rows run side by side (--cpu-budget only)")
     return parser.parse_args(argv)
 
@@ -243,14 +244,16 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def table(results: list[dict]) -> tuple[str, list[dict]]:
-    """A markdown table, one line per row name in first-seen order, and the same figures as dicts."""
+def table(results: list[dict], baseline: str = "baseline") -> tuple[str, list[dict]]:
+    """A markdown table, one line per row name in first-seen order, and the same figures as dicts.
+
+    Δ is paired by seed: the mean over the row's seeds of (row − ``baseline`` with the same seed), so a row
+    run with fewer seeds is compared with the baseline's runs on those seeds only."""
     by_row: dict[str, list[dict]] = {}
     for r in results:
         if "nats_per_byte" in r:
             by_row.setdefault(r["row"], []).append(r)
-    base = by_row.get("baseline")
-    base_mean = statistics.mean(r["nats_per_byte"] for r in base) if base else None
+    base = {r["seed"]: r["nats_per_byte"] for r in by_row.get(baseline, [])}
     lines = [
         "| row | overrides | seeds | nats/byte (mean) | ± (half range) | Δ vs baseline | steps | tokens/s | "
         "params | load 1-min (before→after) |",
@@ -261,10 +264,11 @@ def table(results: list[dict]) -> tuple[str, list[dict]]:
         values = [r["nats_per_byte"] for r in runs]
         mean = statistics.mean(values)
         spread = (max(values) - min(values)) / 2
-        delta = None if base_mean is None else mean - base_mean
+        paired = [r["nats_per_byte"] - base[r["seed"]] for r in runs if r["seed"] in base]
+        delta = statistics.mean(paired) if paired else None
         load = ", ".join(f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" for r in runs)
         rows.append({"row": name, "mean": mean, "half_range": spread, "delta": delta, "n": len(runs)})
-        delta_text = "–" if delta is None or name == "baseline" else f"{delta:+.4f}"
+        delta_text = "–" if delta is None or name == baseline else f"{delta:+.4f}"
         lines.append(
             f"| {name} | `{' '.join(runs[0]['overrides']) or '(experiment=shakespeare)'}` | "
             f"{','.join(str(r['seed']) for r in runs)} | {mean:.4f} | {spread:.4f} | {delta_text} | "
@@ -319,9 +323,10 @@ def main(argv: list[str] | None = None) -> None:
         jobs = args.jobs if args.cpu_budget else 1  # wall-clock rows must not share the CPU
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(run_and_record, todo))
-    text, rows = table(read_results(results_file))
+    text, rows = table(read_results(results_file), args.baseline)
     print(text)
-    print(json.dumps({"bench": "ablate", "budget_s": args.budget, "threads": args.threads, "rows": rows}))
+    budget = {"cpu_budget_s": args.cpu_budget} if args.cpu_budget else {"budget_s": args.budget}
+    print(json.dumps({"bench": "ablate", **budget, "threads": args.threads, "rows": rows}))
 
 
 if __name__ == "__main__":
