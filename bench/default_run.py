@@ -1,14 +1,14 @@
 """The default run, old recipe against new: ``python train.py`` as a user runs it, whole, one run at a time.
 
-Each recipe is a set of train.py overrides (``old=experiment=null``: the schema's GPT-2 recipe, what
-``python train.py`` ran before ``experiment=default``; ``new=``: today's ``python train.py``). The runs are
+Each recipe is a set of train.py overrides: by default ``old``, what ``python train.py`` ran before Muon became
+its optimizer (GPT-2's recipe), and ``new``, today's ``python train.py`` (no overrides). The runs are
 interleaved by seed (old s1, new s1, old s2, new s2, ...) so that a change of the machine's speed during the
 benchmark touches both alike, and never overlap: the target is wall time as well as quality. The token cache
 is built first (``gptmini prepare``, untimed), so no run pays for the tokenizer. Each run records val
 bits/byte, steps, tokens/s, its process wall time, the threads it chose and the load average before and after.
 
     python bench/default_run.py --seeds 1,2
-    python bench/default_run.py --recipe "old=experiment=null" --recipe "rope=model.pos_emb=rope" --seeds 1
+    python bench/default_run.py --recipe "new=" --recipe "rope=model.pos_emb=rope" --seeds 1
 
 Prints a table (mean over seeds ± half the spread, and the new/old ratios), then one JSON line.
 """
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPES = ["old=experiment=null", "new="]
+# What python train.py ran before (GPT-2's recipe: AdamW, cosine, GPT-2's init, 40 rows), and what it runs now.
+DEFAULT_RECIPES = ["old=optim=adamw data.batch_size=40 model.zero_init_proj=false", "new="]
 
 
 def load() -> list[float]:

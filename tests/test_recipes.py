@@ -80,6 +80,7 @@ def test_a_time_budgeted_run_ends_on_budget_with_a_finished_schedule(
     tmp_path, tiny_train_overrides, compose_train
 ):
     overrides = tiny_train_overrides + [
+        "optim=adamw",  # _lr_floor_share reads AdamW's state
         "optim.schedule_by=time",
         "trainer.max_time=00:00:00:05",
         "optim.schedule=wsd",

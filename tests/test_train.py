@@ -82,9 +82,11 @@ def test_init_from_with_a_contradicting_shape_is_one_line(tmp_path, tiny_train_o
 def test_defaults_live_in_the_dataclasses(compose_train):
     # python train.py trains with the schema's defaults; a group file only overrides what differs.
     cfg = compose_train([])
-    assert OptimConfig(**cfg.optim) == OptimConfig() and TrainerSchema(**cfg.trainer) == TrainerSchema()
+    assert TrainerSchema(**cfg.trainer) == TrainerSchema()
+    assert OptimConfig(**cfg.optim) == OptimConfig(name="muon", schedule="wsd", embed_lr=0.03)  # optim=muon's
+    assert OptimConfig(**compose_train(["optim=adamw"]).optim) == OptimConfig()  # GPT-2's recipe: no changes
     assert TokenizerConfig(**cfg.tokenizer) == TokenizerConfig()
-    assert DataConfig(**cfg.data) == DataConfig(batch_size=40)  # data=pystdlib's one change
+    assert DataConfig(**cfg.data) == DataConfig(batch_size=38)  # data=pystdlib's one change
 
 
 def test_a_config_node_becomes_its_dataclass_one_way(compose_train):
@@ -108,7 +110,9 @@ def test_export_and_fine_tuning_read_each_fields_declaration():
     # Every switch beyond GPT-2 declares the value GPT-2's format needs: its default.
     assert declared("gpt2") == {
         name: getattr(GPTConfig(), name)
-        for name in ("pos_emb", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "logit_softcap")
+        for name in (
+            "pos_emb", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "logit_softcap", "unet_skips"
+        )
     }
     rules = declared("finetune")
     assert rules["dropout"] == "free" and rules["block_size"] == "shorter" and rules["n_embd"] == "same"
