@@ -266,7 +266,9 @@ def table(results: list[dict], baseline: str = "baseline") -> tuple[str, list[di
         spread = (max(values) - min(values)) / 2
         paired = [r["nats_per_byte"] - base[r["seed"]] for r in runs if r["seed"] in base]
         delta = statistics.mean(paired) if paired else None
-        load = ", ".join(f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" for r in runs)
+        load = ", ".join(
+            f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" if r.get("load_before") else "?" for r in runs
+        )
         rows.append({"row": name, "mean": mean, "half_range": spread, "delta": delta, "n": len(runs)})
         delta_text = "–" if delta is None or name == baseline else f"{delta:+.4f}"
         lines.append(
