@@ -267,7 +267,8 @@ def table(results: list[dict], baseline: str = "baseline") -> tuple[str, list[di
         paired = [r["nats_per_byte"] - base[r["seed"]] for r in runs if r["seed"] in base]
         delta = statistics.mean(paired) if paired else None
         load = ", ".join(
-            f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" if r.get("load_before") else "?" for r in runs
+            f"{r['load_before'][0]:.1f}→{r['load_after'][0]:.1f}" if r.get("load_before") else "?"
+            for r in runs
         )
         rows.append({"row": name, "mean": mean, "half_range": spread, "delta": delta, "n": len(runs)})
         delta_text = "–" if delta is None or name == baseline else f"{delta:+.4f}"
@@ -300,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
             groups = {name: compute_key(overrides) for name, overrides in rows.items()}
             timed_file = out / "cpu_ms_per_step.json"
             timed = json.loads(timed_file.read_text()) if timed_file.is_file() else {}
-            timings: dict[tuple, list[float]] = {key: [] for key in groups.values() if " ".join(key) not in timed}
+            timings: dict[tuple, list[float]] = {
+                key: [] for key in groups.values() if " ".join(key) not in timed
+            }
             for _ in range(5 if timings else 0):
                 for key in timings:
                     timings[key].append(cpu_seconds_per_step(list(key), args))

@@ -1,7 +1,7 @@
 """The default run, old recipe against new: ``python train.py`` as a user runs it, whole, one run at a time.
 
-Each recipe is a set of train.py overrides: by default ``old``, what ``python train.py`` ran before Muon became
-its optimizer (GPT-2's recipe), and ``new``, today's ``python train.py`` (no overrides). The runs are
+Each recipe is a set of train.py overrides: by default ``old``, what ``python train.py`` ran before Muon
+became its optimizer (GPT-2's recipe), and ``new``, today's ``python train.py`` (no overrides). The runs are
 interleaved by seed (old s1, new s1, old s2, new s2, ...) so that a change of the machine's speed during the
 benchmark touches both alike, and never overlap: the target is wall time as well as quality. The token cache
 is built first (``gptmini prepare``, untimed), so no run pays for the tokenizer. Each run records val
@@ -46,7 +46,12 @@ def run_recipe(name: str, overrides: list[str], seed: int, out: Path) -> dict:
     before = load()
     started = time.perf_counter()
     done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    record = {"recipe": name, "seed": seed, "overrides": overrides, "process_s": time.perf_counter() - started}
+    record = {
+        "recipe": name,
+        "seed": seed,
+        "overrides": overrides,
+        "process_s": time.perf_counter() - started,
+    }
     record.update(load_before=before, load_after=load(), run_dir=str(run_dir))
     if done.returncode != 0:
         sys.exit(f"{name} seed {seed} failed:\n" + "\n".join(done.stderr.strip().splitlines()[-10:]))
@@ -63,7 +68,8 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
 
 def table(records: list[dict], names: list[str]) -> tuple[str, dict]:
     lines = [
-        "| recipe | seeds | val bits/byte | ± | steps | process s | train s | tokens/s | threads | params | load |",
+        "| recipe | seeds | val bits/byte | ± | steps | process s | train s | tokens/s | threads | params "
+        "| load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     figures = {}
@@ -78,7 +84,8 @@ def table(records: list[dict], names: list[str]) -> tuple[str, dict]:
         figures[name].update(train_s=round(train, 1), seeds=[r["seed"] for r in runs])
         lines.append(
             f"| {name} | {','.join(str(r['seed']) for r in runs)} | {bpb:.4f} | {spread:.4f} | "
-            f"{statistics.mean(r['steps'] for r in runs):.0f} | {process:.1f} | {train:.1f} | {tokens:,.0f} | "
+            f"{statistics.mean(r['steps'] for r in runs):.0f} | {process:.1f} | {train:.1f} | "
+            f"{tokens:,.0f} | "
             f"{runs[0]['threads']} | {runs[0]['n_params']:,} | {loads} |"
         )
     first = names[0]
@@ -110,9 +117,14 @@ def main() -> None:
         for name, overrides in recipes.items():
             records.append(run_recipe(name, overrides, seed, args.out))
             last = records[-1]
-            print(f"{name} seed {seed}: {last['val_bpb']:.4f} bits/byte in {last['process_s']:.0f} s", flush=True)
-    with (args.out / "results.jsonl").open("a") as handle:
-        handle.writelines(json.dumps(r) + "\n" for r in records)
+            with (args.out / "results.jsonl").open(
+                "a"
+            ) as handle:  # each run as it ends: a stopped bench keeps it
+                handle.write(json.dumps(last) + "\n")
+            print(
+                f"{name} seed {seed}: {last['val_bpb']:.4f} bits/byte in {last['process_s']:.0f} s",
+                flush=True,
+            )
     text, figures = table(records, list(recipes))
     print(f"\n{os.cpu_count()} cores\n{text}")
     print(json.dumps({"bench": "default_run", "recipes": figures}))

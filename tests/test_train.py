@@ -111,7 +111,14 @@ def test_export_and_fine_tuning_read_each_fields_declaration():
     assert declared("gpt2") == {
         name: getattr(GPTConfig(), name)
         for name in (
-            "pos_emb", "norm", "qk_norm", "mlp", "n_kv_head", "tie_embeddings", "logit_softcap", "unet_skips"
+            "pos_emb",
+            "norm",
+            "qk_norm",
+            "mlp",
+            "n_kv_head",
+            "tie_embeddings",
+            "logit_softcap",
+            "unet_skips",
         )
     }
     rules = declared("finetune")
