@@ -56,6 +56,7 @@ BASELINE_RECIPE = [
     "optim.min_lr=3e-4",
     "optim.warmup_steps=100",
     "optim.schedule=cosine",
+    "optim.embed_lr=null",
 ]
 ROWS: dict[str, list[str]] = {
     "baseline": [],
