@@ -245,6 +245,7 @@ MODERN = {
     "tie_embeddings": False,
     "logit_softcap": 10.0,
     "unet_skips": True,
+    "value_embeds": True,
     "zero_init_proj": True,
 }
 ONE_SWITCH = [{key: value} for key, value in MODERN.items()] + [{"mlp": "relu2"}, {"n_kv_head": 1}, MODERN]
@@ -379,6 +380,33 @@ def test_unet_skips_add_the_first_halfs_outputs_to_the_second_halfs_inputs_in_mi
         torch.testing.assert_close(model(idx)[0], plain(idx)[0])
 
 
+def test_value_embeds_add_each_blocks_own_token_vectors_to_its_values_only():
+    model = small_model(n_kv_head=2, value_embeds=True)
+    assert [tuple(t.weight.shape) for t in model.value_embeds] == [(128, 16)] * 2  # padded V x nkv·hs (2·8)
+    idx = random_tokens()
+    plain = small_model(n_kv_head=2)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("value_embeds")})
+    with torch.no_grad():
+        # The queries and keys do not see them: block 0's attention weights are the plain model's.
+        torch.testing.assert_close(model.attention_maps(idx)[0], plain.attention_maps(idx)[0])
+        assert not torch.allclose(model(idx)[0], plain(idx)[0])
+        # Block 0's values are qkv's value part plus its table's rows for the tokens.
+        block, table = model.blocks[0], model.value_embeds[0]
+        captured = {}
+        hook = block.attn.register_forward_hook(lambda m, args, out: captured.update(out=out))
+        model(idx)
+        hook.remove()
+        h = block.ln_1(model.wte(idx) + model.wpe(torch.arange(16)))
+        v = block.attn.qkv(h)[..., 48:] + table(idx)  # (B, T, nkv·hs): after 32 query and 16 key features
+        q, k, _ = block.attn._project(h, None)
+        v = v.view(2, 16, 2, 8).transpose(1, 2)  # (B, nkv, T, hs)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(captured["out"], block.attn.proj(y.transpose(1, 2).reshape(2, 16, 32)))
+        for t in model.value_embeds:  # zero tables: exactly the model without them
+            t.weight.zero_()
+        torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+
+
 def test_zero_init_proj_starts_every_block_as_the_identity():
     model = small_model(zero_init_proj=True, bias=False)
     assert all(not b.attn.proj.weight.any() and not b.mlp.proj.weight.any() for b in model.blocks)
@@ -395,3 +423,5 @@ def test_unet_skips_cannot_be_exported_to_gpt2_but_zero_init_proj_can():
     check_exportable(small_config(zero_init_proj=True))  # an initialisation: GPT-2's layout all the same
     with pytest.raises(GptMiniError, match="model.unet_skips=True cannot be expressed in GPT-2's"):
         check_exportable(small_config(unet_skips=True))
+    with pytest.raises(GptMiniError, match="model.value_embeds=True cannot be expressed in GPT-2's"):
+        check_exportable(small_config(value_embeds=True))

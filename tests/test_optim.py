@@ -94,13 +94,14 @@ def test_one_schedule_scales_both_optimizers():
 
 @pytest.mark.parametrize("name", ["adamw", "muon"])
 def test_embeddings_and_an_untied_head_take_their_own_rates_under_one_schedule(name):
-    model = tiny_gpt(tie_embeddings=False)
+    model = tiny_gpt(tie_embeddings=False, value_embeds=True)
     optim = OptimConfig(name=name, lr=1e-3, min_lr=1e-4, embed_lr=0.05, head_lr=2e-3, warmup_steps=4)
     optimizer = build_optimizer(model, optim, "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert len(rates) == len(names)  # every parameter in exactly one group
     assert rates["wte.weight"] == rates["wpe.weight"] == 0.05 and rates["lm_head.weight"] == 2e-3
+    assert rates["value_embeds.0.weight"] == rates["value_embeds.1.weight"] == 0.05  # tables, never Muon's
     assert rates["ln_f.weight"] == 1e-3
     assert rates["blocks.0.mlp.fc.weight"] == (0.02 if name == "muon" else 1e-3)
     build_lr_schedule(optimizer, optim, 100)  # warmup step 1 of 4: every group at a quarter of its peak

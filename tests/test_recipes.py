@@ -22,6 +22,7 @@ EVERY_SWITCH = [
     "model.tie_embeddings=false",
     "model.logit_softcap=15",
     "model.unet_skips=true",
+    "model.value_embeds=true",
     "model.zero_init_proj=true",
     "optim=muon",
     "optim.embed_lr=0.01",
@@ -62,6 +63,7 @@ def test_every_switch_with_muon_and_wsd_trains_resumes_exactly_and_generates(
     config = loaded.model.config
     assert (config.pos_emb, config.mlp, config.n_kv_head, config.logit_softcap) == ("rope", "swiglu", 1, 15.0)
     assert config.unet_skips and loaded.model.skip_weights.shape == (config.n_layer // 2,)
+    assert config.value_embeds and len(loaded.model.value_embeds) == config.n_layer
     prompt = torch.tensor(loaded.tokenizer.encode_ordinary("the cat"))
     greedy = SamplingOptions(max_new_tokens=6, temperature=0.0)
     with torch.no_grad():

@@ -119,6 +119,7 @@ def test_export_and_fine_tuning_read_each_fields_declaration():
             "tie_embeddings",
             "logit_softcap",
             "unet_skips",
+            "value_embeds",
         )
     }
     rules = declared("finetune")

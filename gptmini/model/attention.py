@@ -66,6 +66,7 @@ class CausalSelfAttention(nn.Module):
         positions: Tensor | None = None,
         cache: CacheView | None = None,
         maps: list[Tensor] | None = None,
+        value_embed: Tensor | None = None,
     ) -> Tensor:
         """(B, T, C) to (B, T, C).
 
@@ -76,9 +77,10 @@ class CausalSelfAttention(nn.Module):
                 to its slots under its mask. Without one, attention is causal over x.
             maps: a list to append the softmax weights (B, nh, T, S) to (attention maps); they are then
                 computed explicitly, before dropout, instead of inside the fused kernel.
+            value_embed: (B, T, nkv·hs) the tokens' value embeddings (``value_embeds``), added to the values.
         """
         B, T, _ = x.shape
-        q, k, v = self._project(x, positions)  # (B, nh, T, hs), (B, nkv, T, hs) twice
+        q, k, v = self._project(x, positions, value_embed)  # (B, nh, T, hs), (B, nkv, T, hs) twice
         # None: causal, the T queries being the last T keys, which lets SDPA use its fastest kernels
         mask = None
         if cache is not None:
@@ -96,12 +98,16 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_embd)  # (B, T, C): heads side by side
         return self.resid_dropout(self.proj(y))
 
-    def _project(self, x: Tensor, positions: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(
+        self, x: Tensor, positions: Tensor | None, value_embed: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Project (B, T, C) once and split into per-head queries (B, nh, T, hs) and keys, values
-        (B, nkv, T, hs); normalised and rotated when those switches are on."""
+        (B, nkv, T, hs); normalised and rotated when those switches are on, the value embeddings added."""
         B, T, _ = x.shape
         # split_with_sizes: Tensor.split's Python wrapper costs twice the split itself, per layer and token
         q, k, v = self.qkv(x).split_with_sizes([self.n_embd, self.kv_size, self.kv_size], dim=2)
+        if value_embed is not None:
+            v = v + value_embed  # (B, T, nkv·hs): what the token is, straight into what it passes on
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_size).transpose(1, 2)  # (B, nkv, T, hs)

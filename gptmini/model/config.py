@@ -109,6 +109,10 @@ class GPTConfig:
     unet_skips: bool = _field(False, switch=True)
     """U-net skips: the first half of the blocks' outputs are added to the second half's inputs in mirror
     order (block 0 feeds the last block), each scaled by a learned weight (modded-nanogpt)."""
+    value_embeds: bool = _field(False, switch=True)
+    """Value embeddings: each block has its own table of one vector per token (n_kv_head · head_size wide),
+    added to that token's attention values; a cheap lookup that gives every layer direct access to the token
+    it reads (modded-nanogpt). They train with the embeddings (``optim.embed_lr``)."""
     zero_init_proj: bool = _field(False, finetune="free")
     """Start the residual branches' output projections at zero, so every block begins as the identity
     (modded-nanogpt); false is GPT-2's small random start. Initialisation only: loaded weights ignore it."""

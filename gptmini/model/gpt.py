@@ -76,10 +76,15 @@ class TransformerBlock(nn.Module):
         self.mlp = FeedForward(config)
 
     def forward(
-        self, x: Tensor, positions: Tensor, cache: CacheView | None = None, maps: list[Tensor] | None = None
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: CacheView | None = None,
+        maps: list[Tensor] | None = None,
+        value_embed: Tensor | None = None,
     ) -> Tensor:
         """(B, T, C) to (B, T, C); the other arguments go to ``CausalSelfAttention.forward``."""
-        x = x + self.attn(self.ln_1(x), positions, cache, maps)  # tokens exchange information
+        x = x + self.attn(self.ln_1(x), positions, cache, maps, value_embed)  # tokens exchange information
         x = x + self.mlp(self.ln_2(x))  # each token processes what it gathered
         return x
 
@@ -95,6 +100,14 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
+        # Value embeddings: block i's own per-token vectors, added to its attention values. Outside the blocks,
+        # so Muon (which takes the blocks' matrices) leaves these lookup tables to AdamW.
+        kv_size = config.kv_heads * (config.n_embd // config.n_head)
+        self.value_embeds = (
+            nn.ModuleList(nn.Embedding(config.padded_vocab_size, kv_size) for _ in range(config.n_layer))
+            if config.value_embeds
+            else None
+        )
         # U-net skips: one learned weight per (first-half block, mirrored second-half block) pair.
         self.skip_weights = nn.Parameter(torch.ones(config.n_layer // 2)) if config.unet_skips else None
         self.ln_f = make_norm(config)
@@ -143,7 +156,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             if i >= n - half:  # block n-1-j takes block j's output
                 x = x + self.skip_weights[n - 1 - i] * skips.pop()
-            x = block(x, positions, None if caches is None else caches[i], maps)  # (B, T, C)
+            values = None if self.value_embeds is None else self.value_embeds[i](idx)  # (B, T, nkv·hs)
+            x = block(x, positions, None if caches is None else caches[i], maps, values)  # (B, T, C)
             if i < half:
                 skips.append(x)
         return self.ln_f(x)

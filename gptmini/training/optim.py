@@ -149,13 +149,16 @@ def decay_groups(params, weight_decay: float) -> list[dict]:
 
 
 def rate_groups(model: torch.nn.Module, params, optim: OptimConfig) -> list[dict]:
-    """``decay_groups`` of ``params``, with the embeddings at ``optim.embed_lr`` and an untied LM head at
-    ``optim.head_lr`` in groups of their own where those are set. Empty groups are left out.
+    """``decay_groups`` of ``params``, with the embeddings (token, position, value) at ``optim.embed_lr`` and
+    an untied LM head at ``optim.head_lr`` in groups of their own where those are set. Empty groups are left
+    out.
 
     A group's "lr" is its peak: the schedule (``build_lr_schedule``) scales every group by the same factor.
     """
     params = [p for p in params if p.requires_grad]
-    embeddings = {id(getattr(model, n).weight) for n in ("wte", "wpe") if getattr(model, n, None) is not None}
+    tables = [getattr(model, n) for n in ("wte", "wpe") if getattr(model, n, None) is not None]
+    tables += list(getattr(model, "value_embeds", None) or [])  # value embeddings are lookup tables too
+    embeddings = {id(table.weight) for table in tables}
     head = getattr(model, "lm_head", None)
     head = {id(head.weight)} - embeddings if head is not None else set()  # tied: it is the embedding
     groups, taken = [], set()
