@@ -4,7 +4,8 @@ torch starts with one thread per core. On a quiet machine that is right; on a bu
 training job on the same two cores) its worker threads spin-wait for each other and a step can take several
 times longer than with fewer threads. Core counts cannot tell the two cases apart, a stopwatch can:
 ``choose_threads`` runs the caller's own step (a training step, a decoding step) a few times with each
-candidate count and keeps the fastest.
+candidate count and keeps the fastest, where "faster" means by more than the probe's noise: a larger count
+must beat the best smaller one by ``MORE_THREADS_MARGIN``.
 
 The steps it times live here too (``training_step_probe``, ``decode_probe``): they call the model's own
 ``loss`` and ``next_token_logits``, so this module still imports only torch and ``gptmini.common``, and
@@ -25,6 +26,12 @@ import torch
 from gptmini.common import GptMiniError
 
 AUTO = "auto"
+
+# How much faster (a fraction of the step's time) a larger thread count must be to be chosen over the best
+# smaller one. Within it the difference is the probe's noise: a generation step of the default model is
+# ~3 ms with 1 or 2 threads alike, and a 2-second probe picked either by chance (2 was in fact 5% slower over
+# 256 tokens). Fewer threads then win the tie: they do not wait for each other and leave cores free.
+MORE_THREADS_MARGIN = 0.05
 
 
 @dataclass
@@ -104,7 +111,8 @@ def time_step(step: Callable[[], object], threads: int, repeats: int, warmup: in
 def choose_threads(
     step: Callable[[], object], candidates: list[int] | None = None, repeats: int = 2
 ) -> ThreadChoice:
-    """Time ``step`` with each candidate count, set torch to the fastest and return the choice.
+    """Time ``step`` with each candidate count, set torch to the fastest and return the choice. A larger
+    count is the faster only if it beats the best smaller one by ``MORE_THREADS_MARGIN``.
 
     ``step`` must be the work that will follow (same model, same shapes): its own speed is what is compared.
     Candidates are timed in two interleaved passes, so a load that comes and goes during the measurement
@@ -120,7 +128,10 @@ def choose_threads(
         for n in candidates:
             measured = time_step(step, n, repeats, warmup=1 if first_pass else 0)
             seconds[n] = min(seconds.get(n, measured), measured)
-    best = min(candidates, key=lambda n: seconds[n])
+    best = min(candidates)
+    for n in sorted(candidates):
+        if seconds[n] < (1 - MORE_THREADS_MARGIN) * seconds[best]:
+            best = n
     torch.set_num_threads(best)
     return ThreadChoice(best, "auto", {n: round(s * 1000, 2) for n, s in seconds.items()})
 

@@ -197,8 +197,8 @@ class TrainConfig:
     """The training step's loss: chunked (LM head + cross-entropy in row chunks: no B·T x V logits tensor),
     standard (forward's full logits) or auto (standard on a GPU, where it measured faster; chunked else)."""
     threads: Any = "auto"
-    """CPU threads for torch: auto (time a few training steps with 1, 2, 4 … cores and keep the fastest),
-    a number, or null (torch's default: one per core)."""
+    """CPU threads for torch: auto (time a few training steps with 1, 2, 4 … cores and keep the fastest;
+    within 5%, the fewer), a number, or null (torch's default: one per core)."""
     peak_flops: float | None = None
     """The device's peak FLOP/s for MFU; null = look it up by device name (n/a when unknown)."""
     throughput_every_n_steps: int = 50
