@@ -26,7 +26,7 @@ from gptmini import GPT, GPTConfig
 from gptmini.common import pick_device
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
 from gptmini.model.config import MODEL_SIZES
-from gptmini.threads import AUTO, apply_threads
+from gptmini.threads import AUTO, apply_threads, decode_probe
 
 TARGETS = {"default": 3.0, "gpt2-small": 5.0}  # required speed-up of the cache
 
@@ -103,9 +103,10 @@ def bench_shape(
     model = GPT(config).to(device).eval()
     prompt = torch.randint(0, config.vocab_size, (1, args.prompt_tokens), device=device)
     modes = [m for m in MODES if args.compile == "on" or m != "compiled"]
-    # As generate.py: "auto" times cached decoding of this model with 1, 2, 4 ... threads (CPU only).
+    # As generate.py: "auto" times its probe (a few cached one-token steps of this model) with 1, 2, 4 ...
+    # threads and keeps the fastest (CPU only).
     auto = args.threads == AUTO and device.type == "cpu"
-    probe = (lambda: time_decode(model, prompt, 16, "cache")) if auto else None
+    probe = decode_probe(model) if auto else None
     threads = apply_threads(args.threads or None, probe)  # 0: torch's default; auto untimed: the same
     started = time.perf_counter()
     for mode in modes:  # warm-up: kernels, allocator, lazy init; the compiled step compiles here
