@@ -302,13 +302,21 @@ def main(argv: list[str] | None = None) -> None:
             groups = {name: compute_key(overrides) for name, overrides in rows.items()}
             timed_file = out / "cpu_ms_per_step.json"
             timed = json.loads(timed_file.read_text()) if timed_file.is_file() else {}
-            timings: dict[tuple, list[float]] = {
-                key: [] for key in groups.values() if " ".join(key) not in timed
-            }
-            for _ in range(5 if timings else 0):
+            new = {key for key in groups.values() if " ".join(key) not in timed}
+            # The machine's speed drifts between invocations (2x between days here), and a new row must get
+            # the steps it would have got beside the rows timed before: the recipe's own step (key ()) is
+            # timed again in the same rounds, and the new times are scaled by its recorded/measured ratio.
+            anchor = [()] if new and "" in timed and () not in new else []
+            timings: dict[tuple, list[float]] = {key: [] for key in [*sorted(new), *anchor]}
+            for _ in range(5 if new else 0):
                 for key in timings:
                     timings[key].append(cpu_seconds_per_step(list(key), args))
-            timed.update({" ".join(key): statistics.median(times) * 1e3 for key, times in timings.items()})
+            scale = 1.0
+            if anchor:
+                scale = timed[""] / (statistics.median(timings[()]) * 1e3)
+                print(f"the recipe's step: {timed['']:.0f} CPU ms recorded, "
+                      f"{timed[''] / scale:.0f} now: new rows' times x {scale:.3f}", flush=True)
+            timed.update({" ".join(key): statistics.median(timings[key]) * 1e3 * scale for key in new})
             timed_file.write_text(json.dumps(timed, indent=1))
             for name, key in groups.items():
                 per_step = timed[" ".join(key)] / 1e3
