@@ -146,6 +146,8 @@ def test_flops_per_token_counts_an_untied_head_once_and_frozen_weights_at_two_th
     table = untied.wte.weight.numel()
     assert untied.num_params() == tied.num_params() + table
     assert flops_per_token(untied) == flops_per_token(tied)  # the token table is a lookup: no FLOPs
+    with_values = GPT(dataclasses.replace(tied.config, value_embeds=True))
+    assert flops_per_token(with_values) == flops_per_token(tied)  # value embeddings are lookups too
     for p in tied.parameters():
         p.requires_grad_(False)  # LoRA's frozen base: no weight gradient, 4 FLOPs per weight instead of 6
     n = tied.num_params(non_embedding=True)

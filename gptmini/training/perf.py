@@ -52,8 +52,8 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None) -> floa
 def flops_per_token(model: torch.nn.Module, seq_len: int | None = None) -> int:
     """A GPT's training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
 
-    N counts the weights that multiply: every parameter but the lookup tables (the position embeddings,
-    and the token embeddings when the LM head is untied; tied, they are the head's matrix). A trained
+    N counts the weights that multiply: every parameter but the lookup tables (the position and value
+    embeddings, and the token embeddings when the LM head is untied; tied, they are the head's matrix). A trained
     weight costs 6 FLOPs per token (2 forward, 2 for the input's gradient, 2 for its own); a frozen one
     (LoRA's base) only 4, since it needs no gradient of its own. The second term is the attention score
     and weighted-sum matmuls: L layers, H heads, Q head size, T = seq_len (default block_size).
@@ -63,6 +63,7 @@ def flops_per_token(model: torch.nn.Module, seq_len: int | None = None) -> int:
     lookups = {id(model.wpe.weight)} if model.wpe is not None else set()
     if not c.tie_embeddings:
         lookups.add(id(model.wte.weight))
+    lookups |= {id(table.weight) for table in getattr(model, "value_embeds", None) or []}
     weights = sum(
         (6 if p.requires_grad else 4) * p.numel() for p in model.parameters() if id(p) not in lookups
     )
