@@ -4,7 +4,7 @@ Lightning is set up as ``gptmini.training.run.train`` sets it up (``trainer_argu
 minus checkpointing, ``build_loggers``) without validation; the plain loop runs the same model,
 ``build_optimizer``, ``build_lr_schedule``, clipping and autocast. Both get the same random batches from a
 DataLoader. Each run is its own process (its own peak memory and compile time); runs alternate over
-``--rounds``. Modes: ``--cpu-default`` (model.size=tiny, B=38, the default optimizer), ``--nanogpt-cpu``
+``--rounds``. Modes: ``--cpu-default`` (model.size=tiny, B=36, the default optimizer), ``--nanogpt-cpu``
 (model.size=mini, B=12), ``--gpt2`` (GPT-2 small, bf16-mixed, compile on/off, on a GPU; ``--small``: 2 layers,
 for a CPU) and ``--smoke`` (seconds, for tests). Prints a table, then one JSON line with every figure.
 """
@@ -54,7 +54,7 @@ def settings_for(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         nanogpt = ["model.size=mini", "data.batch_size=12", "model.vocab_size=65"]
         return [("nanoGPT CPU shape, B=12 T=64", nanogpt)]
     if args.mode == "cpu-default":  # the default model and data config as they are; the BPE's 4096 tokens
-        return [("default tiny, B=38 T=128 (train.yaml)", ["model.vocab_size=4096"])]
+        return [("default tiny, B=36 T=128 (train.yaml)", ["model.vocab_size=4096"])]
     # GPT-2 small as experiment=gpt2_small trains it, but one optimizer step per batch (no accumulation).
     base = ["experiment=gpt2_small", "model.vocab_size=50257", "trainer.accumulate_grad_batches=1"]
     if args.small:  # the same code path, sized for a CPU: a 2-layer, 64-wide model keeping the 50k vocabulary
