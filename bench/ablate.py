@@ -314,8 +314,11 @@ def main(argv: list[str] | None = None) -> None:
             scale = 1.0
             if anchor:
                 scale = timed[""] / (statistics.median(timings[()]) * 1e3)
-                print(f"the recipe's step: {timed['']:.0f} CPU ms recorded, "
-                      f"{timed[''] / scale:.0f} now: new rows' times x {scale:.3f}", flush=True)
+                print(
+                    f"the recipe's step: {timed['']:.0f} CPU ms recorded, "
+                    f"{timed[''] / scale:.0f} now: new rows' times x {scale:.3f}",
+                    flush=True,
+                )
             timed.update({" ".join(key): statistics.median(timings[key]) * 1e3 * scale for key in new})
             timed_file.write_text(json.dumps(timed, indent=1))
             for name, key in groups.items():

@@ -175,7 +175,8 @@ def test_the_shakespeare_experiment_is_the_ablations_best_recipe(tmp_path, compo
     assert (settings.optim.name, settings.optim.muon_lr, settings.optim.schedule) == ("muon", 0.02, "wsd")
     # The race's round 3 (docs/ablations.md): the embeddings' own rate, a half-length decay, more decay.
     optim = settings.optim
-    assert (optim.embed_lr, optim.warmup_steps, optim.decay_fraction, optim.weight_decay) == (0.03, 50, 0.5, 0.3)
+    rates = (optim.embed_lr, optim.warmup_steps, optim.decay_fraction, optim.weight_decay)
+    assert rates == (0.03, 50, 0.5, 0.3)
     assert settings.optim.schedule_by == "time"
     assert settings.trainer_args["max_time"] == "00:00:02:00"
     plan, trainer_args = plan_run(

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gptmini import GPT, GPTConfig
+from gptmini import threads as threads_module
 from gptmini.common import GptMiniError
 from gptmini.generation.sampling import SamplingOptions, sample_tokens
-from gptmini import threads as threads_module
 from gptmini.threads import (
     MORE_THREADS_MARGIN,
     ThreadChoice,

@@ -100,8 +100,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([TransformerBlock(config) for _ in range(config.n_layer)])
-        # Value embeddings: block i's own per-token vectors, added to its attention values. Outside the blocks,
-        # so Muon (which takes the blocks' matrices) leaves these lookup tables to AdamW.
+        # Value embeddings: block i's own per-token vectors, added to its attention values. Outside the
+        # blocks, so Muon (which takes the blocks' matrices) leaves these lookup tables to AdamW.
         kv_size = config.kv_heads * (config.n_embd // config.n_head)
         self.value_embeds = (
             nn.ModuleList(nn.Embedding(config.padded_vocab_size, kv_size) for _ in range(config.n_layer))

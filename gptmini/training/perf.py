@@ -53,7 +53,8 @@ def flops_per_token(model: torch.nn.Module, seq_len: int | None = None) -> int:
     """A GPT's training FLOPs per token (forward + backward): 6·N + 12·L·H·Q·T (PaLM appendix B, as nanoGPT).
 
     N counts the weights that multiply: every parameter but the lookup tables (the position and value
-    embeddings, and the token embeddings when the LM head is untied; tied, they are the head's matrix). A trained
+    embeddings, and the token embeddings when the LM head is untied; tied, they are the head's
+    matrix). A trained
     weight costs 6 FLOPs per token (2 forward, 2 for the input's gradient, 2 for its own); a frozen one
     (LoRA's base) only 4, since it needs no gradient of its own. The second term is the attention score
     and weighted-sum matmuls: L layers, H heads, Q head size, T = seq_len (default block_size).
