@@ -17,6 +17,7 @@ from gptmini.training.optim import (
     build_optimizer,
     lr_at,
     muon_parameters,
+    orthogonalize,
 )
 
 
@@ -120,6 +121,23 @@ def test_a_tied_head_is_the_embedding_and_takes_embed_lr():
     assert [g["lr"] for g in unset.param_groups] == [1e-3, 1e-3]
 
 
+@pytest.mark.parametrize(("name", "embed_lr"), [("adamw", 0.05), ("muon", 0.05), ("muon", None)])
+def test_embeddings_take_their_own_weight_decay(name, embed_lr):
+    model = tiny_gpt(tie_embeddings=False, value_embeds=True)
+    optim = OptimConfig(name=name, lr=1e-3, embed_lr=embed_lr, weight_decay=0.3, embed_weight_decay=0.0)
+    optimizer = build_optimizer(model, optim, "cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    rates = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert len(decay) == len(names)  # every parameter in exactly one group
+    assert decay["wte.weight"] == decay["wpe.weight"] == decay["value_embeds.1.weight"] == 0.0
+    assert decay["lm_head.weight"] == decay["blocks.0.mlp.fc.weight"] == 0.3 and decay["ln_f.weight"] == 0.0
+    assert rates["wte.weight"] == (embed_lr or 1e-3)  # no rate of their own: AdamW's
+    unset = build_optimizer(model, OptimConfig(name=name, weight_decay=0.3, embed_lr=0.05), "cpu")
+    (embedding_group,) = [g for g in unset.param_groups if any(p is model.wte.weight for p in g["params"])]
+    assert embedding_group["weight_decay"] == 0.3  # unset: optim.weight_decay
+
+
 def train_steps(model, optimizer, schedule, seeds) -> list[float]:
     losses = []
     for seed in seeds:
@@ -165,6 +183,10 @@ def test_muon_trains_and_resumes_bitwise_from_its_state_dict():
         ({"muon_momentum": 1.0}, r"optim.muon_momentum must be in \[0, 1\), got 1.0"),
         ({"embed_lr": 0.0}, r"optim.embed_lr must be > 0 or null \(= optim.lr\), got 0.0"),
         ({"head_lr": -1.0}, r"optim.head_lr must be > 0 or null \(= optim.lr\), got -1.0"),
+        (
+            {"embed_weight_decay": -0.1},
+            r"optim.embed_weight_decay must be >= 0 or null \(= optim.weight_decay\), got -0.1",
+        ),
         ({"embed_lr": float("nan")}, "optim.embed_lr=nan must be a finite number"),
         ({"eps": -1e-8}, r"optim.eps must be >= 0, got -1e-08; try optim.eps=1e-8\.$"),
         # NaN passed every "< 0" check and inf every "> 0": runs failed later, blaming optim.lr.
@@ -229,6 +251,37 @@ def test_float32_muon_is_torchs_muon_without_bfloat16_rounding():
     assert ours.state_dict()["state"][0].keys() == {"momentum_buffer"}
 
 
+def test_orthogonalize_of_a_stack_is_each_matrix_orthogonalized_alone():
+    torch.manual_seed(0)
+    coefficients = (3.4445, -4.7750, 2.0315)
+    for shape in [(3, 48, 16), (2, 16, 48), (2, 16, 16)]:
+        stack = torch.randn(*shape)
+        one_by_one = torch.stack([orthogonalize(m, coefficients, 5, 1e-7) for m in stack])
+        assert torch.allclose(orthogonalize(stack, coefficients, 5, 1e-7), one_by_one, atol=1e-5)
+        # Roughly orthogonal: the singular values land near 1 (Newton-Schulz's band is about 0.7 to 1.2).
+        singular = torch.linalg.svdvals(one_by_one)
+        assert singular.min() > 0.6 and singular.max() < 1.3
+
+
+def test_float32_muon_steps_matrices_of_one_shape_together_as_if_alone():
+    """The batched step (matrices grouped by shape) moves every parameter as its own optimizer would."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 48), (48, 16), (16, 16), (16, 48), (48, 16)]
+    params = [torch.nn.Parameter(torch.randn(*shape) * 0.02) for shape in shapes]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    together = Float32Muon(params, lr=0.02, weight_decay=0.1)
+    singles = [Float32Muon([q], lr=0.02, weight_decay=0.1) for q in alone]
+    for _ in range(3):
+        for p, q in zip(params, alone, strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        together.step()
+        for single in singles:
+            single.step()
+    for p, q in zip(params, alone, strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
 # ----- fused AdamW and gradient clipping ----------------------------------------------------------------
 
 
@@ -246,9 +299,10 @@ def test_float32_muon_is_torchs_muon_without_bfloat16_rounding():
         ("16-mixed", False, True),  # no clipping: fused unscales inside its step, as the scaler expects
     ],
 )
-def test_adamw_is_fused_on_cuda_wherever_its_gradients_can_be_clipped(precision, clipping, fused):
+def test_adamw_is_fused_on_cuda_and_cpus_wherever_its_gradients_can_be_clipped(precision, clipping, fused):
     assert adamw_fused("cuda", precision, clipping) is fused
-    assert adamw_fused("cpu", precision, clipping) is False
+    assert adamw_fused("cpu", precision, clipping) is fused
+    assert adamw_fused("mps", precision, clipping) is False
     # build_optimizer follows it (CPU parameters: torch's fused AdamW runs on CPUs too).
     optimizer = build_optimizer(tiny_gpt(), OptimConfig(), torch.device("cuda"), precision, clipping)
     assert all(group["fused"] is fused for group in optimizer.param_groups)

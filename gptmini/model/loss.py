@@ -49,14 +49,20 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 if softcap is not None:
                     capped = torch.tanh(logits / softcap)  # (n, V), kept for the chain rule below
                     logits = capped * softcap
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-                total += ((lse - logits.gather(1, t_c)) * keep_c).sum()
+                # log-sum-exp spelled out, so its exponentials are the softmax's too: one exp over (n, V)
+                # instead of two, and the row mask rides on the normalisation (about 5 ms of a 2-core CPU's
+                # 340 ms Shakespeare step).
+                target_logits = logits.gather(1, t_c)  # (n, 1), before logits is overwritten
+                row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+                exps = logits.sub_(row_max).exp_()  # (n, V), in place
+                sums = exps.sum(dim=-1, keepdim=True)  # (n, 1)
+                total += ((row_max + sums.log() - target_logits) * keep_c).sum()
                 if need_x or need_w:
-                    grad = logits.sub_(lse).exp_()  # softmax, in place: (n, V)
-                    grad.scatter_add_(1, t_c, torch.full_like(lse, -1.0))  # softmax - one_hot
+                    grad = exps.mul_(keep_c / sums)  # softmax of the kept rows, zeros elsewhere: (n, V)
+                    grad.scatter_add_(1, t_c, -keep_c.to(grad.dtype))  # softmax - one_hot
                     if softcap is not None:
                         grad.mul_(1.0 - capped.square())  # d(c·tanh(z/c))/dz = 1 - tanh(z/c)²
-                    grad = grad.mul_(keep_c).to(dtype)
+                    grad = grad.to(dtype)
                     if need_x:
                         grad_x[rows] = grad @ w  # (n, C)
                     if need_w:
