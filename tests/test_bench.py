@@ -96,6 +96,18 @@ def test_attention_bench_smallest():
     assert all({"forward_ms", "forward_backward_ms"} <= set(r) for r in summary["results"].values())
 
 
+def test_cpu_step_bench_smallest():
+    summary = run_script(
+        sys.executable, "bench/cpu_step.py", "--threads", "1", "--rounds", "1", "--vocab", "64",
+        "--override", "model.n_layer=1", "--override", "model.n_embd=32", "--override", "model.block_size=16",
+    )  # fmt: skip
+    assert summary["bench"] == "cpu_step" and summary["threads"] == 1
+    parts = summary["ms"]
+    assert all(ms > 0 for ms in parts.values())
+    assert {"forward + backward", "AdamW, fused", "whole step (train.py's optimizer)"} <= set(parts)
+    assert sum("Muon" in name for name in parts) == 2  # one matrix at a time, and stacked
+
+
 def test_generate_bench_smallest():
     summary = run_script(
         sys.executable, "bench/generate.py", "--device", "cpu", "--skip-gpt2", "--default-shape", "2", "2",
