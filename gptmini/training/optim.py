@@ -295,13 +295,13 @@ if hasattr(torch.optim, "Muon"):  # defined only where its base exists: importin
             return loss
 
         @staticmethod
-        def _orthogonalize_by_shape(updates: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        def _orthogonalize_by_shape(updates: list[torch.Tensor], group: dict) -> list[torch.Tensor | None]:
             """``orthogonalize`` of each update, the updates of one shape stacked into one batched call
             (a block's four matrices have four shapes, shared by every block). Returned in input order."""
             by_shape: dict[tuple[int, ...], list[int]] = {}
             for i, update in enumerate(updates):
                 by_shape.setdefault(tuple(update.shape), []).append(i)
-            out: list[torch.Tensor] = [updates[0]] * len(updates)
+            out: list[torch.Tensor | None] = [None] * len(updates)  # every slot is filled below
             for indices in by_shape.values():
                 stack = torch.stack([updates[i] for i in indices])  # (k, m, n)
                 done = orthogonalize(stack, group["ns_coefficients"], group["ns_steps"], group["eps"])
