@@ -149,8 +149,13 @@ def _run_with_config(name: str, job: Job, argv: list[str]) -> int:
         _load(job.schema)()
     function = _load(job.run)
 
+    saved = sys.argv
+
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=job.config)
     def task(cfg):
+        # Back to what the user ran: Lightning's DDP launcher starts each further process by running
+        # sys.argv again (the script, or python -m), and that process adds the job's settings itself.
+        sys.argv = saved
         result = []
         status = run_job(lambda: result.append(function(cfg)), job.interrupted)
         if status:
@@ -161,8 +166,8 @@ def _run_with_config(name: str, job: Job, argv: list[str]) -> int:
         from gptmini.generation.prompt import quote_prompt_argument
 
         argv = quote_prompt_argument(argv)
-    saved = sys.argv
-    sys.argv = [f"gptmini {name}", *_with_job_settings(name, job, argv)]  # what hydra.main reads
+    # What hydra.main reads; the name is argparse's, for --help's usage line.
+    sys.argv = [f"gptmini {name}", *_with_job_settings(name, job, argv)]
     try:
         task()
     except SystemExit as done:  # Hydra's own exits (--help, a config typo) and the job's status

@@ -4,6 +4,8 @@ import csv
 import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from gptmini.data.corpus import DataConfig
 from gptmini.data.tokenizer import TokenizerConfig
 from gptmini.model.config import GPTConfig, declared
 from gptmini.model.lora import FinetuneConfig
-from gptmini.training.config import ModelSchema, TrainerSchema
+from gptmini.training.config import ModelSchema, TrainerSchema, compose_config
 from gptmini.training.optim import OptimConfig, lr_at
 from gptmini.training.run import train
 from gptmini.training.settings import model_config_from
@@ -292,6 +294,26 @@ def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, ti
     assert not torch.equal(seen[0]["first_batch"], seen[1]["first_batch"])
     for name, tensor in seen[0]["weights"].items():
         assert torch.equal(tensor, seen[1]["weights"][name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", [["train.py"], ["-m", "gptmini", "train"]], ids=["train.py", "gptmini"])
+def test_ddp_from_the_command_line_starts_its_second_process(
+    tmp_path, tiny_train_overrides, entry, repo_root
+):
+    """Lightning starts rank 1 by running the command again: it must be the user's own, not Hydra's."""
+    run_dir = tmp_path / "run"
+    overrides = [*tiny_train_overrides, "trainer.devices=2", "trainer.strategy=ddp"]
+    overrides += ["trainer.accelerator=cpu", "trainer.max_steps=3", "threads=1", f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, *entry, *overrides]
+    result = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    config = compose_config(tiny_train_overrides)
+    rows = config.data.batch_size * config.model.block_size
+    assert summary["train_tokens"] == 3 * rows * 2  # both ranks' batches, every step
+    assert (run_dir / "train_ddp_process_1.log").exists()  # rank 1's own Hydra job
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
 DDP_SCRIPT = """
