@@ -5,7 +5,8 @@
 
 Times, in one process with the parts interleaved over ``--rounds`` (a load that comes and goes hits them
 alike; each part's median is reported):
-- forward + backward (``GPT.loss`` and ``backward``: what ``threads=auto`` times);
+- forward + backward (``GPT.loss`` and ``backward``: what ``threads=auto`` times), and the same with
+  ReLU² left to autograd's chain (``F.relu(x).square()``) instead of ``ReLUSquared``'s written-out backward;
 - Muon's Newton-Schulz on the blocks' matrices, one matrix at a time against stacked by shape (what
   ``Float32Muon`` does);
 - AdamW on the other parameters, one tensor at a time (torch's CPU default) against fused (what
@@ -24,6 +25,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from gptmini import GPT
 from gptmini.training.config import compose_config
@@ -56,6 +58,18 @@ def main() -> None:
     def forward_backward() -> None:
         model.loss(inputs, targets).backward()
 
+    def forward_backward_autograd_relu2() -> None:
+        mlps = [block.mlp for block in model.blocks]
+        own = [mlp.act for mlp in mlps]
+        for mlp in mlps:
+            mlp.act = lambda x: F.relu(x).square()
+        try:
+            model.zero_grad(set_to_none=True)
+            forward_backward()
+        finally:
+            for mlp, act in zip(mlps, own, strict=True):
+                mlp.act = act
+
     forward_backward()  # gradients for the optimizer parts below
     matrices = [p.grad.clone() for p in muon_parameters(model)]
     by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
@@ -75,6 +89,11 @@ def main() -> None:
 
     parts = {
         "forward + backward": lambda: (model.zero_grad(set_to_none=True), forward_backward()),
+        **(
+            {"forward + backward, ReLU² by autograd's chain": forward_backward_autograd_relu2}
+            if model.config.mlp == "relu2"
+            else {}
+        ),
         "Muon Newton-Schulz, one matrix at a time": lambda: [orthogonalize(m, *NS) for m in matrices],
         "Muon Newton-Schulz, stacked by shape": lambda: [
             orthogonalize(torch.stack(ms), *NS) for ms in by_shape.values()

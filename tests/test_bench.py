@@ -106,6 +106,21 @@ def test_cpu_step_bench_smallest():
     assert all(ms > 0 for ms in parts.values())
     assert {"forward + backward", "AdamW, fused", "whole step (train.py's optimizer)"} <= set(parts)
     assert sum("Muon" in name for name in parts) == 2  # one matrix at a time, and stacked
+    assert "forward + backward, ReLU² by autograd's chain" in parts  # the preset's MLP is ReLU²
+
+
+def test_weight_average_bench_smallest(tmp_path, write_corpus):
+    corpus = write_corpus(tmp_path / "corpus")
+    small = ["data=text", f"data.cache_dir={tmp_path / 'cache'}", "tokenizer.vocab_size=300"]
+    small += ["model.n_layer=1", "model.n_embd=32", "model.block_size=16", "data.batch_size=4"]
+    overrides = [arg for override in small for arg in ("--override", override)]
+    command = [sys.executable, "bench/weight_average.py", "--data", str(corpus), "--steps", "8"]
+    summary = run_script(*command, "--decays", "0.5,0.9", *overrides)
+    assert summary["bench"] == "weight_average" and summary["steps"] == 8
+    scores = summary["nats_per_byte"]
+    assert set(scores) == {"trained weights", "EMA 0.5", "EMA 0.9", "mean of the last 2 steps"}
+    assert all(0 < value < 10 for value in scores.values())
+    assert len(set(scores.values())) == len(scores)  # each average is its own weights
 
 
 def test_generate_bench_smallest():

@@ -9,7 +9,7 @@ import torch
 
 from gptmini.common import GptMiniError
 from gptmini.model.config import MODEL_SIZES, GPTConfig, swiglu_hidden
-from gptmini.model.gpt import GPT
+from gptmini.model.gpt import GPT, relu_squared
 from gptmini.training.optim import decay_groups
 from gptmini.training.perf import flops_per_token
 
@@ -290,6 +290,19 @@ def test_every_switch_trains_and_its_chunked_loss_matches_forward(switches):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
+
+
+def test_relu_squared_has_autograds_values_and_gradients():
+    # The hand-written backward against autograd's own chain, at 0 and on both sides of it.
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.25, 3.0]).repeat(3, 1)
+    x = torch.cat([x, torch.randn(3, 64)], dim=1).requires_grad_(True)
+    reference = x.detach().clone().requires_grad_(True)
+    grad = torch.randn_like(x)
+    relu_squared(x).backward(grad)
+    torch.nn.functional.relu(reference).square().backward(grad)
+    assert torch.equal(relu_squared(x), torch.nn.functional.relu(x).square())
+    assert torch.equal(x.grad, reference.grad)
+    assert torch.equal(x.grad[:, 2], torch.zeros(3))  # no gradient at 0, as ReLU's
 
 
 def test_switch_layouts():

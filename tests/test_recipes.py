@@ -171,6 +171,11 @@ def test_the_shakespeare_experiment_is_the_ablations_best_recipe(tmp_path, compo
         2,
         "relu2",
     )
+    # The race's round 5 (docs/ablations.md): value embeddings, and the weights averaged for what is
+    # validated, sampled and saved.
+    assert config.value_embeds
+    ema = cfg.callbacks.ema
+    assert (ema._target_, ema.decay) == ("lightning.pytorch.callbacks.EMAWeightAveraging", 0.98)
     settings = check_settings(cfg, tmp_path)
     assert (settings.optim.name, settings.optim.muon_lr, settings.optim.schedule) == ("muon", 0.02, "wsd")
     # The race's round 3 (docs/ablations.md): the embeddings' own rate, a half-length decay, more decay.

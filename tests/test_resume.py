@@ -145,10 +145,16 @@ class CrashBeforeStep(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+EMA = "+callbacks.ema={_target_: lightning.pytorch.callbacks.EMAWeightAveraging, decay: 0.9}"
+
+
 def default_overrides(tmp_path, write_corpus, optim: str) -> list[str]:
-    """The default trainer, callbacks and threads=auto; only the model and data are small."""
+    """The default trainer, callbacks and threads=auto; only the model and data are small. optim "muon+ema"
+    is Muon with experiment=shakespeare's weight average."""
     corpus = write_corpus(tmp_path / "corpus")
+    optim, _, average = optim.partition("+")
     return [
+        *([EMA] if average else []),
         "data=text",
         f"data.path={corpus}",
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -179,7 +185,10 @@ def logged_rows(run_dir) -> dict[tuple[str, int], str]:
 
 
 def final_weights(run_dir) -> dict:
-    return read_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    """The checkpoint's weights; with a weight average, the average's and the trained ones'."""
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    trained = checkpoint.get("current_model_state", {})
+    return {**checkpoint["state_dict"], **{f"trained/{name}": value for name, value in trained.items()}}
 
 
 def assert_same_run(run_dir, straight_dir) -> None:
@@ -194,7 +203,7 @@ def assert_same_run(run_dir, straight_dir) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", ["adamw", "muon"])
+@pytest.mark.parametrize("optim", ["adamw", "muon", "muon+ema"])
 def test_default_settings_resume_equals_a_straight_run_by_label_and_weight(
     optim, tmp_path, write_corpus, compose_train, signal_at_step
 ):
@@ -227,6 +236,7 @@ def test_default_settings_resume_equals_a_straight_run_by_label_and_weight(
         return run
 
     straight = straight_run(threads)
+    assert ("+ema" in optim) == any(name.startswith("trained/") for name in final_weights(straight))
     assert len(logged_rows(straight)) > 80  # 20 steps × (loss, grad norm, 2 rates) + 4 validations
 
     # The new directory holds only the resumed part; with the first part's rows it is the straight run.

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -156,6 +157,10 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
     assert override.split("=")[0].split(".")[-1] in text or override.split("=")[1] in text
 
 
+# A weight average of the kind experiment=shakespeare carries (callbacks.ema), at a decay that moves fast.
+EMA = "+callbacks.ema={_target_: lightning.pytorch.callbacks.EMAWeightAveraging, decay: 0.8}"
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -180,6 +185,8 @@ def test_config_typos_fail_at_compose_time_naming_the_key(override, error, compo
         ("trainer.max_time=00:00:-1:00", "is not DD:HH:MM:SS"),
         ("trainer.max_time=99999999999:00:00:00", "is too long for a duration"),
         ("+trainer.max_time.minutes=-1", "must map days, hours, minutes, seconds to numbers >= 0"),
+        (EMA.replace("0.8", "1.5"), r"callbacks.ema.decay=1.5 must be a number in \[0, 1\); try 0.98"),
+        (EMA.replace("0.8", "fast"), r"callbacks.ema.decay='fast' must be a number in \[0, 1\)"),
     ],
 )
 def test_nonsensical_values_raise_clear_errors(
@@ -294,6 +301,41 @@ def test_ddp_two_cpu_processes_train_on_different_windows_and_agree(tmp_path, ti
     assert not torch.equal(seen[0]["first_batch"], seen[1]["first_batch"])
     for name, tensor in seen[0]["weights"].items():
         assert torch.equal(tensor, seen[1]["weights"][name]), name
+
+
+class RecordWeights(L.Callback):
+    """The model's weights after every optimizer step, in order."""
+
+    def __init__(self) -> None:
+        self.after_step: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after_step.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def test_a_weight_average_is_what_is_validated_and_saved_and_never_changes_training(
+    tmp_path, tiny_train_overrides, compose_train
+):
+    plain, averaged = RecordWeights(), RecordWeights()
+    train(compose_train(tiny_train_overrides), out_dir=tmp_path / "plain", extra_callbacks=[plain])
+    train(compose_train([*tiny_train_overrides, EMA]), out_dir=tmp_path / "ema", extra_callbacks=[averaged])
+    # The weights being trained follow the plain run step for step.
+    assert len(plain.after_step) == len(averaged.after_step) == 12
+    for ours, theirs in zip(averaged.after_step, plain.after_step, strict=True):
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # The checkpoint's weights are the average: w_1, then avg <- 0.8 avg + 0.2 w_k after each step k.
+    expected = dict(plain.after_step[0])
+    for weights in plain.after_step[1:]:
+        expected = {k: 0.8 * expected[k] + 0.2 * weights[k] for k in weights}
+    checkpoint = read_checkpoint(tmp_path / "ema" / "checkpoints" / "last.ckpt")
+    for name, value in expected.items():
+        torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(checkpoint["current_model_state"][k], v) for k, v in plain.after_step[-1].items())
+    # The last validation scored the average, which the plain run's weights do not reproduce.
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("plain", "ema")]
+    assert summaries[0]["val_loss"] != summaries[1]["val_loss"]
+    model = load_checkpoint(tmp_path / "ema" / "checkpoints" / "last.ckpt").model  # what generate.py loads
+    assert all(torch.equal(p, checkpoint["state_dict"]["model." + n]) for n, p in model.state_dict().items())
 
 
 @pytest.mark.slow

@@ -154,6 +154,8 @@ def train(cfg: DictConfig, out_dir: str | Path | None = None, extra_callbacks: l
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
             # ... and a run resumed into a new directory keeps its own best.ckpt there, by design.
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            # A weight average (callbacks.ema) runs configure_model early; ours compiles, it never shards.
+            warnings.filterwarnings("ignore", message="You're using the WeightAveraging callback with")
             trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     except TrainingInterrupted as stop:
         print_resume_hint(run_dir, trainer.global_step, str(stop))

@@ -48,6 +48,7 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
     """Check everything the config says; raise ``GptMiniError`` naming the first bad value."""
     check_seed(cfg.seed)
     check_threads_setting(cfg.threads)
+    check_weight_average(cfg.get("callbacks") or {})
     resolve_loss(cfg.loss)  # a bad name fails here, before any data is read
     settings = RunSettings(
         data=as_config(cfg.data, DataConfig, "data"),
@@ -74,6 +75,17 @@ def check_settings(cfg: DictConfig, run_dir: Path) -> RunSettings:
             "use optim=adamw with finetune=lora."
         )
     return settings
+
+
+def check_weight_average(callbacks) -> None:
+    """``callbacks.ema``'s decay, which Lightning passes on unchecked: at 1 or more the average never
+    follows the weights, or runs away from them."""
+    node = callbacks.get("ema")
+    decay = node.get("decay") if node is not None and hasattr(node, "get") else None
+    if decay is None:
+        return
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay < 1:
+        raise GptMiniError(f"callbacks.ema.decay={decay!r} must be a number in [0, 1); try 0.98.")
 
 
 def model_config_from(
