@@ -82,7 +82,8 @@ class Averages(L.Callback):
 
 
 def nats_per_byte(model, datamodule) -> float:
-    """Mean loss over every validation target, per byte of text."""
+    """Mean loss over every validation target, per byte of text: the run's own validation windows
+    (``gptmini.eval.val.evaluate_val`` would open the token cache again from a tokenizer and data config)."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
